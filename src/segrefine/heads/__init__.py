@@ -1,0 +1,1 @@
+"""Heads: turn a BackboneOutput and the input image into full-resolution logits."""

@@ -1,0 +1,41 @@
+"""The head contract (design.md): full-resolution logits out, training losses on request."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segrefine.types import IGNORE_INDEX, BackboneOutput
+
+
+def upsample_logits(out: BackboneOutput, size: tuple[int, int]) -> torch.Tensor:
+    """Backbone logits resized bilinearly to ``size`` (no-op at stride 1 and matching size)."""
+    if tuple(out.logits.shape[-2:]) == tuple(size):
+        return out.logits
+    return F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False)
+
+
+class Head(nn.Module):
+    """Base head. Subclasses override ``forward`` and, if they train differently, ``losses``.
+
+    ``forward(out, image)`` returns ``(B, C, H, W)`` logits or log-probabilities at the size of
+    ``image``. ``losses(out, image, mask)`` returns named scalar losses; ``"loss"`` is optimised.
+    """
+
+    name = "head"
+
+    def __init__(self, num_classes: int, backbone: nn.Module | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def losses(self, out: BackboneOutput, image: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self(out, image)
+        return {"loss": F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)}
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Scalars worth logging about the head itself (e.g. learned CRF weights)."""
+        return {}

@@ -1,0 +1,1 @@
+"""Backbones: each ``forward(image) -> BackboneOutput`` (see segrefine.types)."""

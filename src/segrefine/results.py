@@ -1,0 +1,51 @@
+"""results.json: the one file a run leaves for the report (schema in design.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+FILENAME = "results.json"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: store undefined numbers as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_results(output_dir: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``output_dir/results.json`` atomically (temp file + rename)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    document = {"schema": SCHEMA, "status": "complete", **payload}
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".results-", suffix=".json.tmp")
+    os.fchmod(fd, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(document), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output_dir / FILENAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output_dir / FILENAME
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    with open(path) as f:
+        return json.load(f)

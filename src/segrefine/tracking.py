@@ -1,0 +1,124 @@
+"""Experiment tracking: logger factories (one signature for all, built with Hydra
+``_target_``), validation overlays and the per-image test table for wandb."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+
+@dataclass
+class RunInfo:
+    """What every logger factory gets besides its own config."""
+
+    output_dir: str
+    experiment: str
+    job_type: str  # "train" | "eval"
+    run_name: str
+    tags: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False  # continuing an interrupted run in the same output dir
+
+
+def previous_wandb_id(save_dir: str | Path) -> str | None:
+    """The id of the newest wandb run already under ``save_dir/wandb`` (to continue it on resume)."""
+    runs = sorted(Path(save_dir, "wandb").glob("*run-*-*"))
+    match = re.match(r".*run-\d{8}_\d{6}-(\w+)$", runs[-1].name) if runs else None
+    return match.group(1) if match else None
+
+
+def make_wandb_logger(
+    run: RunInfo,
+    project: str = "segrefine",
+    entity: str | None = None,
+    mode: str = "offline",
+) -> WandbLogger:
+    """Lightning's WandbLogger, writing into the job's output dir; offline unless ``mode=online``."""
+    mode = {"dryrun": "offline"}.get(mode, mode)  # old wandb spelling, still set by some tools
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
+    Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        name=run.run_name,
+        save_dir=run.output_dir,
+        id=previous_wandb_id(run.output_dir) if run.resume else None,
+        project=project,
+        entity=entity,
+        mode=mode,  # not Lightning's `offline=True`: that rewrites WANDB_MODE for later jobs
+        group=run.experiment,
+        job_type=run.job_type,
+        tags=run.tags,
+        config=run.config,
+    )
+
+
+def make_csv_logger(run: RunInfo, name: str = "csv") -> CSVLogger:
+    return CSVLogger(save_dir=run.output_dir, name=name, version="")
+
+
+def wandb_run_info(logger: Any) -> dict[str, str] | None:
+    """``{"id", "dir", "mode"}`` of the logger's wandb run, for results.json."""
+    if not isinstance(logger, WandbLogger):
+        return None
+    run = logger.experiment
+    mode = "offline" if run.settings._offline else "online"
+    return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
+
+
+def finish_wandb() -> None:
+    """End the active wandb run, if any, so the next multirun job starts its own."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(K,H,W) float -> (H,W) or (H,W,3) uint8, min-max scaled per image for display."""
+    img = image.detach().float().cpu()
+    img = img[0] if img.shape[0] != 3 else img.permute(1, 2, 0)
+    lo, hi = img.min(), img.max()
+    return ((img - lo) / (hi - lo + 1e-8) * 255).round().to(torch.uint8).numpy()
+
+
+class WandbValidationImages(pl.Callback):
+    """Logs ``val/overlays``: the first validation images with ground-truth and predicted masks."""
+
+    def __init__(self, num_images: int = 4):
+        self.num_images = num_images
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or self.num_images <= 0 or trainer.sanity_checking:
+            return
+        logger = trainer.logger
+        if not isinstance(logger, WandbLogger) or outputs is None:
+            return
+        import wandb
+
+        labels = dict(enumerate(pl_module.class_names))
+        images = []
+        for i in range(min(self.num_images, len(batch["id"]))):
+            masks = {
+                "ground_truth": {"mask_data": batch["mask"][i].cpu().numpy().astype(np.uint8), "class_labels": labels},
+                "prediction": {"mask_data": outputs["preds"][i].cpu().numpy().astype(np.uint8), "class_labels": labels},
+            }
+            images.append(wandb.Image(_to_uint8(batch["image"][i]), masks=masks, caption=batch["id"][i]))
+        logger.experiment.log({"val/overlays": images, "trainer/global_step": trainer.global_step})
+
+
+def log_per_image_table(logger: Any, rows: list[dict], key: str = "test/per_image") -> None:
+    """The per-image metrics as a ``wandb.Table`` (no-op for other loggers)."""
+    if not isinstance(logger, WandbLogger) or not rows:
+        return
+    import wandb
+
+    columns = list(rows[0])
+    logger.experiment.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})

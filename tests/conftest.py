@@ -1,0 +1,52 @@
+"""Shared fixtures: compose real Hydra configs at a tiny scale."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Small enough for seconds per run on 2 CPU cores, large enough for every backbone's strides.
+TINY = [
+    "data.image_size=32",
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.num_test=8",
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One synthetic-data cache for the whole session."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(data_dir, tmp_path):
+    """``make_cfg(*overrides, output_dir=None)`` -> the composed train config at TINY scale."""
+
+    def _make(*overrides: str, output_dir: Path | None = None, config_name: str = "train"):
+        output_dir = output_dir or tmp_path / "run"
+        # The TINY data sizes are the synthetic source's; another source brings its own.
+        other_data = any(o.startswith("data=") for o in overrides)
+        tiny = [o for o in TINY if not (other_data and o.startswith("data."))]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(
+                config_name,
+                overrides=[*tiny, f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", *overrides],
+            )
+
+    return _make

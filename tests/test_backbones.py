@@ -1,0 +1,63 @@
+"""Every backbone variant composes through Hydra, runs forward/backward, keeps its strides."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from segrefine.models.fcn import bilinear_kernel
+from segrefine.train import build_data, build_module
+
+VARIANTS = [
+    (["backbone=unet"], 1),
+    (["backbone=pspnet"], 8),
+    (["backbone=fcn", "backbone.variant=32s"], 32),
+    (["backbone=fcn", "backbone.variant=16s"], 16),
+    (["backbone=fcn", "backbone.variant=8s"], 8),
+    (["backbone=fcn", "backbone.variant=8s", "backbone.upsampling=bilinear"], 8),
+]
+
+
+@pytest.mark.parametrize("overrides,stride", VARIANTS, ids=lambda v: "-".join(v) if isinstance(v, list) else str(v))
+def test_backbone_shapes_strides_and_gradients(make_cfg, overrides, stride):
+    cfg = make_cfg(*overrides)
+    backbone = instantiate(cfg.backbone, in_channels=2, num_classes=4)
+    image = torch.randn(2, 2, 64, 96)
+    out = backbone(image)
+    assert out.stride == stride
+    assert out.logits.shape == (2, 4, 64 // stride, 96 // stride)
+    for feature, s in zip(out.features, out.feature_strides):
+        assert feature.shape[-2:] == (64 // s, 96 // s)
+    assert list(out.feature_strides) == sorted(out.feature_strides)  # coarsest last
+    out.logits.square().mean().backward()
+    first_conv = next(p for n, p in backbone.named_parameters() if "encoder" in n)
+    assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+
+
+def test_bilinear_kernel_reproduces_bilinear_upsampling_inside():
+    x = torch.randn(1, 3, 6, 7)
+    deconv = F.conv_transpose2d(x, bilinear_kernel(3, 2), stride=2, padding=1)
+    reference = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    # Equal away from the border (the transposed conv zero-pads; interpolate clamps).
+    assert torch.allclose(deconv[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "pspnet", "fcn"])
+def test_module_pads_odd_sizes_and_crops_back(make_cfg, backbone):
+    cfg = make_cfg(f"backbone={backbone}")
+    module = build_module(cfg, build_data(cfg))
+    image = torch.randn(1, 1, 37, 45)
+    logits = module(image)
+    assert logits.shape == (1, 3, 37, 45)
+    # The crop keeps the top-left: the image content sits at the same pixels as before padding.
+    mask = torch.zeros(1, 37, 45, dtype=torch.long)
+    padded_image, padded_mask = module._pad(image, mask)
+    assert padded_image.shape[-2] % module.backbone.required_divisor == 0
+    assert torch.equal(padded_image[..., :37, :45], image)
+    assert (padded_mask[..., 37:, :] == 255).all() and (padded_mask[..., :, 45:] == 255).all()
+
+
+def test_unknown_encoder_name_is_named(make_cfg):
+    cfg = make_cfg("backbone=unet", "backbone.encoder_name=resnet_nope")
+    with pytest.raises(Exception, match="encoder_name='resnet_nope' is not an encoder"):
+        instantiate(cfg.backbone, in_channels=1, num_classes=2)

@@ -1,0 +1,125 @@
+"""The training entry point end to end: results.json, multirun, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segrefine.callbacks import NonFiniteLossError
+from segrefine.data.common import DataError
+from segrefine.heads.none import NoHead
+from segrefine.report import load_study, summarise
+from segrefine.train import train
+
+from conftest import TINY
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "segrefine.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_multirun_one_job_per_backbone_each_with_results_and_own_wandb_run(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY if not o.startswith("logger=")]
+    proc = run_cli("-m", *overrides, f"paths.data_dir={data_dir}", "backbone=fcn,unet,pspnet",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 3
+    runs = [json.loads(p.read_text()) for p in results]
+    assert sorted(r["backbone"] for r in runs) == ["fcn", "pspnet", "unet"]
+    wandb_ids = set()
+    for path, run in zip(results, runs):
+        assert run["status"] == "complete" and run["job_type"] == "train" and run["head"] == "none"
+        for key in ("test/iou", "test/dice", "test/pixel_acc", "test/boundary_f1", "test/ms_per_image", "params"):
+            assert key in run["metrics"], key
+        assert [row["id"] for row in run["per_image"]] == [f"test_{i:05d}" for i in range(8)]
+        assert (path.parent / run["checkpoint"]).is_file()
+        assert run["wandb"]["mode"] == "offline"
+        (offline_run,) = (path.parent / "wandb").glob(f"offline-run-*-{run['wandb']['id']}")
+        assert (offline_run / f"run-{run['wandb']['id']}.wandb").is_file()
+        wandb_ids.add(run["wandb"]["id"])
+    assert len(wandb_ids) == 3
+    rows = summarise(load_study([sweep]).runs)
+    assert [(r["backbone"], r["n"]) for r in rows] == [("fcn", 1), ("pspnet", 1), ("unet", 1)]
+
+
+def test_train_returns_metrics_and_writes_results_atomically(make_cfg, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = train(make_cfg("backbone=pspnet", "print_config=true", output_dir=out))
+    assert "backbone:" in capsys.readouterr().out  # print_config shows the composed config
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics"]["test/iou"] == pytest.approx(metrics["test/iou"])
+    assert saved["config"]["backbone"]["name"] == "pspnet"
+    assert not list(out.glob(".results-*"))  # no temp file left behind
+    per_image_mean_acc = sum(r["pixel_acc"] for r in saved["per_image"]) / len(saved["per_image"])
+    assert 0 < per_image_mean_acc <= 1
+
+
+def test_resume_from_last_continues_the_epoch_count(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg("backbone=pspnet", "logger=wandb", output_dir=out))
+    first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    first_id = json.loads((out / "results.json").read_text())["wandb"]["id"]
+    train(make_cfg("backbone=pspnet", "logger=wandb", "trainer.max_epochs=2", "ckpt_path=last", output_dir=out))
+    second = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["epoch"] > first["epoch"]
+    assert second["global_step"] == 2 * first["global_step"]
+    assert json.loads((out / "results.json").read_text())["wandb"]["id"] == first_id
+
+
+def test_resume_without_checkpoint_is_a_clear_error(make_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path='last'.*last.ckpt"):
+        train(make_cfg("ckpt_path=last", output_dir=tmp_path / "fresh"))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_non_finite_loss_stops_and_names_the_step(make_cfg, tmp_path, monkeypatch):
+    original = NoHead.losses
+    calls = {"n": 0}
+
+    def losses(self, out, image, mask):
+        calls["n"] += 1
+        result = original(self, out, image, mask)
+        if calls["n"] == 2:
+            result["loss"] = result["loss"] * float("nan")
+        return result
+
+    monkeypatch.setattr(NoHead, "losses", losses)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 1"):
+        train(make_cfg("backbone=pspnet", "data.batch_size=4", output_dir=out))
+    assert not (out / "results.json").exists()
+
+
+def test_bad_data_fails_before_anything_is_written(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="does not exist"):
+        train(make_cfg("data=folder", f"data.root={tmp_path / 'missing'}", output_dir=out))
+    assert not out.exists()
+
+
+def test_unknown_group_option_lists_the_valid_ones(tmp_path):
+    proc = run_cli("backbone=resnet", f"hydra.run.dir={tmp_path / 'never'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'backbone/resnet'" in proc.stderr
+    assert "fcn" in proc.stderr and "pspnet" in proc.stderr and "unet" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["fcn", "unet", "pspnet"])
+def test_every_backbone_beats_the_majority_class(make_cfg, tmp_path, backbone):
+    metrics = train(make_cfg(f"backbone={backbone}", "data.image_size=64", "data.num_train=96",
+                             "data.batch_size=16", "trainer.max_epochs=6", output_dir=tmp_path / "run"))
+    # Predicting background everywhere scores IoU 0 on every foreground class.
+    assert metrics["test/iou"] > 0.3
