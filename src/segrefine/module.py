@@ -39,6 +39,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance)
         self.test_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance)
         self.test_rows: list[dict[str, Any]] = []
+        # Metric prefix of test(): "test", or "val" when evaluate runs on the validation split.
+        self.eval_prefix = "test"
         self._test_seconds, self._test_images = 0.0, 0
 
     # -- the model -----------------------------------------------------------------
@@ -126,8 +128,8 @@ class SegmentationModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         values["ms_per_image"] = 1000.0 * self._test_seconds / max(self._test_images, 1)
-        self.log_dict({f"test/{k}": v for k, v in values.items()})
-        self.test_results = {f"test/{k}": v for k, v in values.items()}
+        self.test_results = {f"{self.eval_prefix}/{k}": v for k, v in values.items()}
+        self.log_dict(self.test_results)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.head.parameters())

@@ -146,7 +146,7 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return callback.best_model_path or callback.last_model_path or None
 
 
-def _check_config_dir() -> None:
+def check_config_dir() -> None:
     if not Path(CONFIG_DIR, "train.yaml").is_file():
         raise SystemExit(
             f"segrefine: no config at {CONFIG_DIR}/train.yaml; install from a checkout (pip install -e .) "
@@ -161,7 +161,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    _check_config_dir()
+    check_config_dir()
     _hydra_main()
 
 

@@ -1,0 +1,147 @@
+"""The ``densecrf`` head: offline fully connected CRF (Krähenbühl & Koltun 2011) on the
+backbone's softmax at evaluation, guided by the input image.
+
+Training is exactly ``none``'s (the CRF has no parameters and is not applied in training
+mode). At validation/test the softmax of the upsampled logits is refined by mean field
+with a spatial Gaussian kernel and a bilateral kernel over positions and image channels,
+on the image mapped to the 0-255 scale the default parameters assume.
+
+Two backends: ``pydensecrf`` (the reference C++ code, CPU, one image per call, run in a
+pool of worker processes) and ``torch`` (``segrefine.crf.dense_crf``, batched, any device).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+
+from segrefine.heads.base import Head, upsample_logits
+from segrefine.types import BackboneOutput
+
+BACKENDS = ("pydensecrf", "torch")
+# Keeps -log p finite for probabilities that underflow to 0.
+PROB_FLOOR = 1e-8
+
+
+def crf_features(height: int, width: int, image: np.ndarray | None, sxy: float, schan: float = 1.0) -> np.ndarray:
+    """``(d, H*W)`` float32 features: ``x/sxy, y/sxy`` (x = column, as DenseCRF2D) then channels/schan."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rows = [x.ravel() / sxy, y.ravel() / sxy]
+    if image is not None:
+        rows += [channel.ravel().astype(np.float32) / schan for channel in image]
+    return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+
+
+def pydensecrf_refine(
+    probs: np.ndarray,
+    image: np.ndarray,
+    iterations: int,
+    gaussian_sxy: float,
+    gaussian_compat: float,
+    bilateral_sxy: float,
+    bilateral_schan: float,
+    bilateral_compat: float,
+) -> np.ndarray:
+    """One image through pydensecrf: ``probs`` (C,H,W), ``image`` (K,H,W) on 0-255 -> (C,H,W) probabilities."""
+    import pydensecrf.densecrf as dcrf
+
+    num_classes, height, width = probs.shape
+    unary = np.ascontiguousarray(-np.log(np.maximum(probs, PROB_FLOOR)).reshape(num_classes, -1), dtype=np.float32)
+    crf = dcrf.DenseCRF(height * width, num_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseEnergy(crf_features(height, width, None, gaussian_sxy), compat=gaussian_compat)
+    crf.addPairwiseEnergy(crf_features(height, width, image, bilateral_sxy, bilateral_schan), compat=bilateral_compat)
+    q = np.array(crf.inference(iterations), dtype=np.float32)
+    return q.reshape(num_classes, height, width)
+
+
+def _refine_job(args: tuple) -> np.ndarray:
+    return pydensecrf_refine(*args)
+
+
+def to_255(image: torch.Tensor, intensity_range: tuple[float, float] | None) -> torch.Tensor:
+    """Image intensities on the 0-255 scale: a fixed ``[lo, hi]`` range, or per-image min-max when None."""
+    if intensity_range is not None:
+        lo, hi = intensity_range
+        return ((image - lo) / (hi - lo)).clamp(0, 1) * 255
+    flat = image.flatten(1)
+    lo = flat.min(1).values[:, None, None, None]
+    hi = flat.max(1).values[:, None, None, None]
+    return (image - lo) / (hi - lo).clamp(min=1e-8) * 255
+
+
+class DenseCRFHead(Head):
+    name = "densecrf"
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone=None,
+        name: str = "densecrf",
+        backend: str = "pydensecrf",
+        iterations: int = 5,
+        gaussian_sxy: float = 3.0,
+        gaussian_compat: float = 3.0,
+        bilateral_sxy: float = 80.0,
+        bilateral_schan: float = 13.0,
+        bilateral_compat: float = 10.0,
+        intensity_range: tuple[float, float] | None = None,
+        num_workers: int | None = None,
+    ):
+        super().__init__(num_classes, backbone)
+        if backend not in BACKENDS:
+            raise ValueError(f"head.backend={backend!r} must be one of {BACKENDS}")
+        self.backend = backend
+        self.iterations = iterations
+        self.params = dict(
+            gaussian_sxy=float(gaussian_sxy),
+            gaussian_compat=float(gaussian_compat),
+            bilateral_sxy=float(bilateral_sxy),
+            bilateral_schan=float(bilateral_schan),
+            bilateral_compat=float(bilateral_compat),
+        )
+        self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
+        self.num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the parent holds torch/wandb threads that must not be copied mid-state.
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def refine(self, probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """CRF-refined probabilities ``(B, C, H, W)`` for softmax ``probs`` and the raw ``image``."""
+        image255 = to_255(image.float(), self.intensity_range)
+        if self.backend == "torch":
+            from segrefine.crf import dense_crf
+
+            p = self.params
+            return dense_crf(
+                probs.float(), image255,
+                gaussian_sxy=p["gaussian_sxy"], gaussian_compat=p["gaussian_compat"],
+                bilateral_sxy=p["bilateral_sxy"], bilateral_srgb=p["bilateral_schan"],
+                bilateral_compat=p["bilateral_compat"], iterations=self.iterations,
+            )
+        probs_np = probs.detach().float().cpu().numpy()
+        image_np = image255.detach().cpu().numpy()
+        jobs = [(probs_np[i], image_np[i], self.iterations, *self.params.values()) for i in range(len(probs_np))]
+        if self.num_workers <= 1 or len(jobs) == 1:
+            refined = [_refine_job(job) for job in jobs]
+        else:
+            refined = list(self._executor().map(_refine_job, jobs))
+        return torch.from_numpy(np.stack(refined)).to(probs.device)
+
+    def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
+        logits = upsample_logits(out, image.shape[-2:])
+        if self.training:
+            return logits
+        with torch.no_grad():
+            refined = self.refine(logits.softmax(1), image)
+        return refined.clamp(min=PROB_FLOOR).log()
