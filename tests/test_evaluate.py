@@ -18,12 +18,13 @@ from segrefine.types import BackboneOutput
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
-    """A small PSPNet trained for a few epochs with head=none (shared by the tests here)."""
+    """A small PSPNet trained for a few epochs with head=none (shared by the tests here);
+    test IoU about 0.5, so the CRF has real predictions to refine."""
     out = tmp_path_factory.mktemp("trained")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[
-            "backbone=pspnet", "data.image_size=64", "data.num_train=64", "data.num_val=8", "data.num_test=8",
-            "data.batch_size=8", "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            "backbone=pspnet", "data.image_size=64", "data.num_train=96", "data.num_val=8", "data.num_test=8",
+            "data.batch_size=8", "trainer.max_epochs=5", "optim.optimizer.lr=3e-3", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             "logger=none", f"paths.data_dir={data_dir}", f"paths.output_dir={out}",
         ])
     train(cfg)
@@ -52,6 +53,7 @@ def test_eval_none_reproduces_training_metrics_and_densecrf_pairs(trained_run, t
     saved = json.loads((tmp_path / "crf" / "results.json").read_text())
     assert saved["job_type"] == "eval" and saved["head"] == "densecrf" and saved["source"]["head"] == "none"
     assert [r["id"] for r in saved["per_image"]] == [r["id"] for r in trained["per_image"]]
+    assert again["test/iou"] > 0.3  # a model worth refining
     # The CRF must not make this model worse beyond noise (fixed seed, 8 test images).
     assert crf["test/iou"] >= again["test/iou"] - 0.01
     assert crf["test/boundary_f1"] >= again["test/boundary_f1"] - 0.01
@@ -131,3 +133,32 @@ def test_densecrf_trains_exactly_like_none():
     from segrefine.heads.none import NoHead
 
     assert torch.equal(DenseCRFHead(3).train()(out, image), NoHead(3)(out, image))
+
+
+def test_optuna_sweep_saves_a_usable_tuned_head(trained_run, data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+
+    sweep, tuned = tmp_path / "sweep", tmp_path / "conf" / "head" / "densecrf_tuned.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "segrefine.evaluate", "--config-dir", str(REPO / "experiments" / "tune_densecrf"),
+         "--config-name", "tune_densecrf", "-m", f"ckpt_path={trained_run}", "hydra.sweeper.n_trials=2",
+         "logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "head.num_workers=1",
+         f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", f"hydra.callbacks.save_tuned_head.output={tuned}"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    saved = OmegaConf.load(tuned)
+    assert saved.name == "densecrf_tuned" and saved.bilateral_sxy == best.best_params["head.bilateral_sxy"]
+    assert "[tune] saved as" in proc.stdout
+    # Usable as head=densecrf_tuned once its folder is on the config search path.
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["ckpt_path=x", "head=densecrf_tuned", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
+    assert cfg.head.gaussian_compat == best.best_params["head.gaussian_compat"]
