@@ -10,50 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.results import FILENAME, read_results, write_results
+from segrefine.checkpoints import CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.results import FILENAME, write_results
 from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
 from segrefine.train import CONFIG_DIR, build_data, build_logger, build_module, check_config_dir, run_info, run_record
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def resolve_eval_checkpoint(ckpt_path: str | Path) -> Path:
-    """A .ckpt file, or a run folder -> the checkpoint its results.json names (else last.ckpt)."""
-    path = Path(ckpt_path)
-    if path.is_dir():
-        if (path / FILENAME).is_file() and read_results(path).get("checkpoint"):
-            path = path / read_results(path)["checkpoint"]
-        else:
-            path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path={str(ckpt_path)!r}: no checkpoint at {path}")
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
-    if not config or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path}: not a segrefine checkpoint (it holds no segrefine run config)")
-    return checkpoint
+__all__ = ["evaluate", "eval_config", "CheckpointError"]
 
 
 def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
@@ -70,22 +41,11 @@ def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
     return run_cfg
 
 
-def _load_weights(module, checkpoint: dict, same_head: bool, path: Path) -> None:
-    state = checkpoint["state_dict"]
-    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-    try:
-        module.backbone.load_state_dict(part("backbone."))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: backbone weights do not fit the stored backbone config ({e})") from e
-    if same_head:
-        module.head.load_state_dict(part("head."))
-
-
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test (or validate) a checkpoint; write results.json; return the metrics."""
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r} must be one of {SPLITS}")
-    ckpt_file = resolve_eval_checkpoint(cfg.ckpt_path)
+    ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
     train_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     run_cfg = eval_config(cfg, train_cfg)
@@ -95,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
     module = build_module(run_cfg, datamodule)
-    _load_weights(module, checkpoint, run_cfg.head._target_ == train_cfg.head._target_, ckpt_file)
+    load_weights(module, checkpoint, ckpt_file, with_head=run_cfg.head._target_ == train_cfg.head._target_)
     module.eval_prefix = cfg.split
 
     try:

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.results import write_results
 from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
 
@@ -60,6 +61,16 @@ def build_module(cfg: DictConfig, datamodule) -> "SegmentationModule":
         boundary_tolerance=cfg.boundary_tolerance,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def initialise_from(module, source: str, head_target: str) -> None:
+    """Start from another run's weights (e.g. CRF-RNN from a trained head=none U-Net, as
+    Zheng et al. did): the backbone always, the head too when it is the same kind."""
+    path = resolve_checkpoint_file(source, key="init_from")
+    checkpoint = load_checkpoint(path)
+    same_head = checkpoint["hyper_parameters"]["config"]["head"]["_target_"] == head_target
+    load_weights(module, checkpoint, path, with_head=same_head)
+    log.info("initialised from %s (%s)", path, "backbone and head" if same_head else "backbone")
 
 
 def run_info(cfg: DictConfig, job_type: str, resume: bool = False) -> RunInfo:
@@ -108,6 +119,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     datamodule = build_data(cfg)
     module = build_module(cfg, datamodule)
+    if cfg.get("init_from"):
+        initialise_from(module, cfg.init_from, cfg.head._target_)
 
     try:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
