@@ -1,11 +1,13 @@
 """The report reads results.json files back; numbers checked against numpy."""
 
+import csv
+import io
 import json
 
 import numpy as np
 import pytest
 
-from segrefine.report import load_study, main, summarise, to_markdown
+from segrefine.report import load_study, main, summarise, to_markdown, write_report
 from segrefine.results import read_results, write_results
 
 
@@ -56,3 +58,84 @@ def test_results_round_trip_and_nan_becomes_null(tmp_path):
 def test_missing_folder_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- paired statistics ----------------------------------------------------------------
+
+from itertools import product  # noqa: E402
+
+from segrefine.report import csv_columns, paired_test, to_csv, to_latex  # noqa: E402
+
+BASE = [0.50, 0.61, 0.42, 0.70, 0.55, 0.66, 0.38, 0.59, 0.47, 0.64]
+GAIN = [0.031, 0.012, -0.004, 0.027, 0.045, 0.008, 0.019, -0.011, 0.036, 0.022]
+
+
+def paired_run(folder, head, seed, ious, data="synthetic"):
+    rows = [{"id": f"img{i}", "iou": v, "dice": v, "pixel_acc": 0.9, "boundary_f1": v / 2} for i, v in enumerate(ious)]
+    metrics = {"test/iou": float(np.mean(ious)), "test/dice": float(np.mean(ious)), "test/pixel_acc": 0.9,
+               "test/boundary_f1": float(np.mean(ious)) / 2, "test/ms_per_image": 1.0, "params": 10}
+    return write_results(folder, {"data": data, "backbone": "unet", "head": head, "seed": seed, "config": {},
+                                  "metrics": metrics, "per_image": rows, "job_type": "train", "experiment": "t"})
+
+
+def exact_wilcoxon_p(diffs):
+    """Two-sided exact signed-rank p-value by enumerating every sign pattern (no ties here)."""
+    ranks = np.argsort(np.argsort(np.abs(diffs))) + 1
+    observed = ranks[diffs > 0].sum()
+    stats = [sum(r for r, s in zip(ranks, signs) if s) for signs in product([0, 1], repeat=len(diffs))]
+    mean = len(diffs) * (len(diffs) + 1) / 4
+    extreme = [s for s in stats if abs(s - mean) >= abs(observed - mean) - 1e-9]
+    return len(extreme) / len(stats)
+
+
+def test_paired_difference_against_none_with_exact_p_and_ci(tmp_path):
+    paired_run(tmp_path / "none", "none", 0, BASE)
+    paired_run(tmp_path / "crf", "crfrnn", 0, [b + g for b, g in zip(BASE, GAIN)])
+    paired_run(tmp_path / "other_data", "crfrnn", 0, [0.0] * 10, data="folder")  # no none run there: unpaired
+    rows = {r["data"] + r["head"]: r for r in summarise(load_study([tmp_path]).runs)}
+    test = rows["syntheticcrfrnn"]["paired/iou"]
+    diffs = np.array(GAIN)
+    assert test["n"] == 10 and test["mean"] == pytest.approx(diffs.mean())
+    assert test["p"] == pytest.approx(exact_wilcoxon_p(diffs), rel=1e-9)
+    half_width = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))  # normal theory, ~ the bootstrap CI
+    assert test["ci_low"] == pytest.approx(diffs.mean() - half_width, abs=0.3 * half_width)
+    assert test["ci_high"] == pytest.approx(diffs.mean() + half_width, abs=0.3 * half_width)
+    assert "paired/iou" not in rows["foldercrfrnn"] and "paired/iou" not in rows["syntheticnone"]
+
+
+def test_pairs_only_within_the_same_seed(tmp_path):
+    paired_run(tmp_path / "n0", "none", 0, BASE)
+    paired_run(tmp_path / "n1", "none", 1, [b + 0.1 for b in BASE])
+    paired_run(tmp_path / "c0", "densecrf", 0, [b + 0.01 for b in BASE])
+    paired_run(tmp_path / "c1", "densecrf", 1, [b + 0.11 for b in BASE])
+    (row,) = [r for r in summarise(load_study([tmp_path]).runs) if r["head"] == "densecrf"]
+    assert row["paired/iou"]["n"] == 20 and row["paired/iou"]["mean"] == pytest.approx(0.01)
+    assert row["paired/iou"]["p"] < 0.01 and "**" in to_markdown([row])
+
+
+def test_markdown_csv_latex_parse_back_to_the_same_numbers(tmp_path):
+    paired_run(tmp_path / "none", "none", 0, BASE)
+    paired_run(tmp_path / "n1", "none", 1, [b - 0.02 for b in BASE])
+    paired_run(tmp_path / "crf", "crfrnn", 0, [b + g for b, g in zip(BASE, GAIN)])
+    rows = summarise(load_study([tmp_path]).runs)
+    parsed_csv = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert list(parsed_csv[0]) == csv_columns()
+    markdown_rows = [line.split(" | ") for line in to_markdown(rows).splitlines()[2:4]]
+    latex_rows = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("synthetic")]
+    for row, from_csv, from_md, from_tex in zip(rows, parsed_csv, markdown_rows, latex_rows):
+        mean, std = row["test/iou"]
+        assert float(from_csv["test/iou_mean"]) == mean and float(from_csv["test/iou_std"]) == std
+        assert from_md[3] == f"{mean * 100:.2f} ± {std * 100:.2f}"
+        assert from_tex[3] == f"{mean * 100:.2f} $\\pm$ {std * 100:.2f}"
+        if "paired/iou" in row:
+            assert float(from_csv["delta_iou_p"]) == row["paired/iou"]["p"]
+            assert from_md[8].startswith(f"{row['paired/iou']['mean'] * 100:+.2f} [")
+
+
+def test_write_report_files_and_figures(tmp_path):
+    paired_run(tmp_path / "runs" / "none", "none", 0, BASE)
+    paired_run(tmp_path / "runs" / "crf", "densecrf", 0, BASE)  # identical: p = 1, not an error
+    paths = write_report(load_study([tmp_path / "runs"]), tmp_path / "report", figures=True)
+    assert {"markdown", "csv", "latex", "metrics_figure", "cost_figure"} <= set(paths)
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert "p=1" in paths["markdown"].read_text()
