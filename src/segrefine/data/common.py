@@ -1,0 +1,63 @@
+"""What every data source shares: the sample checks and a tensor-backed dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segrefine.data.transforms import fit_to
+from segrefine.types import IGNORE_INDEX
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or sample at fault."""
+
+
+def check_sample(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise DataError unless ``image`` (K,H,W) and ``mask`` (H,W) fit together and labels are valid."""
+    if image.ndim != 3:
+        raise DataError(f"{where}: image must have shape (channels, H, W), got {tuple(image.shape)}")
+    if mask.shape != image.shape[1:]:
+        raise DataError(
+            f"{where}: mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape[1:])}"
+        )
+    if not np.isfinite(image).all():
+        raise DataError(f"{where}: image contains NaN or infinite values")
+    values = np.unique(mask)
+    bad = values[((values < 0) | (values >= num_classes)) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            f"{where}: label values {bad.tolist()} outside [0, {num_classes}) "
+            f"(only {IGNORE_INDEX} may mark ignored pixels)"
+        )
+
+
+def sample(image: torch.Tensor, mask: torch.Tensor, sample_id: str, transform=None, size=None) -> dict:
+    """One DataModule sample: ``transform`` (train-time augmentation) then ``fit_to(size)``."""
+    if transform is not None:
+        image, mask = transform(image, mask)
+    image, mask = fit_to(image, mask, size)
+    return {"image": image.contiguous(), "mask": mask.contiguous(), "id": sample_id}
+
+
+class ArraySegmentationDataset(Dataset):
+    """Images ``(N,K,H,W)`` float32 and masks ``(N,H,W)`` integer held in memory.
+
+    ``transform(image, mask)`` (e.g. ``Augment``, train split only) runs on each sample, then
+    ``fit_to(size)`` pads/crops it to a fixed ``(H, W)`` (``None``: as stored).
+    """
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, ids: list[str], transform=None, size=None):
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.masks = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.int64))
+        self.ids = list(ids)
+        self.transform, self.size = transform, size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.transform is None and self.size is None:
+            return {"image": self.images[index], "mask": self.masks[index], "id": self.ids[index]}
+        return sample(self.images[index], self.masks[index], self.ids[index], self.transform, self.size)

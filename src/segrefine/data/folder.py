@@ -1,0 +1,181 @@
+"""Image/mask pairs from folders: ``root/{train,val,test}/{img,gt}/`` (the layout of the
+original U-Net/CRF-RNN code). Pairs are matched by file stem; ``val`` is optional and is
+then split off ``train`` by seed. Masks hold class indices, or any values mapped to
+classes with ``mask_values`` (e.g. ``{0: 0, 255: 1}`` for 0/255 binary masks).
+
+Images may be PNG, JPEG, TIFF or BMP: 8-bit images are scaled by 1/255, 16-bit by 1/65535,
+float (TIFF mode ``F``) kept as stored. Images may differ in size: every sample is padded
+(bottom/right; image 0, mask 255 = ignored) or centre-cropped to ``pad_to``, by default the
+largest image of the dataset, so a batch shares one size. ``augment`` (train split only)
+is an ``Augment`` or its arguments; see ``segrefine.data.transforms``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from segrefine.data.common import ArraySegmentationDataset, DataError, check_sample
+from segrefine.data.transforms import build_augment, fit_to, parse_size
+from segrefine.types import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _open(path: Path, mode: str | None = None) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert(mode) if mode else img)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """``(channels, H, W)`` float32: 8-bit / 255, 16-bit / 65535, float as stored."""
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grayscale
+                array = np.array(img).astype(np.float32)
+                if img.mode.startswith("I"):
+                    array /= 65535.0
+                array = array[None] if channels == 1 else np.repeat(array[None], 3, axis=0)
+            else:
+                array = np.array(img.convert("L" if channels == 1 else "RGB")).astype(np.float32) / 255.0
+                array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+    return np.ascontiguousarray(array)
+
+
+class FolderDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        name: str = "folder",
+        channels: int = 1,
+        class_names: list[str] | None = None,
+        mask_values: dict[int, int] | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        pad_to: Sequence[int] | None = None,
+        augment: Any = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if channels not in (1, 3):
+            raise DataError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        self.root = Path(root)
+        self.name, self.num_classes, self.in_channels = name, num_classes, channels
+        self.class_names = list(class_names) if class_names else ["background"] + [f"class{c}" for c in range(1, num_classes)]
+        if len(self.class_names) != num_classes:
+            raise DataError(f"data.class_names has {len(self.class_names)} names but data.num_classes={num_classes}")
+        self.mask_values = {int(k): int(v) for k, v in (mask_values or {}).items()}
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.pad_to = parse_size(pad_to, "data.pad_to")
+        self.augment = build_augment(augment)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.size: tuple[int, int] | None = None
+        self.datasets: dict[str, ArraySegmentationDataset] = {}
+
+    def _pairs(self, split: str) -> list[tuple[str, Path, Path]]:
+        img_dir, gt_dir = self.root / split / "img", self.root / split / "gt"
+        for folder in (img_dir, gt_dir):
+            if not folder.is_dir():
+                raise DataError(f"data folder {folder} does not exist (expected {self.root}/{split}/{{img,gt}}/)")
+        images, masks = _files(img_dir), _files(gt_dir)
+        if not images:
+            raise DataError(f"data folder {img_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        unmatched = sorted(str(images[s]) for s in images.keys() - masks.keys()) + sorted(
+            str(masks[s]) for s in masks.keys() - images.keys()
+        )
+        if unmatched:
+            raise DataError(f"files without a partner of the same stem in {self.root / split}: {', '.join(unmatched)}")
+        return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+    def _mask(self, path: Path) -> np.ndarray:
+        raw = _open(path)
+        if raw.ndim != 2:
+            raise DataError(f"{path}: mask must be a single-channel image, got shape {raw.shape}")
+        if not self.mask_values:
+            return raw.astype(np.int64)
+        mask = np.full(raw.shape, -1, dtype=np.int64)
+        for value, cls in self.mask_values.items():
+            mask[raw == value] = cls
+        if IGNORE_INDEX not in self.mask_values:
+            mask[raw == IGNORE_INDEX] = IGNORE_INDEX
+        unknown = np.unique(raw[mask == -1])
+        if unknown.size:
+            raise DataError(f"{path}: mask values {unknown.tolist()} are not in data.mask_values {self.mask_values}")
+        return mask
+
+    def _read(self, split: str, pairs: list[tuple[str, Path, Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        samples = []
+        for stem, img_path, gt_path in tqdm(pairs, desc=f"reading {self.name}/{split}", leave=False):
+            image = read_image(img_path, self.in_channels)
+            mask = self._mask(gt_path)
+            check_sample(image, mask, self.num_classes, str(gt_path))
+            samples.append((image, mask))
+        return samples
+
+    def _dataset(self, split: str, pairs, samples, size: tuple[int, int]) -> ArraySegmentationDataset:
+        padded = [fit_to(torch.from_numpy(image), torch.from_numpy(mask), size) for image, mask in samples]
+        train = split == "train"
+        crop = self.augment.crop_size if train and self.augment and self.augment.crop_size else None
+        return ArraySegmentationDataset(
+            torch.stack([p[0] for p in padded]).numpy(),
+            torch.stack([p[1] for p in padded]).numpy(),
+            [stem for stem, _, _ in pairs],
+            transform=self.augment if train else None,
+            size=crop,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not self.root.is_dir():
+            raise DataError(f"data.root={str(self.root)!r} does not exist")
+        train = self._pairs("train")
+        if (self.root / "val").exists():
+            val = self._pairs("val")
+        else:
+            if len(train) < 2:
+                raise DataError(f"{self.root / 'train'} holds {len(train)} pair(s): too few to split off a validation set "
+                                f"(add {self.root / 'val'}/{{img,gt}}/)")
+            order = np.random.default_rng(self.split_seed).permutation(len(train))
+            n_val = min(len(train) - 1, max(1, round(self.val_fraction * len(train))))
+            val = [train[i] for i in sorted(order[:n_val])]
+            train = [train[i] for i in sorted(order[n_val:])]
+        splits = {"train": train, "val": val, "test": self._pairs("test")}
+        samples = {split: self._read(split, pairs) for split, pairs in splits.items()}
+        shapes = {m.shape for split_samples in samples.values() for _, m in split_samples}
+        self.size = self.pad_to or (max(h for h, _ in shapes), max(w for _, w in shapes))
+        if len(shapes) > 1 or self.pad_to:
+            log.info("%s: images of %d sizes, padded/cropped to %s", self.root, len(shapes), list(self.size))
+        self.datasets = {split: self._dataset(split, splits[split], samples[split], self.size) for split in splits}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
