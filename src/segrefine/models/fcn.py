@@ -45,6 +45,8 @@ class FCN(nn.Module):
         self.encoder = build_encoder(encoder_name, in_channels, 5, encoder_weights)
         self.stride = VARIANT_STRIDES[variant]
         self.required_divisor = 32
+        # Channels of each pyramid level in BackboneOutput.features (aligned with feature_strides).
+        self.feature_channels = tuple(self.encoder.out_channels[1:])
         # Score layers for strides 32, 16, 8 (as many as the variant uses), coarsest first.
         self.score_strides = [s for s in (32, 16, 8) if s >= self.stride]
         channels = dict(zip((2, 4, 8, 16, 32), self.encoder.out_channels[1:]))

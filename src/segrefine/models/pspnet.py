@@ -6,7 +6,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from segrefine.models.encoders import build_encoder, pyramid
+from segrefine.models.encoders import build_encoder, prune_unused, pyramid
 from segrefine.types import BackboneOutput
 
 
@@ -34,11 +34,13 @@ class PSPNet(nn.Module):
             classes=num_classes,
             upsampling=2**encoder_depth,
         )
-        self.encoder, self.decoder = net.encoder, net.decoder
+        self.encoder, self.decoder = prune_unused(net.encoder, in_channels), net.decoder
         # smp's head is conv -> upsample -> activation; keep only the conv (heads upsample).
         self.classifier = net.segmentation_head[0]
         self.stride = 2**encoder_depth
         self.required_divisor = self.stride
+        # Channels of each pyramid level in BackboneOutput.features (aligned with feature_strides).
+        self.feature_channels = tuple(self.encoder.out_channels[1:])
 
     def forward(self, image: torch.Tensor) -> BackboneOutput:
         features = self.encoder(image)
