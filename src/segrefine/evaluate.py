@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segrefine.distributed import use_job_command_for_ddp
 from segrefine.checkpoints import CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.results import FILENAME, write_results
 from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
-from segrefine.train import CONFIG_DIR, build_data, build_logger, build_module, check_config_dir, run_info, run_record
+from segrefine.train import CONFIG_DIR, record_failure, build_data, build_logger, build_module, check_config_dir, run_info, run_record
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -58,12 +60,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_weights(module, checkpoint, ckpt_file, with_head=run_cfg.head._target_ == train_cfg.head._target_)
     module.eval_prefix = cfg.split
 
+    if HydraConfig.initialized():
+        use_job_command_for_ddp()
     try:
         logger = build_logger(run_cfg, run_info(run_cfg, "eval"))
         trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
         trainer.test(module, dataloaders=loader, verbose=False)
         metrics = {**module.test_results, "params": module.parameter_count()}
+        if not trainer.is_global_zero:
+            return metrics
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
         write_results(
             output_dir,
@@ -85,7 +91,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = evaluate(cfg)
+    try:
+        metrics = evaluate(cfg)
+    except Exception:
+        record_failure(cfg.paths.output_dir)
+        raise
     # The value Hydra sweepers (e.g. Optuna) optimise.
     return metrics.get(f"{cfg.split}/iou")
 

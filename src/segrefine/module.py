@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrefine.distributed import gather_objects
 from segrefine.metrics import SegmentationMetrics, per_image_metrics
 from segrefine.types import IGNORE_INDEX
 
@@ -126,10 +127,17 @@ class SegmentationModule(pl.LightningModule):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
 
     def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        values["ms_per_image"] = 1000.0 * self._test_seconds / max(self._test_images, 1)
+        values = self.test_metrics.compute()  # torchmetrics syncs the counts across ranks
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        parts = gather_objects((self.test_rows, self._test_seconds, self._test_images), world_size)
+        if len(parts) > 1:
+            # The distributed sampler repeats images to even out the ranks: keep each id once.
+            rows = {row["id"]: row for part in parts for row in part[0]}
+            self.test_rows = [rows[key] for key in sorted(rows)]
+        seconds, images = sum(p[1] for p in parts), sum(p[2] for p in parts)
+        values["ms_per_image"] = 1000.0 * seconds / max(images, 1)
         self.test_results = {f"{self.eval_prefix}/{k}": v for k, v in values.items()}
-        self.log_dict(self.test_results)
+        self.log_dict(self.test_results, rank_zero_only=True)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.head.parameters())

@@ -70,7 +70,8 @@ def load_study(paths: Iterable[str | Path]) -> Study:
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
             if not (job / FILENAME).exists() and (hydra_dir / "config.yaml").exists():
-                reason = (job / "error.txt").read_text().strip().splitlines()[-1] if (job / "error.txt").exists() else None
+                error = job / "error.txt"
+                reason = f"failed: {error.read_text().splitlines()[0]}" if error.exists() else None
                 study.incomplete.append((str(job), reason or f"no {FILENAME} (failed or still running)"))
     return study
 

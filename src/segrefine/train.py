@@ -6,23 +6,44 @@ Hydra wrapper. Writes ``<output_dir>/results.json`` last, atomically, only on su
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segrefine.distributed import use_job_command_for_ddp
 from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
-from segrefine.results import write_results
+from segrefine.results import FILENAME as RESULTS_FILE
+from segrefine.results import read_results, write_results
 from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = os.environ.get("SEGREFINE_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def folder_name(text: str, limit: int = 200) -> str:
+    """A job's overrides as one safe folder name (``/`` and odd characters replaced), so the
+    same sweep command always finds the same folders. Overlong names keep both ends and
+    gain a hash in the middle."""
+    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", text) or "default"
+    if len(name) > limit:
+        keep = (limit - 10) // 2
+        name = f"{name[:keep]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}-{name[-keep:]}"
+    return name
+
+
+OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 def resolve_checkpoint(ckpt_path: str | None, output_dir: str | Path) -> str | None:
@@ -110,18 +131,63 @@ def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
     }
 
 
+# Settings that do not change what a run computes: a finished run is reused despite them.
+VOLATILE_KEYS = ("paths", "print_config", "ckpt_path", "resume", "force")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    trainer = {k: v for k, v in config.get("trainer", {}).items() if k != "enable_progress_bar"}
+    return {**config, "trainer": trainer}
+
+
+def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """The complete results.json already in ``output_dir`` for this same config, if any.
+
+    A complete run of a *different* config there is an error: reusing the folder would mix them.
+    """
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        previous = read_results(path)
+    except (OSError, ValueError):
+        return None  # unreadable: the run is redone and the file replaced
+    if previous.get("status") != "complete" or previous.get("job_type") != "train":
+        return None
+    if _comparable(previous.get("config", {})) != _comparable(OmegaConf.to_container(cfg, resolve=True)):
+        raise FileExistsError(
+            f"{path} holds a finished run of a different config; choose another output folder "
+            "(hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
+        )
+    return previous
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, write results.json; returns the metrics dict."""
+    """Fit, test the best checkpoint, write results.json; returns the metrics dict.
+
+    Re-running a finished job returns its results without training (``force=true`` redoes
+    it); a job interrupted after a checkpoint continues from ``last.ckpt`` (``resume``).
+    """
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
+    explicit = cfg.get("force") or cfg.get("ckpt_path")  # the user asks for training here
+    if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
+        log.info("%s already has complete results for this config: skipped (force=true to redo)", output_dir)
+        return previous["metrics"]
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is None and cfg.get("resume", True) and (output_dir / "checkpoints" / "last.ckpt").is_file():
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        log.info("resuming the interrupted run from %s", ckpt_path)
     datamodule = build_data(cfg)
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         initialise_from(module, cfg.init_from, cfg.head._target_)
 
+    if HydraConfig.initialized():
+        use_job_command_for_ddp()
     try:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
         callbacks = build_callbacks(cfg)
@@ -136,6 +202,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
         metrics["params"] = module.parameter_count()
+        if not trainer.is_global_zero:
+            return metrics  # one results.json per job, written by rank 0
         write_results(
             output_dir,
             {
@@ -167,9 +235,24 @@ def check_config_dir() -> None:
         )
 
 
+def record_failure(output_dir: str | Path) -> None:
+    """Leave the current exception's traceback as ``error.txt`` in the job's folder, so a
+    failed job of a sweep is visible (the report lists it) without stopping the others."""
+    error = sys.exc_info()[1]
+    summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
+    path = Path(output_dir) / "error.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{summary}\n\n{traceback.format_exc()}")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception:
+        record_failure(cfg.paths.output_dir)
+        raise
+    (Path(cfg.paths.output_dir) / "error.txt").unlink(missing_ok=True)  # a rerun that succeeded
     return metrics.get("test/iou")
 
 

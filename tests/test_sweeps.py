@@ -1,0 +1,114 @@
+"""Scale-out and faults: DDP, launchers, resumable sweeps, fault isolation, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from segrefine.report import load_study
+from segrefine.train import train
+
+pytestmark = pytest.mark.timeout(900)
+BASE = [o for o in TINY if not o.startswith("logger=")] + ["backbone=pspnet"]
+
+
+def cli(module: str, *args: str, cwd: Path, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *args]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    if kwargs.pop("background", False):
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def job(sweep: Path, override: str) -> Path:
+    """The job folder of a sweep whose name (the job's overrides) contains ``override``."""
+    (folder,) = [p for p in sweep.iterdir() if p.is_dir() and override in p.name.split(",")]
+    return folder
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
+    run = tmp_path / "ddp"
+    proc = cli("segrefine.train", *BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "data.batch_size=4", f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in run.glob("results.json")] == ["results.json"]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one wandb run, from rank 0
+    trained = json.loads((run / "results.json").read_text())
+    assert sorted(r["id"] for r in trained["per_image"]) == [f"test_{i:05d}" for i in range(8)]
+    # The same checkpoint tested by one process and by two gives the same numbers.
+    single, double = tmp_path / "eval1", tmp_path / "eval2"
+    for out, devices in ((single, 1), (double, 2)):
+        strategy = ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"] if devices > 1 else ["trainer.accelerator=cpu"]
+        proc = cli("segrefine.evaluate", f"ckpt_path={run}", *strategy, "logger=none", f"hydra.run.dir={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "results.json").read_text()) for d in (single, double))
+    for key in ("test/iou", "test/dice", "test/pixel_acc", "test/boundary_f1"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-9)
+    assert [r["id"] for r in two["per_image"]] == [r["id"] for r in one["per_image"]]
+
+
+def test_submitit_local_sweep_completes(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = cli("segrefine.train", "-m", *BASE, "logger=none", "seed=0,1", "hydra/launcher=submitit_local",
+               "hydra.launcher.timeout_min=10", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((job(sweep, f"seed={s}") / "results.json").exists() for s in (0, 1))
+
+
+def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *BASE, "trainer.max_epochs=12", "seed=0,1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
+    process = cli("segrefine.train", *args, cwd=tmp_path, background=True)
+    deadline = time.time() + 600
+    while not list(sweep.glob("*seed=1*/checkpoints/last.ckpt")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the checkpoint file finish writing
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first, second = job(sweep, "seed=0"), job(sweep, "seed=1")
+    second_ckpt = second / "checkpoints" / "last.ckpt"
+    assert (first / "results.json").exists() and not (second / "results.json").exists()
+    first_done = (first / "results.json").stat().st_mtime_ns
+    first_ckpt = (first / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    interrupted = torch.load(second_ckpt, weights_only=False)
+    interrupted_wandb = sorted((second / "wandb").glob("offline-run-*"))[0].name.rsplit("-", 1)[1]
+
+    proc = cli("segrefine.train", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (first / "results.json").stat().st_mtime_ns == first_done  # skipped, untouched
+    assert (first / "checkpoints" / "last.ckpt").stat().st_mtime_ns == first_ckpt
+    resumed = torch.load(second_ckpt, weights_only=False)
+    assert interrupted["epoch"] < 11 and resumed["epoch"] > interrupted["epoch"]
+    assert resumed["global_step"] == 12 * 2  # 12 epochs of 2 batches: nothing trained twice
+    done = json.loads((second / "results.json").read_text())
+    assert done["status"] == "complete" and done["wandb"]["id"] == interrupted_wandb
+
+
+def test_a_failing_job_does_not_stop_the_others(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = cli("segrefine.train", "-m", *BASE, "logger=none", "backbone.encoder_name=resnet18,resnet_nope",
+               f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep reports the failure ...
+    assert (job(sweep, "backbone.encoder_name=resnet18") / "results.json").exists()  # ... after the rest ran
+    failed = job(sweep, "backbone.encoder_name=resnet_nope")
+    assert "resnet_nope" in (failed / "error.txt").read_text() and not (failed / "results.json").exists()
+    study = load_study([sweep])
+    assert len(study.runs) == 1 and [Path(p).name for p, _ in study.incomplete] == [failed.name]
+    assert "resnet_nope" in study.incomplete[0][1]
+
+
+def test_same_config_and_seed_give_identical_metrics(make_cfg, tmp_path):
+    first = train(make_cfg("backbone=pspnet", output_dir=tmp_path / "a"))
+    second = train(make_cfg("backbone=pspnet", output_dir=tmp_path / "b"))
+    for key in ("test/iou", "test/dice", "test/pixel_acc", "test/boundary_f1", "val/loss"):
+        assert first[key] == second[key], key  # bitwise on CPU
