@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
         callbacks = build_callbacks(cfg)
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+        fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - fit_start
 
         metrics: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         checkpoint = None
@@ -202,6 +205,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
         metrics["params"] = module.parameter_count()
+        # Training cost of this invocation (validation included; a resumed run counts its own part).
+        metrics["train/fit_seconds"] = fit_seconds
+        metrics["train/steps"] = trainer.global_step
         if not trainer.is_global_zero:
             return metrics  # one results.json per job, written by rank 0
         write_results(

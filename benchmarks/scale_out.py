@@ -1,0 +1,56 @@
+"""Scale-out timings (not a test): a 4-job sweep with the basic vs the joblib launcher, and
+the training step time of DDP on 2 CPU processes vs 1 process.
+
+    .venv/bin/python benchmarks/scale_out.py [--epochs 3]
+
+Each sweep runs in a fresh temporary folder; times are wall-clock for the whole command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SMOKE = ["backbone=pspnet", "data.image_size=64", "data.num_train=64", "data.num_val=16", "data.num_test=16",
+         "data.batch_size=16", "logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+
+
+def timed(args: list[str], cwd: Path) -> float:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "segrefine.train", *args], cwd=cwd, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        common = [*SMOKE, f"trainer.max_epochs={args.epochs}", f"paths.data_dir={root / 'data'}"]
+        timed([*common, "trainer.max_epochs=1", f"hydra.run.dir={root / 'warm'}"], root)  # data cache, imports
+        sweep = ["-m", *common, "seed=0,1,2,3"]
+        basic = timed([*sweep, f"hydra.sweep.dir={root / 'basic'}"], root)
+        joblib = timed([*sweep, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={root / 'joblib'}"], root)
+        print("| 4-job sweep | wall s |\n|---|---|")
+        print(f"| basic launcher (sequential) | {basic:.1f} |\n| joblib, n_jobs=2 | {joblib:.1f} |")
+
+        print("\n| training (batch 8 per process) | s/step | images/s |\n|---|---|---|")
+        for name, extra, processes in (("1 process", [], 1), ("DDP, 2 CPU processes", ["trainer=ddp", "trainer.devices=2"], 2)):
+            out = root / f"ddp{processes}"
+            timed([*common, *extra, "data.batch_size=8", f"hydra.run.dir={out}"], root)
+            metrics = json.loads((out / "results.json").read_text())["metrics"]
+            per_step = metrics["train/fit_seconds"] / metrics["train/steps"]
+            print(f"| {name} | {per_step:.3f} | {8 * processes / per_step:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
