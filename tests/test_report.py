@@ -64,7 +64,7 @@ def test_missing_folder_is_an_error(tmp_path, capsys):
 
 from itertools import product  # noqa: E402
 
-from segrefine.report import csv_columns, paired_test, to_csv, to_latex  # noqa: E402
+from segrefine.report import csv_columns, to_csv, to_latex  # noqa: E402
 
 BASE = [0.50, 0.61, 0.42, 0.70, 0.55, 0.66, 0.38, 0.59, 0.47, 0.64]
 GAIN = [0.031, 0.012, -0.004, 0.027, 0.045, 0.008, 0.019, -0.011, 0.036, 0.022]

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.distributed import use_job_command_for_ddp
 from segrefine.checkpoints import CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.distributed import use_job_command_for_ddp
 from segrefine.results import FILENAME, write_results
 from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
 from segrefine.train import CONFIG_DIR, record_failure, build_data, build_logger, build_module, check_config_dir, run_info, run_record

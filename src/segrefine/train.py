@@ -22,8 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segrefine.distributed import use_job_command_for_ddp
 from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.distributed import use_job_command_for_ddp
+from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import read_results, write_results
 from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
@@ -68,9 +69,7 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
     return datamodule
 
 
-def build_module(cfg: DictConfig, datamodule) -> "SegmentationModule":
-    from segrefine.module import SegmentationModule
-
+def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
     head = instantiate(cfg.head, num_classes=datamodule.num_classes, backbone=backbone)
     return SegmentationModule(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from segrefine.data.transforms import fit_to
 from segrefine.types import IGNORE_INDEX
@@ -61,3 +62,27 @@ class ArraySegmentationDataset(Dataset):
         if self.transform is None and self.size is None:
             return {"image": self.images[index], "mask": self.masks[index], "id": self.ids[index]}
         return sample(self.images[index], self.masks[index], self.ids[index], self.transform, self.size)
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Loaders over ``self.datasets[split]`` (set in ``setup``): train shuffled, val/test in order.
+
+    Subclasses set ``datasets``, ``batch_size`` and ``num_workers``.
+    """
+
+    datasets: dict[str, Dataset]
+    batch_size: int
+    num_workers: int
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

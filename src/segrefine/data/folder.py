@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from segrefine.data.common import ArraySegmentationDataset, DataError, check_sample
+from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample
 from segrefine.data.transforms import build_augment, fit_to, parse_size
 from segrefine.types import IGNORE_INDEX
 
@@ -60,7 +58,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-class FolderDataModule(pl.LightningDataModule):
+class FolderDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
@@ -167,15 +165,3 @@ class FolderDataModule(pl.LightningDataModule):
         if len(shapes) > 1 or self.pad_to:
             log.info("%s: images of %d sizes, padded/cropped to %s", self.root, len(shapes), list(self.size))
         self.datasets = {split: self._dataset(split, splits[split], samples[split], self.size) for split in splits}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

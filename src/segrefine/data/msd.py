@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from segrefine.data.common import DataError, sample
+from segrefine.data.common import DataError, SplitDataModule, sample
 from segrefine.data.transforms import build_augment, parse_size
 
 log = logging.getLogger(__name__)
@@ -288,7 +287,7 @@ def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: in
     return {"train": pick(order[n_val + n_test :]), "val": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test])}
 
 
-class MSDDataModule(pl.LightningDataModule):
+class MSDDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
@@ -435,16 +434,3 @@ class MSDDataModule(pl.LightningDataModule):
                     raise DataError(f"{files[volume][0]}: cached shape {list(images.shape)} differs from its "
                                     f"index {expected}; delete {self.cache_dir} to rebuild it")
             self.datasets[split] = dataset
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

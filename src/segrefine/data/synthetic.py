@@ -18,12 +18,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 from scipy.ndimage import gaussian_filter
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from segrefine.data.common import ArraySegmentationDataset, DataError, check_sample
+from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -81,7 +79,7 @@ def generate_sample(
     return image[None].astype(np.float32), labels
 
 
-class SyntheticDataModule(pl.LightningDataModule):
+class SyntheticDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
@@ -170,21 +168,3 @@ class SyntheticDataModule(pl.LightningDataModule):
         for split in SPLITS:
             if split not in self.datasets:
                 self.datasets[split] = self._load(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

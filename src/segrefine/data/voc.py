@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from segrefine.data.common import DataError, check_sample, sample
+from segrefine.data.common import DataError, SplitDataModule, check_sample, sample
 from segrefine.data.transforms import build_augment, parse_size
 
 VOC_CLASSES = [
@@ -91,7 +90,7 @@ def _header_size(path: str) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({e})") from e
 
 
-class VOCDataModule(pl.LightningDataModule):
+class VOCDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
@@ -193,16 +192,3 @@ class VOCDataModule(pl.LightningDataModule):
             size = self.augment.crop_size if train and self.augment and self.augment.crop_size else self.size
             self.datasets[split] = VOCFiles(images, masks, ids, self.mean, self.std, self.num_classes,
                                             transform=self.augment if train else None, size=size)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
