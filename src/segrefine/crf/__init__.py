@@ -1,0 +1,40 @@
+"""Fully connected (dense) CRF in plain torch: lattice filter, mean field.
+
+* :class:`PermutohedralLattice` — permutohedral-lattice Gaussian filter
+  (densecrf v2.2 semantics), batched, differentiable w.r.t. the values.
+* :func:`exact_gaussian_filter` — brute-force O(N^2) reference filter.
+* :class:`MeanFieldCRF` — trainable mean-field layer (CRF-as-RNN core),
+  returns log-probabilities; equals ``pydensecrf`` before training.
+* :func:`dense_crf` — ``pydensecrf`` drop-in post-processing, returns
+  probabilities.
+* Normalisation modes: :data:`NORMALIZE_SYMMETRIC` (default),
+  :data:`NORMALIZE_BEFORE`, :data:`NORMALIZE_AFTER`, :data:`NO_NORMALIZATION`.
+"""
+
+from .exact import exact_gaussian_filter
+from .lattice import PermutohedralLattice
+from .meanfield import (
+    NO_NORMALIZATION,
+    NORMALIZE_AFTER,
+    NORMALIZE_BEFORE,
+    NORMALIZE_SYMMETRIC,
+    MeanFieldCRF,
+    bilateral_features,
+    clear_spatial_cache,
+    dense_crf,
+    spatial_features,
+)
+
+__all__ = [
+    "PermutohedralLattice",
+    "exact_gaussian_filter",
+    "MeanFieldCRF",
+    "dense_crf",
+    "spatial_features",
+    "bilateral_features",
+    "clear_spatial_cache",
+    "NORMALIZE_SYMMETRIC",
+    "NORMALIZE_BEFORE",
+    "NORMALIZE_AFTER",
+    "NO_NORMALIZATION",
+]

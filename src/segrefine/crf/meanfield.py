@@ -1,0 +1,423 @@
+"""Mean-field inference for the fully connected (dense) CRF.
+
+Reproduces Krähenbühl's densecrf v2.2 / ``pydensecrf`` mean field
+(``DenseCRF2D`` with ``addPairwiseGaussian`` + ``addPairwiseBilateral``) and
+extends it to a trainable CRF-as-RNN layer (Zheng et al. 2015):
+
+    Q <- softmax(L)                     L: unary logits (= -U, U the energy)
+    repeat T times:
+        m <- w_s K~_s(Q) + w_b K~_b(Q)  kernels normalised as below
+        S <- L + m                      Potts compatibility
+          or L - ((M + M^T)/2) m        learned compatibility matrix M
+        Q <- softmax(S)
+
+Kernels (features as in ``DenseCRF2D``: ``x`` = column index, ``y`` = row
+index, order ``(x, y, channels...)``):
+
+* spatial ("Gaussian"): ``(x/θγ, y/θγ)``;
+* bilateral: ``(x/θα, y/θα, I_1/θβ, ..., I_K/θβ)`` for an image with any
+  number ``K`` of channels, on whatever scale θβ is meant for (``pydensecrf``
+  users pass 0-255 images).
+
+Normalisation of a kernel ``K`` with ``D = K 1`` (all-ones filtered):
+``"symmetric"`` (default, densecrf's ``NORMALIZE_SYMMETRIC``):
+``D^-1/2 K D^-1/2``; ``"before"``: ``K D^-1``; ``"after"``: ``D^-1 K``;
+``"none"``: ``K`` unscaled (densecrf's ``NO_NORMALIZATION``).
+
+Sign conventions follow densecrf: a Potts weight ``w`` *adds* ``w K~Q`` to the
+logits; a compatibility matrix ``M`` *subtracts* ``sym(M) K~Q``. A learned
+matrix initialised to Potts (``1 - I``) gives the same probabilities as the
+Potts model (they differ by a per-pixel constant).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .lattice import PermutohedralLattice
+
+__all__ = [
+    "NORMALIZE_SYMMETRIC",
+    "NORMALIZE_BEFORE",
+    "NORMALIZE_AFTER",
+    "NO_NORMALIZATION",
+    "MeanFieldCRF",
+    "dense_crf",
+    "spatial_features",
+    "bilateral_features",
+    "clear_spatial_cache",
+]
+
+NORMALIZE_SYMMETRIC = "symmetric"
+NORMALIZE_BEFORE = "before"
+NORMALIZE_AFTER = "after"
+NO_NORMALIZATION = "none"
+_NORMALIZATIONS = (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE, NORMALIZE_AFTER, NO_NORMALIZATION)
+
+
+# --------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------
+
+
+def _positions(height: int, width: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    x = torch.arange(width, dtype=torch.float32, device=device).repeat(height)
+    y = torch.arange(height, dtype=torch.float32, device=device).repeat_interleave(width)
+    return x, y
+
+
+def spatial_features(height: int, width: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+    """``(H*W, 2)`` float32 features ``(x/θ, y/θ)``, row-major pixels."""
+    x, y = _positions(height, width, device)
+    th = torch.tensor(float(theta), dtype=torch.float32, device=device)
+    return torch.stack([x / th, y / th], 1)
+
+
+def bilateral_features(image: Tensor, theta_xy: float, theta_value: float) -> Tensor:
+    """``(B, H*W, 2+K)`` float32 features ``(x/θxy, y/θxy, I_k/θvalue ...)``.
+
+    ``image`` is ``(B, K, H, W)``; it is cast to float32 (as densecrf does)
+    and detached.
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, K, H, W), got shape {tuple(image.shape)}")
+    B, K, H, W = image.shape
+    dev = image.device
+    x, y = _positions(H, W, dev)
+    th = torch.tensor(float(theta_xy), dtype=torch.float32, device=dev)
+    tv = torch.tensor(float(theta_value), dtype=torch.float32, device=dev)
+    pos = torch.stack([x / th, y / th], 1).expand(B, H * W, 2)
+    val = image.detach().to(torch.float32).reshape(B, K, H * W).transpose(1, 2) / tv
+    return torch.cat([pos, val], 2).contiguous()
+
+
+# --------------------------------------------------------------------------
+# Normalised kernels and the mean-field loop
+# --------------------------------------------------------------------------
+
+
+def _normalized(lattice: PermutohedralLattice, normalization: str) -> PermutohedralLattice:
+    """The kernel with densecrf's normalisation folded into its weights.
+
+    ``D = K 1`` (float32, as densecrf); symmetric: ``D^-1/2 K D^-1/2``,
+    before: ``K D^-1``, after: ``D^-1 K``, none: ``K``. The ``1e-20`` and
+    the reciprocal square root are computed in float64, as in densecrf.
+    """
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    if normalization == NO_NORMALIZATION:
+        return lattice
+    ones = torch.ones(lattice.batch * lattice.num_pixels, 1, device=lattice.device)
+    with torch.no_grad():
+        D = lattice.filter(ones).to(torch.float64)
+    if normalization == NORMALIZE_SYMMETRIC:
+        n = (1.0 / torch.sqrt(D + 1e-20)).to(torch.float32)
+        return lattice.scaled(n, n)
+    n = (1.0 / (D + 1e-20)).to(torch.float32)
+    if normalization == NORMALIZE_BEFORE:
+        return lattice.scaled(pre=n)
+    return lattice.scaled(post=n)
+
+
+_SPATIAL_CACHE: "OrderedDict[tuple, PermutohedralLattice]" = OrderedDict()
+_SPATIAL_CACHE_SIZE = 4
+
+
+def _spatial_filter(
+    batch: int, height: int, width: int, theta: float, normalization: str, device: torch.device, cache: bool
+) -> PermutohedralLattice:
+    """Normalised spatial kernel for ``batch`` images of ``height x width``.
+
+    Its lattice depends only on the image size, so the single-image version
+    is kept in a small process-wide LRU cache (``cache=True``) and repeated
+    over the batch (index arithmetic, no re-sorting).
+    """
+    key = (height, width, float(theta), normalization, str(device))
+    single = _SPATIAL_CACHE.get(key) if cache else None
+    if single is None:
+        single = _normalized(PermutohedralLattice(spatial_features(height, width, theta, device)), normalization)
+        if cache:
+            _SPATIAL_CACHE[key] = single
+            while len(_SPATIAL_CACHE) > _SPATIAL_CACHE_SIZE:
+                _SPATIAL_CACHE.popitem(last=False)
+    elif cache:
+        _SPATIAL_CACHE.move_to_end(key)
+    return single.repeat(batch)
+
+
+def clear_spatial_cache() -> None:
+    """Drop the cached spatial lattices (see :func:`dense_crf`)."""
+    _SPATIAL_CACHE.clear()
+
+
+def _softmax(S: Tensor, log: bool = False) -> Tensor:
+    """Softmax over classes of flat ``(B*N, C)`` logits, contiguous result.
+
+    torch's CPU kernel along a short last dimension (C < 16) is several
+    times slower than along the first; use the transposed view then.
+    """
+    fn = torch.log_softmax if log else torch.softmax
+    if S.shape[1] < 16:
+        return fn(S.t(), 0).t().contiguous()
+    return fn(S, 1)
+
+
+def _mean_field(
+    logits: Tensor,
+    filters: list[PermutohedralLattice],
+    weights: list[Tensor],
+    compatibility: Tensor | None,
+    iterations: int,
+) -> Tensor:
+    """Mean field on flat ``(B*N, C)`` logits; returns the final logits ``S``."""
+    grad = torch.is_grad_enabled() and (
+        logits.requires_grad
+        or any(w.requires_grad for w in weights)
+        or (compatibility is not None and compatibility.requires_grad)
+    )
+    if not grad and compatibility is None and iterations > 0:
+        # inference only: update one logits buffer in place (fewer large
+        # allocations, which matter on CPU: fresh pages cost page faults)
+        S = logits.clone()
+        for _ in range(iterations):
+            Q = _softmax(S)
+            S.copy_(logits)
+            for f, w in zip(filters, weights):
+                S.addcmul_(f.filter(Q), w)
+        return S
+    S = logits
+    for _ in range(iterations):
+        Q = _softmax(S)
+        if compatibility is None:  # Potts: S = L + sum_m w_m K~_m Q
+            S = logits
+            for f, w in zip(filters, weights):
+                S = torch.addcmul(S, f.filter(Q), w)
+        else:  # S = L - sym(M) (sum_m w_m K~_m Q)
+            msg = None
+            for f, w in zip(filters, weights):
+                out = f.filter(Q)
+                msg = out * w if msg is None else torch.addcmul(msg, out, w)
+            S = logits - msg @ compatibility
+    return S
+
+
+def _check_inputs(unary: Tensor, image: Tensor) -> None:
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be (B, C, H, W), got shape {tuple(unary.shape)}")
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, K, H, W), got shape {tuple(image.shape)}")
+    if unary.shape[0] != image.shape[0] or unary.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"unary {tuple(unary.shape)} and image {tuple(image.shape)} must share batch size and H, W"
+        )
+    if unary.device != image.device:
+        raise ValueError(f"unary on {unary.device} but image on {image.device}")
+
+
+def _to_flat(x: Tensor) -> Tensor:
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+
+
+def _from_flat(x: Tensor, B: int, H: int, W: int) -> Tensor:
+    return x.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------
+
+
+class MeanFieldCRF(nn.Module):
+    """Dense-CRF mean field as a differentiable layer (CRF-as-RNN core).
+
+    Before any training step it computes exactly what ``pydensecrf`` computes
+    with ``DenseCRF2D(W, H, C)``, ``setUnaryEnergy(-unary_logits)``,
+    ``addPairwiseGaussian(sxy=theta_gamma, compat=spatial_weight)``,
+    ``addPairwiseBilateral(sxy=theta_alpha, srgb=theta_beta, rgbim=image,
+    compat=bilateral_weight)`` and ``inference(iterations)`` (for any number
+    of image channels, i.e. ``DenseCRF.addPairwiseEnergy`` on the same
+    features), up to float32 round-off.
+
+    Args:
+        num_classes: ``C``.
+        theta_alpha: bilateral position bandwidth (pixels).
+        theta_beta: bilateral intensity bandwidth (image units; 0-255 images
+            for ``pydensecrf``-like behaviour).
+        theta_gamma: spatial bandwidth (pixels).
+        spatial_weight, bilateral_weight: kernel weights (densecrf's Potts
+            ``compat``). CRF-RNN's usual initial values are
+            ``theta_alpha=160, theta_beta=3, theta_gamma=3,
+            spatial_weight=3, bilateral_weight=5``.
+        compatibility: ``"potts"`` (message ``+ w K~Q``), ``"learned"`` (a
+            ``C x C`` matrix ``M`` initialised to Potts ``1 - I``, message
+            ``- sym(M) (w_s K~_s Q + w_b K~_b Q)``), or a ``C x C`` tensor used
+            as the initial ``M``.
+        learnable: make the kernel weights (and ``M`` for a matrix
+            compatibility) ``nn.Parameter``; otherwise they are buffers.
+            Bandwidths are never learned.
+        iterations: mean-field iterations (CRF-RNN: 5 when training).
+        eval_iterations: iterations in eval mode (CRF-RNN: 10); defaults to
+            ``iterations``.
+        normalization: ``"symmetric"`` (default), ``"before"``, ``"after"``
+            or ``"none"`` (see module docstring).
+
+    ``forward(unary_logits, image, iterations=None)``:
+        ``unary_logits`` ``(B, C, H, W)``: logits (any per-pixel offset is
+        irrelevant). To start from an energy ``U`` (= ``-log p``) pass
+        ``-U``; from probabilities ``p`` pass ``log p``.
+        ``image`` ``(B, K, H, W)`` float (any ``K``; not differentiated).
+        Returns **log-probabilities** ``(B, C, H, W)`` (``log_softmax`` of the
+        last iteration's logits); ``.exp()`` gives ``pydensecrf``'s ``Q``.
+
+    The spatial lattice depends only on ``(H, W)`` and is cached between
+    calls (process-wide LRU, see :func:`clear_spatial_cache`); the bilateral
+    lattice is built once per forward and reused by the normalisation and
+    every iteration.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        theta_alpha: float = 80.0,
+        theta_beta: float = 13.0,
+        theta_gamma: float = 3.0,
+        spatial_weight: float = 3.0,
+        bilateral_weight: float = 10.0,
+        compatibility: str | Tensor = "potts",
+        learnable: bool = True,
+        iterations: int = 5,
+        eval_iterations: int | None = None,
+        normalization: str = NORMALIZE_SYMMETRIC,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        for name, v in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+        if iterations < 0 or (eval_iterations is not None and eval_iterations < 0):
+            raise ValueError("iterations must be >= 0")
+        self.num_classes = num_classes
+        self.theta_alpha = float(theta_alpha)
+        self.theta_beta = float(theta_beta)
+        self.theta_gamma = float(theta_gamma)
+        self.iterations = int(iterations)
+        self.eval_iterations = None if eval_iterations is None else int(eval_iterations)
+        self.normalization = normalization
+        self.learnable = learnable
+
+        def _register(name: str, value: Tensor) -> None:
+            if learnable:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+        _register("spatial_weight", torch.tensor(float(spatial_weight)))
+        _register("bilateral_weight", torch.tensor(float(bilateral_weight)))
+        if isinstance(compatibility, str):
+            if compatibility == "potts":
+                self.compatibility = None
+            elif compatibility == "learned":
+                _register("compatibility", 1.0 - torch.eye(num_classes))
+            else:
+                raise ValueError(f"compatibility must be 'potts', 'learned' or a CxC tensor, got {compatibility!r}")
+        else:
+            m = torch.as_tensor(compatibility, dtype=torch.float32).clone()
+            if m.shape != (num_classes, num_classes):
+                raise ValueError(f"compatibility matrix must be ({num_classes}, {num_classes}), got {tuple(m.shape)}")
+            _register("compatibility", m)
+
+    def extra_repr(self) -> str:
+        comp = "potts" if self.compatibility is None else "matrix"
+        return (
+            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "
+            f"theta_gamma={self.theta_gamma}, compatibility={comp}, iterations={self.iterations}, "
+            f"eval_iterations={self.eval_iterations}, normalization={self.normalization!r}"
+        )
+
+    def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
+        _check_inputs(unary_logits, image)
+        B, C, H, W = unary_logits.shape
+        if C != self.num_classes:
+            raise ValueError(f"unary has {C} classes, module built for {self.num_classes}")
+        if iterations is None:
+            iterations = self.iterations if (self.training or self.eval_iterations is None) else self.eval_iterations
+        dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
+        logits = _to_flat(unary_logits.to(dtype))
+        if iterations > 0:
+            spatial = _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True)
+            bilateral = _normalized(
+                PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
+                self.normalization,
+            )
+            weights = [self.spatial_weight.to(dtype), self.bilateral_weight.to(dtype)]
+            comp = None
+            if self.compatibility is not None:
+                m = self.compatibility.to(dtype)
+                comp = 0.5 * (m + m.t())
+            S = _mean_field(logits, [spatial, bilateral], weights, comp, iterations)
+        else:
+            S = logits
+        return _from_flat(_softmax(S, log=True), B, H, W)
+
+
+# --------------------------------------------------------------------------
+# Offline post-processing (pydensecrf drop-in)
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dense_crf(
+    probs: Tensor,
+    image: Tensor,
+    *,
+    gaussian_sxy: float = 3.0,
+    gaussian_compat: float = 3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_compat: float = 10.0,
+    iterations: int = 5,
+    cache_spatial: bool = True,
+) -> Tensor:
+    """``pydensecrf``'s README recipe, batched, on any device.
+
+    Equivalent to, per image, ``d = DenseCRF2D(W, H, C)``,
+    ``d.setUnaryEnergy(-log(probs))``, ``d.addPairwiseGaussian(sxy=gaussian_sxy,
+    compat=gaussian_compat)``, ``d.addPairwiseBilateral(sxy=bilateral_sxy,
+    srgb=bilateral_srgb, rgbim=image, compat=bilateral_compat)``,
+    ``d.inference(iterations)`` (for ``K != 3`` channels: ``DenseCRF`` +
+    ``addPairwiseEnergy`` on the same features).
+
+    Args:
+        probs: ``(B, C, H, W)`` class probabilities (clamped below at the
+            dtype's smallest normal number before the log).
+        image: ``(B, K, H, W)`` float, 0-255 scale (``pydensecrf`` takes
+            uint8, so integer-valued images reproduce it exactly).
+        cache_spatial: reuse the spatial (Gaussian) kernel's lattice across
+            calls with the same image size (it does not depend on the image);
+            ``False`` rebuilds it, like ``pydensecrf`` does every call.
+
+    Returns:
+        ``(B, C, H, W)`` float32 probabilities ``Q``.
+    """
+    _check_inputs(probs, image)
+    B, C, H, W = probs.shape
+    p = probs.to(torch.float32)
+    logits = _to_flat(torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)))
+    if iterations > 0:
+        spatial = _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial)
+        bilateral = PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
+        kernels = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+        weights = [torch.tensor(float(w), device=probs.device) for w in (gaussian_compat, bilateral_compat)]
+        S = _mean_field(logits, kernels, weights, None, iterations)
+    else:
+        S = logits
+    return _from_flat(_softmax(S), B, H, W)
