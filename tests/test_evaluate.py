@@ -162,3 +162,15 @@ def test_optuna_sweep_saves_a_usable_tuned_head(trained_run, data_dir, tmp_path)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x", "head=densecrf_tuned", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
     assert cfg.head.gaussian_compat == best.best_params["head.gaussian_compat"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_densecrf_backends_agree(channels):
+    probs, image, _ = _scene(channels, seed=channels)
+    heads = {b: DenseCRFHead(num_classes=2, backend=b, num_workers=1, **{
+        "gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
+        "bilateral_compat": 3.0}) for b in ("pydensecrf", "torch")}
+    reference, ours = (heads[b].refine(probs[None], image[None])[0] for b in ("pydensecrf", "torch"))
+    diff = (reference - ours).abs()
+    assert torch.quantile(diff.flatten(), 0.999) <= 1e-4 and diff.max() <= 2e-2
+    assert (reference.argmax(0) == ours.argmax(0)).float().mean() >= 0.9999
