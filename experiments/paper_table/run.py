@@ -13,6 +13,7 @@ Extra arguments are Hydra overrides passed to both training and evaluation
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=f"outputs/paper_table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into experiments/paper_table/README.md")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report of an existing --out study")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="Hydra override for the densecrf evaluations only (repeatable), e.g. head.num_workers=1")
     args, overrides = parser.parse_known_args()
@@ -55,6 +57,8 @@ def main() -> int:
     if "none" not in args.heads.split(","):
         parser.error("--heads must include none: the densecrf rows and all paired tests need it")
     out = Path(args.out)
+    if args.report_only:
+        return report(out, args.update_readme)
     start = time.perf_counter()
 
     hydra_run("segrefine.train", [
@@ -67,14 +71,21 @@ def main() -> int:
         hydra_run("segrefine.evaluate", [
             "-m", f"ckpt_path={checkpoints}", "head=densecrf", f"hydra.sweep.dir={out / 'densecrf'}", *eval_overrides,
         ])
-    study = load_study([out])
-    paths = write_report(study, out / "report")
-    table = paths["markdown"].read_text()
     seconds = time.perf_counter() - start
+    command = " ".join(["python experiments/paper_table/run.py", *sys.argv[1:]])
+    (out / "study.json").write_text(json.dumps({"command": command, "seconds": seconds}, indent=2))
+    print(f"study trained and evaluated in {seconds / 60:.1f} min")
+    return report(out, args.update_readme)
+
+
+def report(out: Path, readme: bool) -> int:
+    paths = write_report(load_study([out / "train", out / "densecrf"]), out / "report")
+    table = paths["markdown"].read_text()
     print(table)
-    print(f"study finished in {seconds / 60:.1f} min; report in {out / 'report'}")
-    if args.update_readme:
-        update_readme(table, seconds, " ".join(["python experiments/paper_table/run.py", *sys.argv[1:]]))
+    print(f"report in {out / 'report'}")
+    if readme:
+        study = json.loads((out / "study.json").read_text())
+        update_readme(table, study["seconds"], study["command"])
     return 0
 
 

@@ -1,0 +1,57 @@
+"""The paper-table study end to end at a tiny scale, and the notebook on its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from segrefine.report import load_study, summarise
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("study")
+    tiny = [o for o in TINY if not o.startswith("trainer.accelerator")] + [f"paths.data_dir={data_dir}"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "paper_table" / "run.py"), "--out", str(out), *tiny,
+         "--eval-override", "head.num_workers=1"],
+        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, cwd=out,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_study_has_every_backbone_head_row_with_densecrf_paired(tiny_study):
+    out, stdout = tiny_study
+    rows = summarise(load_study([out]).runs)
+    assert {(r["backbone"], r["head"]) for r in rows} == {
+        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "crfrnn", "pointrend")
+    }
+    for row in rows:
+        if row["head"] != "none":
+            assert row["paired/iou"]["n"] == 8  # every test image paired with the none run
+    assert (out / "report" / "table.md").read_text().strip() in stdout
+    assert (out / "report" / "qualitative.png").stat().st_size > 0
+
+
+def test_notebook_runs_on_the_study(tiny_study):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = tiny_study
+    notebook = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    os.environ["SEGREFINE_STUDY"] = str(out)
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(out)}}).execute()
+    finally:
+        del os.environ["SEGREFINE_STUDY"]
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                   for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "| synthetic | unet | crfrnn |" in text and "ΔIoU" in text
