@@ -49,7 +49,7 @@ def test_multirun_one_job_per_backbone_each_with_results_and_own_wandb_run(tmp_p
         assert (offline_run / f"run-{run['wandb']['id']}.wandb").is_file()
         media = offline_run / "files" / "media"
         assert list(media.glob("images/val/overlays_*.png"))  # validation overlays
-        assert list(media.glob("images/mask/*.png"))  # ... with their ground-truth/prediction masks
+        assert list(media.glob("images/mask/val/*.mask.png"))  # ... with their ground-truth/prediction masks
         assert list(media.glob("table/test/per_image_*.table.json"))  # per-image metrics table
         wandb_ids.add(run["wandb"]["id"])
     assert len(wandb_ids) == 3
