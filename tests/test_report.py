@@ -139,3 +139,40 @@ def test_write_report_files_and_figures(tmp_path):
     assert {"markdown", "csv", "latex", "metrics_figure", "cost_figure"} <= set(paths)
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert "p=1" in paths["markdown"].read_text()
+
+
+def test_table_and_figures_logged_to_wandb_offline(tmp_path):
+    from segrefine.report import log_to_wandb
+
+    paired_run(tmp_path / "runs" / "none", "none", 0, BASE)
+    paired_run(tmp_path / "runs" / "crf", "densecrf", 0, [b + g for b, g in zip(BASE, GAIN)])
+    study = load_study([tmp_path / "runs"])
+    paths = write_report(study, tmp_path / "report", figures=True)
+    run_id = log_to_wandb(summarise(study.runs), paths, mode="offline", save_dir=tmp_path)
+    (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    media = run_dir / "files" / "media"
+    assert list(media.glob("table/report/table_*.table.json"))
+    assert list(media.glob("images/report/metrics_figure_*.png"))
+
+
+class FakeRun:
+    def __init__(self, run_id, head, iou, state="finished"):
+        self.id, self.state, self.job_type, self.group = run_id, state, "train", "t"
+        self.config = {"data": {"name": "synthetic"}, "backbone": {"name": "unet"}, "head": {"name": head}, "seed": 0}
+        self.summary = {"test/iou": iou, "test/dice": iou, "test/pixel_acc": 0.9, "test/boundary_f1": iou,
+                        "test/ms_per_image": 2.0, "params": 5} if state == "finished" else {}
+
+
+class FakeApi:
+    def runs(self, path):
+        assert path == "team/segrefine"
+        return [FakeRun("a", "none", 0.5), FakeRun("b", "crfrnn", 0.6), FakeRun("c", "crfrnn", 0.0, state="crashed")]
+
+
+def test_reads_runs_from_a_wandb_project():
+    from segrefine.report import load_wandb_study
+
+    study = load_wandb_study("team/segrefine", api=FakeApi())
+    rows = summarise(study.runs)
+    assert [(r["head"], r["test/iou"][0]) for r in rows] == [("none", 0.5), ("crfrnn", 0.6)]
+    assert study.incomplete == [("team/segrefine/c", "wandb state 'crashed'")]
