@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SMOKE = ["backbone=pspnet", "data.image_size=64", "data.num_train=64", "data.num_val=16", "data.num_test=16",
+SMOKE = ["data.image_size=64", "data.num_train=64", "data.num_val=16", "data.num_test=16",
          "data.batch_size=16", "logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
 
 
@@ -33,10 +33,11 @@ def timed(args: list[str], cwd: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--backbone", default="unet")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        common = [*SMOKE, f"trainer.max_epochs={args.epochs}", f"paths.data_dir={root / 'data'}"]
+        common = [*SMOKE, f"backbone={args.backbone}", f"trainer.max_epochs={args.epochs}", f"paths.data_dir={root / 'data'}"]
         timed([*common, "trainer.max_epochs=1", f"hydra.run.dir={root / 'warm'}"], root)  # data cache, imports
         sweep = ["-m", *common, "seed=0,1,2,3"]
         basic = timed([*sweep, f"hydra.sweep.dir={root / 'basic'}"], root)

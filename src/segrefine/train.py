@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -131,8 +132,21 @@ def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
     }
 
 
+def set_threads(num_threads: int | None) -> None:
+    """Torch's CPU threads: ``num_threads``, or under Hydra's joblib launcher the CPUs shared
+    among its parallel jobs (several jobs each using every core only slow each other)."""
+    if num_threads is None and HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher
+        if "Joblib" in str(launcher.get("_target_", "")):
+            jobs = launcher.get("n_jobs", -1)
+            cpus = os.cpu_count() or 1
+            num_threads = max(1, cpus // (cpus if jobs in (None, -1) else max(1, int(jobs))))
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
 # Settings that do not change what a run computes: a finished run is reused despite them.
-VOLATILE_KEYS = ("paths", "print_config", "ckpt_path", "resume", "force")
+VOLATILE_KEYS = ("paths", "print_config", "ckpt_path", "resume", "force", "num_threads")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +190,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
         log.info("%s already has complete results for this config: skipped (force=true to redo)", output_dir)
         return previous["metrics"]
+    set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is None and cfg.get("resume", True) and (output_dir / "checkpoints" / "last.ckpt").is_file():
