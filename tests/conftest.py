@@ -28,6 +28,13 @@ TINY = [
 ]
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for a CLI run from a test: offline wandb, and not attached to the wandb
+    service that in-process tests started (a killed run would stay "in use" there)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One synthetic-data cache for the whole session."""

@@ -136,13 +136,12 @@ def test_densecrf_trains_exactly_like_none():
 
 
 def test_optuna_sweep_saves_a_usable_tuned_head(trained_run, data_dir, tmp_path):
-    import os
     import subprocess
     import sys
 
     from omegaconf import OmegaConf
 
-    from conftest import REPO
+    from conftest import REPO, subprocess_env
 
     sweep, tuned = tmp_path / "sweep", tmp_path / "conf" / "head" / "densecrf_tuned.yaml"
     proc = subprocess.run(
@@ -150,7 +149,7 @@ def test_optuna_sweep_saves_a_usable_tuned_head(trained_run, data_dir, tmp_path)
          "--config-name", "tune_densecrf", "-m", f"ckpt_path={trained_run}", "hydra.sweeper.n_trials=2",
          "logger=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "head.num_workers=1",
          f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", f"hydra.callbacks.save_tuned_head.output={tuned}"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True, text=True, timeout=600, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(sweep.glob("*/results.json"))) == 2

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, subprocess_env
 from segrefine.report import load_study, summarise
 
 pytestmark = pytest.mark.timeout(900)
@@ -21,7 +21,7 @@ def tiny_study(tmp_path_factory, data_dir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "paper_table" / "run.py"), "--out", str(out), *tiny,
          "--eval-override", "head.num_workers=1"],
-        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, cwd=out,
+        capture_output=True, text=True, env=subprocess_env(), cwd=out,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out, proc.stdout

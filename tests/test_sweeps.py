@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, subprocess_env
 from segrefine.report import load_study
 from segrefine.train import train
 
@@ -23,7 +23,7 @@ BASE = [o for o in TINY if not o.startswith("logger=")] + ["backbone=pspnet"]
 
 def cli(module: str, *args: str, cwd: Path, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
     command = [sys.executable, "-m", module, *args]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = subprocess_env()
     if kwargs.pop("background", False):
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)

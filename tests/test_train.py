@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +16,11 @@ from segrefine.heads.none import NoHead
 from segrefine.report import load_study, summarise
 from segrefine.train import train
 
-from conftest import TINY
+from conftest import TINY, subprocess_env
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    env = {**subprocess_env(), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "-m", "segrefine.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
