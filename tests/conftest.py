@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,13 @@ def make_cfg(data_dir, tmp_path):
             )
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensor ops: intra-op threads only add synchronisation latency
+    (severe on a loaded 2-core machine). Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,15 +12,7 @@ from segrefine.crf import PermutohedralLattice, exact_gaussian_filter
 from segrefine.crf.lattice import _Bags
 from segrefine.crf.meanfield import bilateral_features, spatial_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These inputs are tiny: intra-op threads only add synchronisation
-    latency (severe on a loaded 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _image(height: int, width: int, channels: int, seed: int) -> torch.Tensor:

@@ -8,15 +8,7 @@ from torch.func import functional_call
 
 from segrefine.crf import MeanFieldCRF, dense_crf
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These inputs are tiny: intra-op threads only add synchronisation
-    latency (severe on a loaded 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _image(batch: int, channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
