@@ -21,7 +21,16 @@ from segrefine.checkpoints import CheckpointError, load_checkpoint, load_weights
 from segrefine.distributed import use_job_command_for_ddp
 from segrefine.results import FILENAME, write_results
 from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
-from segrefine.train import CONFIG_DIR, record_failure, build_data, build_logger, build_module, check_config_dir, run_info, run_record
+from segrefine.train import (
+    CONFIG_DIR,
+    build_data,
+    build_logger,
+    build_module,
+    check_config_dir,
+    run_info,
+    run_record,
+    run_recording_failure,
+)
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -90,13 +99,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = evaluate(cfg)
-    except Exception:
-        record_failure(cfg.paths.output_dir)
-        raise
     # The value Hydra sweepers (e.g. Optuna) optimise.
-    return metrics.get(f"{cfg.split}/iou")
+    return run_recording_failure(evaluate, cfg).get(f"{cfg.split}/iou")
 
 
 def main() -> None:

@@ -10,11 +10,10 @@ import hashlib
 import logging
 import os
 import re
-import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import pytorch_lightning as pl
@@ -255,25 +254,25 @@ def check_config_dir() -> None:
         )
 
 
-def record_failure(output_dir: str | Path) -> None:
-    """Leave the current exception's traceback as ``error.txt`` in the job's folder, so a
-    failed job of a sweep is visible (the report lists it) without stopping the others."""
-    error = sys.exc_info()[1]
-    summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
-    path = Path(output_dir) / "error.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{summary}\n\n{traceback.format_exc()}")
+def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> dict[str, float]:
+    """Run ``job(cfg)``; on an exception leave its message and traceback as ``error.txt`` in
+    the job's folder, so a failed job of a sweep is visible (the report lists it) without
+    stopping the others. A rerun that succeeds removes the stale file."""
+    error_file = Path(cfg.paths.output_dir) / "error.txt"
+    try:
+        metrics = job(cfg)
+    except Exception as error:
+        summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(f"{summary}\n\n{traceback.format_exc()}")
+        raise
+    error_file.unlink(missing_ok=True)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except Exception:
-        record_failure(cfg.paths.output_dir)
-        raise
-    (Path(cfg.paths.output_dir) / "error.txt").unlink(missing_ok=True)  # a rerun that succeeded
-    return metrics.get("test/iou")
+    return run_recording_failure(train, cfg).get("test/iou")
 
 
 def main() -> None:
