@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from segrefine.data.transforms import fit_to
@@ -13,6 +14,15 @@ from segrefine.types import IGNORE_INDEX
 
 class DataError(ValueError):
     """Bad input data; the message names the file or sample at fault."""
+
+
+def open_image(path, mode: str | None = None) -> np.ndarray:
+    """An image file as an array (converted to PIL ``mode`` if given); DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert(mode) if mode else img)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
 
 
 def check_sample(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:

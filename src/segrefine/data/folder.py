@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample
+from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample, open_image
 from segrefine.data.transforms import build_augment, fit_to, parse_size
 from segrefine.types import IGNORE_INDEX
 
@@ -31,14 +31,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 def _files(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-
-
-def _open(path: Path, mode: str | None = None) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert(mode) if mode else img)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
@@ -106,7 +98,7 @@ class FolderDataModule(SplitDataModule):
         return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
     def _mask(self, path: Path) -> np.ndarray:
-        raw = _open(path)
+        raw = open_image(path)
         if raw.ndim != 2:
             raise DataError(f"{path}: mask must be a single-channel image, got shape {raw.shape}")
         if not self.mask_values:

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from segrefine.data.common import DataError, SplitDataModule, check_sample, sample
+from segrefine.data.common import DataError, SplitDataModule, check_sample, open_image, sample
 from segrefine.data.transforms import build_augment, parse_size
 
 VOC_CLASSES = [
@@ -64,22 +64,14 @@ class VOCFiles(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        image = _read(self.images[i], "RGB")
-        mask = _read(self.masks[i])
+        image = open_image(self.images[i], "RGB")
+        mask = open_image(self.masks[i])
         if mask.ndim != 2:
             raise DataError(f"{self.masks[i]}: mask must be a palette (index) PNG, got shape {mask.shape}")
         image = image.transpose(2, 0, 1)
         check_sample(image, mask, self.num_classes, self.masks[i])
         tensor = (torch.from_numpy(image.astype(np.float32) / 255.0) - self.mean) / self.std
         return sample(tensor, torch.from_numpy(mask.astype(np.int64)), self.ids[i], self.transform, self.size)
-
-
-def _read(path: str, mode: str | None = None) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert(mode) if mode else img)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
 
 
 def _header_size(path: str) -> tuple[int, int]:
