@@ -27,6 +27,7 @@ from segrefine.distributed import use_job_command_for_ddp
 from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import read_results, write_results
+from segrefine.runconfig import comparable_config, config_differences
 from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
 
 log = logging.getLogger(__name__)
@@ -144,16 +145,6 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-# Settings that do not change what a run computes: a finished run is reused despite them.
-VOLATILE_KEYS = ("paths", "print_config", "ckpt_path", "resume", "force", "num_threads")
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    config = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
-    trainer = {k: v for k, v in config.get("trainer", {}).items() if k != "enable_progress_bar"}
-    return {**config, "trainer": trainer}
-
-
 def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     """The complete results.json already in ``output_dir`` for this same config, if any.
 
@@ -168,10 +159,13 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
         return None  # unreadable: the run is redone and the file replaced
     if previous.get("status") != "complete" or previous.get("job_type") != "train":
         return None
-    if _comparable(previous.get("config", {})) != _comparable(OmegaConf.to_container(cfg, resolve=True)):
+    differences = config_differences(
+        comparable_config(previous.get("config", {})), comparable_config(OmegaConf.to_container(cfg, resolve=True))
+    )
+    if differences:
         raise FileExistsError(
-            f"{path} holds a finished run of a different config; choose another output folder "
-            "(hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
+            f"{path} holds a finished run of a different config (differs in {', '.join(differences)}); "
+            "choose another output folder (hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
         )
     return previous
 

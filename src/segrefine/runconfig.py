@@ -1,0 +1,89 @@
+"""What a run computes, apart from where and how it runs: the one definition of run-only keys.
+
+A resolved run config holds settings that never change a result (output paths, the logger,
+resume/force flags, thread counts, progress bars). ``comparable_config`` drops them and
+replaces machine paths by placeholders, so two configs compare equal exactly when they ask
+for the same computation, wherever the runs' folders are. Resume checks, sweep reruns and
+the report's rows all use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# Dotted keys (a whole subtree when a prefix) that never change what a run computes.
+RUN_ONLY_KEYS = (
+    "paths",
+    "hydra",
+    "logger",
+    "name",
+    "print_config",
+    "ckpt_path",
+    "resume",
+    "force",
+    "num_threads",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "head.num_workers",
+    "callbacks.model_checkpoint.dirpath",
+    "callbacks.wandb_images",
+)
+
+
+def _path_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(value, placeholder) for every ``paths.*`` string, longest value first."""
+    paths = config.get("paths") or {}
+    pairs = [(str(v).rstrip("/"), f"<paths.{k}>") for k, v in paths.items() if isinstance(v, str) and v.strip("./")]
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+def _replace_paths(value: Any, prefixes: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        for prefix, placeholder in prefixes:
+            if value == prefix or value.startswith(prefix + "/"):
+                return placeholder + value[len(prefix):]
+        return value
+    if isinstance(value, Mapping):
+        return {k: _replace_paths(v, prefixes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_paths(v, prefixes) for v in value]
+    return value
+
+
+def _drop(config: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = config
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved config without run-only keys (and ``drop``), machine paths as placeholders.
+
+    ``config`` is a resolved config as a plain dict (results.json's ``config`` or a
+    checkpoint's). Values under a ``paths.*`` folder become ``<paths.key>/rest``, so a study
+    moved to another folder still compares equal to itself.
+    """
+    result = _replace_paths(dict(config), _path_prefixes(config))
+    for dotted in (*RUN_ONLY_KEYS, *drop):
+        _drop(result, dotted)
+    return result
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (comparable) configs, sorted."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for key in keys:
+        name = f"{prefix}{key}"
+        if key not in a or key not in b:
+            out.append(name)
+        elif isinstance(a[key], Mapping) and isinstance(b[key], Mapping):
+            out += config_differences(a[key], b[key], prefix=f"{name}.")
+        elif a[key] != b[key]:
+            out.append(name)
+    return out

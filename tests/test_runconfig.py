@@ -1,0 +1,46 @@
+"""Run-only keys and path placeholders: what makes two run configs 'the same run'."""
+
+from segrefine.runconfig import comparable_config, config_differences
+
+
+def _config(root: str, lr: float = 1e-3, **top) -> dict:
+    return {
+        "seed": 0,
+        "name": "study",
+        "force": False,
+        "paths": {"root_dir": root, "data_dir": f"{root}/data", "output_dir": f"{root}/outputs/job"},
+        "data": {"name": "synthetic", "root": f"{root}/data/synthetic", "image_size": 32},
+        "optim": {"optimizer": {"lr": lr}},
+        "trainer": {"max_epochs": 2, "enable_progress_bar": True},
+        "callbacks": {"model_checkpoint": {"dirpath": f"{root}/outputs/job/checkpoints", "monitor": "val/iou"}},
+        "logger": {"mode": "offline"},
+        **top,
+    }
+
+
+def test_moved_study_compares_equal():
+    a = comparable_config(_config("/home/a/study"))
+    b = comparable_config(_config("/mnt/copy/elsewhere"))
+    assert a == b
+    assert a["data"]["root"] == "<paths.data_dir>/synthetic"
+    assert "paths" not in a and "logger" not in a and "name" not in a
+    assert a["callbacks"]["model_checkpoint"] == {"monitor": "val/iou"}
+
+
+def test_run_only_keys_do_not_count_but_settings_do():
+    base = _config("/r")
+    quiet = _config("/r", force=True, print_config=True, num_threads=1)
+    quiet["trainer"]["enable_progress_bar"] = False
+    assert config_differences(comparable_config(base), comparable_config(quiet)) == []
+    other = _config("/r", lr=0.05, seed=5)
+    assert config_differences(comparable_config(base), comparable_config(other)) == ["optim.optimizer.lr", "seed"]
+    assert config_differences(comparable_config(base), comparable_config(other, drop=("seed",)), ) == [
+        "optim.optimizer.lr", "seed"]
+    assert config_differences(comparable_config(base, drop=("seed",)), comparable_config(other, drop=("seed",))) == [
+        "optim.optimizer.lr"]
+
+
+def test_a_data_root_outside_the_run_paths_is_part_of_the_config():
+    a, b = _config("/r"), _config("/r")
+    b["data"]["root"] = "/datasets/Task04_Hippocampus"
+    assert config_differences(comparable_config(a), comparable_config(b)) == ["data.root"]
