@@ -44,3 +44,17 @@ def test_a_data_root_outside_the_run_paths_is_part_of_the_config():
     a, b = _config("/r"), _config("/r")
     b["data"]["root"] = "/datasets/Task04_Hippocampus"
     assert config_differences(comparable_config(a), comparable_config(b)) == ["data.root"]
+
+
+def test_tuned_head_parameters_are_outcomes_not_settings():
+    def tuned(sxy: float, split: str = "val") -> dict:
+        head = {"name": "densecrf", "bilateral_sxy": sxy, "iterations": 5,
+                "tuned": {"split": split, "trials": 12, "keys": ["bilateral_sxy"]}}
+        return _config("/r", head=head)
+
+    assert config_differences(comparable_config(tuned(5.0)), comparable_config(tuned(40.0))) == []
+    assert comparable_config(tuned(5.0))["head"]["bilateral_sxy"] == "<tuned>"
+    assert config_differences(comparable_config(tuned(5.0)), comparable_config(tuned(5.0, split="test"))) == [
+        "head.tuned.split"]
+    untuned = _config("/r", head={"name": "densecrf", "bilateral_sxy": 5.0, "iterations": 5})
+    assert comparable_config(untuned)["head"]["bilateral_sxy"] == 5.0

@@ -66,11 +66,17 @@ def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> 
 
     ``config`` is a resolved config as a plain dict (results.json's ``config`` or a
     checkpoint's). Values under a ``paths.*`` folder become ``<paths.key>/rest``, so a study
-    moved to another folder still compares equal to itself.
+    moved to another folder still compares equal to itself. Head parameters chosen by a
+    tuning protocol (listed in ``head.tuned.keys``) are outcomes, not settings: they become
+    ``"<tuned>"``, so models tuned by the same protocol form one configuration.
     """
     result = _replace_paths(dict(config), _path_prefixes(config))
     for dotted in (*RUN_ONLY_KEYS, *drop):
         _drop(result, dotted)
+    head = result.get("head")
+    tuned = head.get("tuned") if isinstance(head, dict) else None
+    if isinstance(tuned, Mapping):
+        result["head"] = {k: ("<tuned>" if k in (tuned.get("keys") or ()) else v) for k, v in head.items()}
     return result
 
 
