@@ -233,7 +233,8 @@ class PointRendHead(Head):
         if getattr(backbone, "stride", None) == 1:
             raise _stop_at_stride_one()
         channels = _backbone_feature_channels(backbone)
-        strides = tuple(2 ** (i + 1) for i in range(len(channels)))  # segrefine.models.encoders.pyramid
+        # The backbone's declared strides (dilated encoders repeat stride 8), else smp's 2, 4, 8, ...
+        strides = tuple(getattr(backbone, "feature_strides", None) or (2 ** (i + 1) for i in range(len(channels))))
         if feature_stride not in strides:
             raise ValueError(f"head.feature_stride={feature_stride!r} is not a level of this backbone; it has strides {strides}")
         if isinstance(train_num_points, float) and not 0 < train_num_points <= 1:
