@@ -106,3 +106,39 @@ def test_batched_equals_one_by_one_and_eval_iterations():
         torch.testing.assert_close(batched[i : i + 1], crf(unary[i : i + 1], image[i : i + 1]), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(crf.eval()(unary, image), crf(unary, image, iterations=6))
     assert not torch.allclose(crf.eval()(unary, image), crf.train()(unary, image))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_iterations_do_not_synchronise():
+    from segrefine.crf import PermutohedralLattice
+    from segrefine.crf.meanfield import _normalized, bilateral_features, spatial_features
+    from segrefine.crf.zheng import zheng_mean_field
+
+    unary, image = _inputs(2, 4, 21, 17, seed=2)
+    crf = ZhengMeanFieldCRF(4, **THETAS)
+    with torch.no_grad():
+        crf.compatibility.add_(0.3 * torch.randn(4, 4))
+    gpu = ZhengMeanFieldCRF(4, **THETAS).cuda()
+    gpu.load_state_dict(crf.state_dict())
+    out_cpu, out_gpu = crf(unary, image), gpu(unary.cuda(), image.cuda())
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-5, rtol=1e-5)
+    out_cpu.square().sum().backward()
+    out_gpu.square().sum().backward()
+    for (name, a), (_, b) in zip(gpu.named_parameters(), crf.named_parameters()):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+    im = image.cuda()
+    filters = (
+        _normalized(PermutohedralLattice(spatial_features(21, 17, 2.0, "cuda").expand(2, -1, -1)), "after"),
+        _normalized(PermutohedralLattice(bilateral_features(im, 5.0, 20.0)), "after"),
+    )
+    logits = unary.cuda().permute(0, 2, 3, 1).reshape(-1, 4).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S = zheng_mean_field(logits, filters, (gpu.spatial_weights, gpu.bilateral_weights), gpu.compatibility, 5)
+        S.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert logits.grad is not None

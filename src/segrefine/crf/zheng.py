@@ -107,11 +107,25 @@ class ZhengMeanFieldCRF(nn.Module):
             bilateral = _normalized(
                 PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)), self.normalization
             )
-            # Row-vector layout: per pixel m = W q becomes m_row = q_row W^T; S = L + m_row M^T.
-            ws, wb = self.spatial_weights.to(dtype).t(), self.bilateral_weights.to(dtype).t()
-            compat = self.compatibility.to(dtype).t()
-            for _ in range(iterations):
-                Q = _softmax(S)
-                message = spatial.filter(Q) @ ws + bilateral.filter(Q) @ wb
-                S = torch.addmm(logits, message, compat)
+            weights = (self.spatial_weights.to(dtype), self.bilateral_weights.to(dtype))
+            S = zheng_mean_field(logits, (spatial, bilateral), weights, self.compatibility.to(dtype), iterations)
         return _from_flat(_softmax(S, log=True), B, H, W)
+
+
+def zheng_mean_field(
+    logits: Tensor, filters: tuple, weights: tuple[Tensor, ...], compatibility: Tensor, iterations: int
+) -> Tensor:
+    """The iterations on flat ``(B*N, C)`` logits with built (normalised) kernels; returns ``S``.
+
+    Row-vector layout: per pixel ``m = W q`` is ``q_row W^T``, and ``S = L + m_row M^T``. Only
+    tensor ops: no host synchronisation on CUDA.
+    """
+    S = logits
+    for _ in range(iterations):
+        Q = _softmax(S)
+        message = None
+        for kernel, weight in zip(filters, weights):
+            term = kernel.filter(Q) @ weight.t()
+            message = term if message is None else message + term
+        S = torch.addmm(logits, message, compatibility.t())
+    return S
