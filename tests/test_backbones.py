@@ -15,6 +15,10 @@ VARIANTS = [
     (["backbone=fcn", "backbone.variant=16s"], 16),
     (["backbone=fcn", "backbone.variant=8s"], 8),
     (["backbone=fcn", "backbone.variant=8s", "backbone.upsampling=bilinear"], 8),
+    (["backbone=fcn", "backbone.fine_skip=true"], 4),
+    (["backbone=pspnet", "backbone.variant=zhao"], 8),
+    (["backbone=pspnet", "backbone.fine_skip=true"], 4),
+    (["backbone=segnet"], 1),
 ]
 
 
@@ -42,7 +46,7 @@ def test_bilinear_kernel_reproduces_bilinear_upsampling_inside():
     assert torch.allclose(deconv[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "pspnet", "fcn"])
+@pytest.mark.parametrize("backbone", ["unet", "pspnet", "fcn", "segnet"])
 def test_module_pads_odd_sizes_and_crops_back(make_cfg, backbone):
     cfg = make_cfg(f"backbone={backbone}")
     module = build_module(cfg, build_data(cfg))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrefine.distributed import gather_objects
+from segrefine.heads.base import auxiliary_losses
 from segrefine.metrics import SegmentationMetrics, per_image_metrics
 from segrefine.types import IGNORE_INDEX
 
@@ -65,7 +66,11 @@ class SegmentationModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, mask = self._pad(batch["image"], batch["mask"])
-        losses = self.head.losses(self.backbone(image), image, mask)
+        out = self.backbone(image)
+        losses = self.head.losses(out, image, mask)
+        auxiliary = auxiliary_losses(out, mask)  # the backbone's deep supervision, if it has any
+        if auxiliary:
+            losses = {**losses, **auxiliary, "loss": losses["loss"] + sum(auxiliary.values())}
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=len(image))
         return losses["loss"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,12 +18,17 @@ class BackboneOutput:
     features: encoder pyramid, finest first and coarsest last.
     feature_strides: the stride of each tensor in ``features`` (same order).
     stride: the output stride of ``logits`` (1 = full resolution).
+    auxiliary: extra training-only predictions as ``{name: (weight, logits)}`` at any stride
+        (e.g. PSPNet's stage-3 classifier, weight 0.4). The training module adds
+        ``weight * cross-entropy`` of each, upsampled to the mask, to the head's loss
+        (``segrefine.heads.base.auxiliary_losses``); inference ignores them.
     """
 
     logits: torch.Tensor
     features: list[torch.Tensor]
     feature_strides: tuple[int, ...]
     stride: int
+    auxiliary: dict[str, tuple[float, torch.Tensor]] = field(default_factory=dict)
 
     def feature_at(self, stride: int) -> torch.Tensor:
         """The pyramid level with exactly this stride (for heads that need fine features)."""

@@ -7,6 +7,8 @@
   returns log-probabilities; equals ``pydensecrf`` before training.
 * :func:`dense_crf` — ``pydensecrf`` drop-in post-processing, returns
   probabilities.
+* :class:`ZhengMeanFieldCRF` — CRF-as-RNN with Zheng et al.'s parametrisation
+  (per-kernel C x C weights, unsymmetrised compatibility, "after" normalisation).
 * Normalisation modes: :data:`NORMALIZE_SYMMETRIC` (default),
   :data:`NORMALIZE_BEFORE`, :data:`NORMALIZE_AFTER`, :data:`NO_NORMALIZATION`.
 """
@@ -24,11 +26,13 @@ from .meanfield import (
     dense_crf,
     spatial_features,
 )
+from .zheng import ZhengMeanFieldCRF
 
 __all__ = [
     "PermutohedralLattice",
     "exact_gaussian_filter",
     "MeanFieldCRF",
+    "ZhengMeanFieldCRF",
     "dense_crf",
     "spatial_features",
     "bilateral_features",

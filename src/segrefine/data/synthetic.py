@@ -6,6 +6,14 @@ and star-shaped blobs of the foreground classes. Class intensity distributions o
 label boundaries coincide with intensity edges, softened by partial-volume blur, so a
 model that uses edges and context does better than one that thresholds.
 
+``boundary_contrast`` (1 by default: the data above) moves the classes' difference from
+mean intensity into texture: class means are spread by ``boundary_contrast * class_contrast``,
+and each structure class gets an oriented grating (period 6 px, class-specific orientation,
+random phase) of amplitude ``(1 - boundary_contrast) * class_contrast``, whose mean over a
+region is ~0. The label maps are the same at every setting (texture draws use a spawned
+generator), so runs at different settings see the same shapes. At 0 a structure's boundary is not an intensity edge at all (only a change of
+texture), so a CRF whose pairwise term follows intensity edges gets no help from the data.
+
 Generated once per setting and cached as ``.npz`` under ``root/<settings hash>/``.
 """
 
@@ -25,6 +33,7 @@ from segrefine.data.common import ArraySegmentationDataset, DataError, SplitData
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
+TEXTURE_PERIOD = 6.0  # pixels; a change here changes the data: bump FORMAT_VERSION
 
 
 def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -56,8 +65,12 @@ def generate_sample(
     class_contrast: float,
     bias_field: float,
     partial_volume_sigma: float,
+    boundary_contrast: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One ``(1, S, S)`` float32 image in roughly [0, 1] and its ``(S, S)`` uint8 label map."""
+    """One ``(1, S, S)`` float32 image in roughly [0, 1] and its ``(S, S)`` uint8 label map.
+
+    At ``boundary_contrast=1`` the random draws and arithmetic are exactly those of the
+    original generator (same data); below 1 texture draws are added (module docstring)."""
     s = image_size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) / s
     labels = np.zeros((s, s), dtype=np.uint8)
@@ -67,8 +80,24 @@ def generate_sample(
             centre = rng.uniform(0.28, 0.72, 2)
             labels[_star_blob(rng, yy, xx, centre, rng.uniform(0.09, 0.19)) & body] = c
     # Clean intensities: field 0.05, body 0.25, class c at 0.25 + c * contrast (jittered per image).
-    means = 0.25 + class_contrast * np.arange(num_classes) + rng.normal(0, 0.03, num_classes)
+    if boundary_contrast == 1.0:
+        means = 0.25 + class_contrast * np.arange(num_classes) + rng.normal(0, 0.03, num_classes)
+    else:  # the per-image jitter of class means shrinks with the contrast: none at 0
+        jitter = rng.normal(0, 0.03, num_classes)
+        means = 0.25 + jitter[0] + boundary_contrast * (class_contrast * np.arange(num_classes) + jitter - jitter[0])
     clean = np.where(body, means[labels], 0.05)
+    if boundary_contrast < 1.0:
+        # Texture draws come from a spawned child generator: the parent's stream, hence every
+        # label map of the dataset, is the same at every boundary_contrast.
+        texture_rng = rng.spawn(1)[0]
+        amplitude = (1.0 - boundary_contrast) * class_contrast
+        for c in range(1, num_classes):
+            # Orientations spread over half a turn, so every structure class has its own texture.
+            angle = np.pi * (c - 1) / max(num_classes - 1, 1) + texture_rng.uniform(-0.1, 0.1)
+            phase = texture_rng.uniform(0, 2 * np.pi)
+            along = (xx * np.cos(angle) + yy * np.sin(angle)) * s  # pixels
+            grating = amplitude * np.sin(2 * np.pi * along / TEXTURE_PERIOD + phase)
+            clean = np.where(labels == c, clean + grating, clean)
     clean = clean + 0.04 * _smooth_field(rng, s, s / 16)  # tissue texture
     clean = gaussian_filter(clean, partial_volume_sigma) if partial_volume_sigma > 0 else clean
     clean = clean * (1.0 + bias_field * _smooth_field(rng, s, s / 3))
@@ -94,6 +123,7 @@ class SyntheticDataModule(SplitDataModule):
         class_contrast: float = 0.22,
         bias_field: float = 0.25,
         partial_volume_sigma: float = 0.8,
+        boundary_contrast: float = 1.0,
         batch_size: int = 16,
         num_workers: int = 0,
     ):
@@ -102,6 +132,8 @@ class SyntheticDataModule(SplitDataModule):
             raise DataError(f"data.num_classes must be at least 2 (background + one class), got {num_classes}")
         if image_size < 16:
             raise DataError(f"data.image_size must be at least 16, got {image_size}")
+        if not 0.0 <= boundary_contrast <= 1.0:
+            raise DataError(f"data.boundary_contrast must be in [0, 1], got {boundary_contrast}")
         self.name = name
         self.num_classes = num_classes
         self.in_channels = 1
@@ -117,6 +149,7 @@ class SyntheticDataModule(SplitDataModule):
             "class_contrast": class_contrast,
             "bias_field": bias_field,
             "partial_volume_sigma": partial_volume_sigma,
+            "boundary_contrast": float(boundary_contrast),
         }
         digest = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(root) / digest
@@ -137,7 +170,7 @@ class SyntheticDataModule(SplitDataModule):
     def _generate(self, split: str) -> None:
         count = self.settings["counts"][split]
         rng = np.random.default_rng([self.settings["generator_seed"], SPLITS.index(split)])
-        args = {k: self.settings[k] for k in ("image_size", "num_classes", "noise_std", "class_contrast", "bias_field", "partial_volume_sigma")}
+        args = {k: self.settings[k] for k in ("image_size", "num_classes", "noise_std", "class_contrast", "bias_field", "partial_volume_sigma", "boundary_contrast")}
         pairs = [generate_sample(rng, **args) for _ in tqdm(range(count), desc=f"generating synthetic/{split}", leave=False)]
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])

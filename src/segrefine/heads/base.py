@@ -16,6 +16,18 @@ def upsample_logits(out: BackboneOutput, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False)
 
 
+def auxiliary_losses(out: BackboneOutput, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"loss_<name>": weight * CE}`` for each of the backbone's auxiliary predictions
+    (upsampled bilinearly to the mask), e.g. PSPNet's deep supervision. Empty for most backbones."""
+    losses = {}
+    for name, (weight, logits) in out.auxiliary.items():
+        if tuple(logits.shape[-2:]) != tuple(mask.shape[-2:]):
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        total = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+        losses[f"loss_{name}"] = weight * total / (mask != IGNORE_INDEX).sum().clamp(min=1)
+    return losses
+
+
 class Head(nn.Module):
     """Base head. Subclasses override ``forward`` and, if they train differently, ``losses``.
 

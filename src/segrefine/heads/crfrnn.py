@@ -6,16 +6,26 @@ Kernel weights and the C x C compatibility are learned; bandwidths are fixed. Wi
 same parameters and before training it computes exactly what the ``densecrf`` head does
 (``segrefine.crf.MeanFieldCRF`` reproduces pydensecrf). 5 iterations in training and 10
 at evaluation by default, as in the paper. Returns log-probabilities.
+
+``parametrisation``: ``potts`` (default; scalar kernel weights, a symmetrised compatibility,
+kernels normalised symmetrically as pydensecrf, hence the parity above) or ``zheng``
+(Zheng et al.'s layer, ``segrefine.crf.ZhengMeanFieldCRF``: a C x C weight matrix per kernel
+initialised ``w * I``, an unsymmetrised compatibility initialised ``I``, kernels normalised
+"after" (D^-1 K), as the official CRF-as-RNN code). Before training, ``zheng`` equals the
+Potts CRF with "after" normalisation, which differs slightly from pydensecrf's default.
 """
 
 from __future__ import annotations
 
 import torch
 
-from segrefine.crf import MeanFieldCRF
+from segrefine.crf import MeanFieldCRF, ZhengMeanFieldCRF
 from segrefine.heads.base import Head, upsample_logits
 from segrefine.heads.densecrf import to_255
 from segrefine.types import BackboneOutput
+
+
+PARAMETRISATIONS = ("potts", "zheng")
 
 
 class CRFRNNHead(Head):
@@ -36,8 +46,31 @@ class CRFRNNHead(Head):
         compatibility: str = "learned",
         learnable: bool = True,
         intensity_range: tuple[float, float] | None = None,
+        parametrisation: str = "potts",
     ):
         super().__init__(num_classes, backbone)
+        if parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"head.parametrisation={parametrisation!r} is not one of {list(PARAMETRISATIONS)}")
+        self.parametrisation = parametrisation
+        self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
+        if parametrisation == "zheng":
+            if compatibility != "learned":
+                raise ValueError(
+                    f"head.compatibility={compatibility!r} does not apply to head.parametrisation=zheng, whose "
+                    "compatibility is always a learned C x C matrix; drop the override or use parametrisation=potts"
+                )
+            self.crf = ZhengMeanFieldCRF(
+                num_classes,
+                theta_alpha=bilateral_sxy,
+                theta_beta=bilateral_schan,
+                theta_gamma=gaussian_sxy,
+                spatial_weight=gaussian_compat,
+                bilateral_weight=bilateral_compat,
+                learnable=learnable,
+                iterations=iterations,
+                eval_iterations=eval_iterations,
+            )
+            return
         self.crf = MeanFieldCRF(
             num_classes,
             theta_alpha=bilateral_sxy,
@@ -50,7 +83,6 @@ class CRFRNNHead(Head):
             iterations=iterations,
             eval_iterations=eval_iterations,
         )
-        self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(out, image.shape[-2:])
@@ -58,6 +90,13 @@ class CRFRNNHead(Head):
 
     def extra_metrics(self) -> dict[str, float]:
         crf = self.crf
+        if self.parametrisation == "zheng":
+            return {
+                "spatial_weights_diag_mean": float(crf.spatial_weights.detach().diagonal().mean()),
+                "bilateral_weights_diag_mean": float(crf.bilateral_weights.detach().diagonal().mean()),
+                "compat_diag_mean": float(crf.compatibility.detach().diagonal().mean()),
+                "compat_asymmetry": float((crf.compatibility - crf.compatibility.t()).detach().abs().max()),
+            }
         values = {"spatial_weight": float(crf.spatial_weight), "bilateral_weight": float(crf.bilateral_weight)}
         if crf.compatibility is not None:
             m = crf.compatibility.detach()

@@ -206,6 +206,8 @@ class PointRendHead(Head):
         logits concatenated before every layer).
     point_loss_weight: weight of the point loss relative to the coarse loss.
     coarse_stride: not used by the head; conf/backbone/unet.yaml reads it to truncate U-Net.
+    budget, budgets: the named point budget conf/head/pointrend.yaml resolved the five sampling
+        arguments from (recorded, and checked to be a known name); not read otherwise.
     """
 
     name = "pointrend"
@@ -225,15 +227,21 @@ class PointRendHead(Head):
         coarse_pred_each_layer: bool = True,
         point_loss_weight: float = 1.0,
         coarse_stride: int | None = None,
+        budget: str | None = None,
+        budgets: dict | None = None,
         name: str = "pointrend",
     ):
         super().__init__(num_classes, backbone)
+        if budget is not None and budgets is not None and budget not in budgets:
+            raise ValueError(f"head.budget={budget!r} is not one of {sorted(budgets)} (conf/head/pointrend.yaml budgets)")
+        self.budget = budget
         if backbone is None:
             raise ValueError("head=pointrend needs the backbone (for its feature channels)")
         if getattr(backbone, "stride", None) == 1:
             raise _stop_at_stride_one()
         channels = _backbone_feature_channels(backbone)
-        strides = tuple(2 ** (i + 1) for i in range(len(channels)))  # segrefine.models.encoders.pyramid
+        # The backbone's declared strides (dilated encoders repeat stride 8), else smp's 2, 4, 8, ...
+        strides = tuple(getattr(backbone, "feature_strides", None) or (2 ** (i + 1) for i in range(len(channels))))
         if feature_stride not in strides:
             raise ValueError(f"head.feature_stride={feature_stride!r} is not a level of this backbone; it has strides {strides}")
         if isinstance(train_num_points, float) and not 0 < train_num_points <= 1:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrefine.models.encoders import build_encoder, pyramid
+from segrefine.models.fineskip import FINE_STRIDE, build_fine_skip
 from segrefine.types import BackboneOutput
 
 VARIANT_STRIDES = {"32s": 32, "16s": 16, "8s": 8}
@@ -25,7 +26,10 @@ def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
 class FCN(nn.Module):
     """1x1 score layers on the stride-32 (and 16, 8) features; coarser scores are upsampled
     2x (learned transposed conv initialised bilinear, or fixed bilinear) and summed with the
-    next finer ones. Logits come out at the variant's stride; the head upsamples the rest."""
+    next finer ones. Logits come out at the variant's stride; the head upsamples the rest.
+
+    ``fine_skip=true``: the "none + stride-4 skip" control (segrefine.models.fineskip) on top
+    of the variant's score map; logits then come out at stride 4."""
 
     def __init__(
         self,
@@ -35,6 +39,10 @@ class FCN(nn.Module):
         upsampling: str = "learned",
         encoder_name: str = "resnet18",
         encoder_weights: str | None = None,
+        fine_skip: bool = False,
+        fine_skip_channels: int = 256,
+        fine_skip_layers: int = 3,
+        fine_skip_coarse_weight: float = 1.0,
         name: str = "fcn",
     ):
         super().__init__()
@@ -47,6 +55,7 @@ class FCN(nn.Module):
         self.required_divisor = 32
         # Channels of each pyramid level in BackboneOutput.features (aligned with feature_strides).
         self.feature_channels = tuple(self.encoder.out_channels[1:])
+        self.feature_strides = tuple(2 ** (i + 1) for i in range(len(self.feature_channels)))
         # Score layers for strides 32, 16, 8 (as many as the variant uses), coarsest first.
         self.score_strides = [s for s in (32, 16, 8) if s >= self.stride]
         channels = dict(zip((2, 4, 8, 16, 32), self.encoder.out_channels[1:]))
@@ -63,6 +72,13 @@ class FCN(nn.Module):
             )
             for deconv in self.up:
                 deconv.weight.data.copy_(bilinear_kernel(num_classes, 2))
+        self.fine_skip = build_fine_skip(
+            fine_skip, self.feature_channels, self.feature_strides, num_classes, fine_skip_channels, fine_skip_layers
+        )
+        self.fine_skip_coarse_weight = float(fine_skip_coarse_weight)
+        self.score_stride = self.stride
+        if self.fine_skip is not None:
+            self.stride = FINE_STRIDE
 
     def forward(self, image: torch.Tensor) -> BackboneOutput:
         levels, strides = pyramid(self.encoder(image))
@@ -75,4 +91,10 @@ class FCN(nn.Module):
             else:
                 up = F.interpolate(logits, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             logits = up + skip
-        return BackboneOutput(logits=logits, features=levels, feature_strides=strides, stride=self.stride)
+        auxiliary = {}
+        if self.fine_skip is not None:
+            auxiliary["coarse"] = (self.fine_skip_coarse_weight, logits)
+            logits = self.fine_skip(logits, by_stride[FINE_STRIDE])
+        return BackboneOutput(
+            logits=logits, features=levels, feature_strides=strides, stride=self.stride, auxiliary=auxiliary
+        )
