@@ -73,12 +73,21 @@ def wandb_run_info(logger: Any) -> dict[str, str] | None:
     return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
 
 
-def finish_wandb() -> None:
-    """End the active wandb run, if any, so the next multirun job starts its own."""
+def finish_wandb(error: BaseException | None = None) -> None:
+    """End the active wandb run, if any, so the next multirun job starts its own. A run that
+    failed (``error``) ends with exit code 1 and the error in its summary, so it does not
+    sync as finished."""
     import wandb
 
-    if wandb.run is not None:
+    if wandb.run is None:
+        return
+    if error is None:
         wandb.finish()
+        return
+    try:
+        wandb.run.summary["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
+    finally:
+        wandb.finish(exit_code=1)
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -20,6 +20,7 @@ from segrefine.types import BackboneOutput
 
 class CRFRNNHead(Head):
     name = "crfrnn"
+    untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
 
     def __init__(
         self,
