@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from segrefine.checkpoints import CheckpointError, check_targets
 from segrefine.evaluate import evaluate, force_data_keys
 from segrefine.heads.none import NoHead
 from segrefine.runconfig import comparable_config
+from segrefine.tracking import wandb_log_records
 from segrefine.train import run_recording_failure, train
 from segrefine.validation import ConfigValueError
 
@@ -255,7 +257,50 @@ def test_a_failed_run_ends_its_wandb_run_failed_with_the_error(make_cfg, monkeyp
         train(make_cfg(*BASE, "logger=wandb", output_dir=out))
     assert finished == [{"exit_code": 1}] and wandb.run is None
     (log_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    assert b"RuntimeError: disk on fire" in log_file.read_bytes()  # the error in the synced summary
+    records = finished_log(log_file)
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1  # syncs as failed
+    summary = [u for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update]
+    assert [json.loads(u.value_json) for u in summary if u.key == "error"] == ["RuntimeError: disk on fire"]
+
+
+def test_an_incomplete_wandb_log_is_recorded_in_results_and_said_on_the_console(make_cfg, monkeypatch, tmp_path, capsys):
+    import wandb
+
+    real_finish = wandb.finish
+
+    def finish_on_a_full_disk(*args, **kwargs):  # the writer stops half-way, as on a full disk
+        directory = Path(wandb.run.dir).parent
+        real_finish(*args, **kwargs)
+        (log_file,) = directory.glob("run-*.wandb")
+        log_file.write_bytes(log_file.read_bytes()[: log_file.stat().st_size // 2])
+
+    monkeypatch.setattr(wandb, "finish", finish_on_a_full_disk)
+    out = tmp_path / "run"
+    train(make_cfg(*BASE, "logger=wandb", output_dir=out))
+    saved = json.loads((out / "results.json").read_text())
+    assert "truncated" in saved["wandb"]["error"] or "no exit record" in saved["wandb"]["error"]
+    assert "wandb log incomplete" in capsys.readouterr().err
+
+
+def test_a_whole_wandb_log_records_no_error(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(*BASE, "logger=wandb", output_dir=out))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["wandb"]["mode"] == "offline" and "error" not in saved["wandb"]
+    (log_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    (exit_record,) = [r.exit for r in finished_log(log_file) if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 0
+
+
+def finished_log(path: Path, wait: float = 10.0) -> list:
+    """The records of a wandb run log once its writer has flushed the exit record."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = list(wandb_log_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def test_checkpoints_are_written_atomically_when_the_disk_fills(make_cfg, monkeypatch, tmp_path):

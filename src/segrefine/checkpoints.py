@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -49,9 +50,12 @@ def load_checkpoint(path: Path, hint: str = "") -> dict[str, Any]:
     ``hint`` (e.g. how to start afresh) is appended to every refusal."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused an object: never unpickled
-        raise CheckpointError(f"{path}: not a segrefine checkpoint: it holds objects other than tensors and plain "
-                              f"values, refused unread ({str(e).splitlines()[0]}){hint}") from e
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: (GLOBAL \S+)", str(e))
+        if refused:  # weights_only met an object it may not build: nothing of it ran
+            raise CheckpointError(f"{path}: not a segrefine checkpoint: it holds objects other than tensors and "
+                                  f"plain values, refused unread ({refused.group(1)}){hint}") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]}){hint}") from e
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}){hint}") from e
     config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None

@@ -26,7 +26,7 @@ from segrefine.distributed import use_job_command_for_ddp
 from segrefine.results import FILENAME, read_results, write_results
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.validation import check_config
-from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
+from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
 from segrefine.train import (
     CONFIG_DIR,
     build_data,
@@ -169,6 +169,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if not trainer.is_global_zero:
             return metrics
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
+        wandb_info = close_wandb(logger)
         write_results(
             output_dir,
             {
@@ -186,7 +187,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                     "run_config": comparable_config(stored),
                     "wandb_id": training_wandb_id(ckpt_file),
                 },
-                "wandb": wandb_run_info(logger),
+                "wandb": wandb_info,
             },
         )
         log.info("results written to %s", output_dir / FILENAME)

@@ -30,7 +30,7 @@ from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import read_results, write_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
+from segrefine.tracking import RunInfo, close_wandb, finish_wandb, log_per_image_table
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train/steps"] = trainer.global_step
         if not trainer.is_global_zero:
             return metrics  # one results.json per job, written by rank 0
+        wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
             {
@@ -258,7 +259,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "metrics": metrics,
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
-                "wandb": wandb_run_info(logger),
+                "wandb": wandb_info,
             },
         )
         log.info("results written to %s", output_dir / "results.json")
