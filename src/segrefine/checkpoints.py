@@ -55,13 +55,17 @@ def load_checkpoint(path: Path, hint: str = "") -> dict[str, Any]:
         if refused:  # weights_only met an object it may not build: nothing of it ran
             raise CheckpointError(f"{path}: not a segrefine checkpoint: it holds objects other than tensors and "
                                   f"plain values, refused unread ({refused.group(1)}){hint}") from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]}){hint}") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint{hint} (torch: {_short(e)})") from e
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}){hint}") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint{hint} (torch: {_short(e)})") from e
     config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
     if not config or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a segrefine checkpoint (it holds no segrefine run config){hint}")
     return checkpoint
+
+
+def _short(error: Exception) -> str:
+    return " ".join(str(error).split())[:160]
 
 
 def check_targets(config: Any, where: str, prefix: str = "") -> None:
