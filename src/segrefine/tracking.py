@@ -100,6 +100,7 @@ def wandb_log_records(path: str | Path):
     """The protobuf records of a local wandb run log (``run-<id>.wandb``: a ``:W&B`` header,
     then LevelDB-style 32 KiB blocks of length-prefixed record fragments). ValueError if the
     file is not one or ends inside a record (a write that failed half-way)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
@@ -121,7 +122,10 @@ def wandb_log_records(path: str | Path):
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):  # FULL or LAST fragment
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
+            try:
+                record.ParseFromString(pending)
+            except DecodeError as e:
+                raise ValueError(f"{path}: a damaged record ({e})") from e
             yield record
 
 
