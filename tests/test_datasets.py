@@ -247,13 +247,19 @@ def test_msd_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(decoded) == 4
 
 
-def test_msd_damaged_cache_is_named(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_msd_damaged_cache_is_rebuilt(tmp_path, damage):
     write_msd_task(tmp_path / "T", n=3)
     dm = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
     path = next(dm.cache_dir.glob("hippocampus_002-*.mask.npy"))
-    path.write_bytes(b"not numpy")
-    with pytest.raises(DataError, match=r"hippocampus_002-\w+\.mask\.npy: cannot read the cached volume.*delete"):
-        msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+    intact = np.load(path)
+    data = path.read_bytes()
+    path.write_bytes(b"not numpy" if damage == "garbage" else data[: len(data) // 2])
+    again = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+    np.testing.assert_array_equal(np.load(path), intact)  # decoded again from the NIfTI source
+    assert len(list(again.cache_dir.glob("hippocampus_002-*"))) == 3 and not list(again.cache_dir.glob("*.tmp"))
+    split = next(s for s, subjects in again.splits.items() if "hippocampus_002" in subjects)
+    assert len(again.datasets[split]) > 0 and again.datasets[split][0]["mask"].shape[-2:] == again.size
 
 
 def test_msd_errors_name_the_file(tmp_path):
@@ -556,3 +562,19 @@ def test_msd_task_without_volumes_is_named(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "2": "tumour"}}))
     with pytest.raises(DataError, match=r"dataset\.json: label indices must be 0\.\.1 without gaps"):
         msd(root, tmp_path)
+
+
+def test_folder_masks_of_0_and_255_without_mask_values_are_refused(tmp_path):
+    root = folder_tree(tmp_path / "data")  # foreground stored as 255
+    with pytest.raises(DataError, match=r"only the values 0 and 255.*data\.mask_values='\{0: 0, 255: 1\}'"):
+        FolderDataModule(root=str(root), num_classes=2).setup()
+    dm = FolderDataModule(root=str(root), num_classes=2, mask_values={0: 0, 255: 1})  # the named fix works
+    dm.setup()
+    assert (dm.datasets["test"].masks == 1).sum() == 4 * 6 * 7  # the 6x7 square of each test mask
+
+
+def test_folder_two_files_with_one_stem_are_an_error(tmp_path):
+    root = folder_tree(tmp_path / "data")
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(root / "train" / "img" / "case0.jpg")
+    with pytest.raises(DataError, match=r"case0\.jpg and .*case0\.png share the stem 'case0'|case0\.png and .*case0\.jpg share"):
+        FolderDataModule(root=str(root), num_classes=2, mask_values={0: 0, 255: 1}).setup()

@@ -80,14 +80,14 @@ def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
     assert (first / "results.json").exists() and not (second / "results.json").exists()
     first_done = (first / "results.json").stat().st_mtime_ns
     first_ckpt = (first / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    interrupted = torch.load(second_ckpt, weights_only=False)
+    interrupted = torch.load(second_ckpt, weights_only=True)
     interrupted_wandb = sorted((second / "wandb").glob("offline-run-*"))[0].name.rsplit("-", 1)[1]
 
     proc = cli("segrefine.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (first / "results.json").stat().st_mtime_ns == first_done  # skipped, untouched
     assert (first / "checkpoints" / "last.ckpt").stat().st_mtime_ns == first_ckpt
-    resumed = torch.load(second_ckpt, weights_only=False)
+    resumed = torch.load(second_ckpt, weights_only=True)
     assert interrupted["epoch"] < 11 and resumed["epoch"] > interrupted["epoch"]
     assert resumed["global_step"] == 12 * 2  # 12 epochs of 2 batches: nothing trained twice
     done = json.loads((second / "results.json").read_text())

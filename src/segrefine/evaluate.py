@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 import pytorch_lightning as pl
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.checkpoints import CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.checkpoints import CheckpointError, check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.distributed import use_job_command_for_ddp
-from segrefine.results import FILENAME, write_results
-from segrefine.tracking import finish_wandb, log_per_image_table, wandb_run_info
+from segrefine.results import FILENAME, read_results, write_results
+from segrefine.runconfig import comparable_config, config_differences
+from segrefine.validation import check_config
+from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
 from segrefine.train import (
     CONFIG_DIR,
     build_data,
@@ -34,21 +40,101 @@ from segrefine.train import (
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
-__all__ = ["evaluate", "eval_config", "CheckpointError"]
+# Where and how the evaluation runs, taken from the eval config; the rest of the trainer
+# config (the training schedule) stays the training run's, so the recorded config says how
+# the evaluated model was trained.
+RUNTIME_TRAINER_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes", "sync_batchnorm",
+                        "enable_progress_bar", "enable_model_summary")
+__all__ = ["evaluate", "eval_config", "force_data_keys", "CheckpointError"]
+
+
+def force_data_keys(overrides: list[str]) -> list[str]:
+    """``data.KEY=V`` as ``++data.KEY=V``: the eval config has no data node of its own (the
+    checkpoint's is used), so a single key is added here and merged onto the checkpoint's."""
+    return [f"++{o}" if re.match(r"^data\.[\w.]+=", o) else o for o in overrides]
+
+
+def eval_data(requested: Any, train_cfg: DictConfig) -> Any:
+    """The data config to evaluate on, refusing what is ambiguous.
+
+    No ``data`` given: the checkpoint's. Single keys (``data.root=...``): the checkpoint's with
+    just those keys changed. A whole group (``data=msd``) of another source: that group, as
+    given. The group of the checkpoint's own source would silently reset every data key the
+    training run set (its name, split seed, ...): refused unless it changes nothing.
+    """
+    if not requested:
+        return train_cfg.data
+    data = OmegaConf.to_container(requested, resolve=True)
+    trained = OmegaConf.to_container(train_cfg.data, resolve=True)
+    if "_target_" not in data:
+        unknown = sorted(set(data) - set(trained))
+        if unknown:
+            raise ValueError(f"data.{unknown[0]} is not a key of the checkpoint's data config "
+                             f"(its keys: {', '.join(sorted(trained))})")
+        return OmegaConf.merge(train_cfg.data, data)
+    if data["_target_"] != trained["_target_"]:
+        log.info("evaluating on another data source: %s (trained on %s)", data.get("name"), trained.get("name"))
+        return requested
+    paths = OmegaConf.to_container(train_cfg.paths, resolve=True)
+    differences = config_differences(comparable_config({"paths": paths, "data": trained}),
+                                     comparable_config({"paths": paths, "data": data}))
+    if differences:
+        changes = ", ".join(f"{k} {_value(trained, k)!r} -> {_value(data, k)!r}" for k in differences[:4])
+        raise ValueError(
+            f"data={data.get('name')} would replace the checkpoint's whole data config by that group's values "
+            f"({changes}{', ...' if len(differences) > 4 else ''}). To change single keys of the checkpoint's "
+            f"data config pass them alone, without data={data.get('name')} (e.g. data.root=...)"
+        )
+    return train_cfg.data
+
+
+def _value(config: dict, dotted: str) -> Any:
+    for key in dotted.split(".")[1:]:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
 
 
 def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
-    """The training run's config with this evaluation's data/head/trainer/logger/paths on top."""
+    """The training run's config with this evaluation's head, data keys, runtime trainer keys,
+    logger and output folder on top (the training schedule and paths stay the training run's)."""
     run_cfg = train_cfg.copy()
     with open_dict(run_cfg):
-        for key in ("data", "head"):
-            if cfg.get(key):
-                run_cfg[key] = cfg[key]
-        for key in ("trainer", "logger", "paths", "boundary_tolerance"):
-            run_cfg[key] = cfg.get(key)
+        if cfg.get("head"):
+            run_cfg.head = cfg.head
+        run_cfg.data = eval_data(cfg.get("data"), train_cfg)
+        for key in RUNTIME_TRAINER_KEYS:
+            if key in cfg.trainer:
+                run_cfg.trainer[key] = cfg.trainer[key]
+            else:
+                run_cfg.trainer.pop(key, None)
+        run_cfg.logger = cfg.get("logger")
+        run_cfg.paths.output_dir = cfg.paths.output_dir
+        run_cfg.boundary_tolerance = cfg.boundary_tolerance
         run_cfg.name = cfg.name or train_cfg.name
-        run_cfg.callbacks = {}
     return run_cfg
+
+
+def head_weights(run_cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) -> str:
+    """Where the evaluated head's parameters come from; refuses a head whose parameters need
+    training on a checkpoint trained with another head (they would be random)."""
+    if run_cfg.head._target_ == train_cfg.head._target_:
+        return "checkpoint"
+    untrained = getattr(get_object(run_cfg.head._target_), "untrained", None)
+    if untrained is None:
+        raise CheckpointError(
+            f"head={run_cfg.head.name} has parameters that need training, but {ckpt_file} was trained with "
+            f"head={train_cfg.head.name}: they would be random. Evaluate a checkpoint trained with "
+            f"head={run_cfg.head.name}, or choose a head that needs no training (e.g. none, densecrf)"
+        )
+    return untrained
+
+
+def training_wandb_id(ckpt_file: Path) -> str | None:
+    """The wandb id in the results.json of the run folder holding ``ckpt_file``, if any."""
+    try:
+        return (read_results(ckpt_file.parent.parent).get("wandb") or {}).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -57,15 +143,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"split={cfg.split!r} must be one of {SPLITS}")
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
-    train_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    stored = checkpoint["hyper_parameters"]["config"]
+    check_targets(stored, f"the config stored in {ckpt_file}")
+    train_cfg = OmegaConf.create(stored)
     run_cfg = eval_config(cfg, train_cfg)
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(run_cfg, resolve=True))
+    check_config(OmegaConf.to_container(run_cfg, resolve=True))
+    weights = head_weights(run_cfg, train_cfg, ckpt_file)
     output_dir = Path(run_cfg.paths.output_dir)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
     module = build_module(run_cfg, datamodule)
-    load_weights(module, checkpoint, ckpt_file, with_head=run_cfg.head._target_ == train_cfg.head._target_)
+    load_weights(module, checkpoint, ckpt_file, with_head=weights == "checkpoint")
     module.eval_prefix = cfg.split
 
     if HydraConfig.initialized():
@@ -79,6 +169,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if not trainer.is_global_zero:
             return metrics
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
+        wandb_info = close_wandb(logger)
         write_results(
             output_dir,
             {
@@ -87,14 +178,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "metrics": metrics,
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(ckpt_file, output_dir),
-                "source": {"head": train_cfg.head.name, "experiment": train_cfg.name},
-                "wandb": wandb_run_info(logger),
+                "head_weights": weights,
+                "source": {
+                    "checkpoint": os.path.relpath(ckpt_file, output_dir),
+                    "head": train_cfg.head.name,
+                    "experiment": train_cfg.name,
+                    "seed": train_cfg.seed,
+                    "run_config": comparable_config(stored),
+                    "wandb_id": training_wandb_id(ckpt_file),
+                },
+                "wandb": wandb_info,
             },
         )
         log.info("results written to %s", output_dir / FILENAME)
         return metrics
     finally:
-        finish_wandb()
+        finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
@@ -105,6 +204,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     check_config_dir()
+    sys.argv[1:] = force_data_keys(sys.argv[1:])
     _hydra_main()
 
 

@@ -26,6 +26,7 @@ RUN_ONLY_KEYS = (
     "trainer.enable_model_summary",
     "head.num_workers",
     "callbacks.model_checkpoint.dirpath",
+    "callbacks.last_checkpoint.dirpath",
     "callbacks.wandb_images",
 )
 

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import struct
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,16 +75,91 @@ def wandb_run_info(logger: Any) -> dict[str, str] | None:
     if not isinstance(logger, WandbLogger):
         return None
     run = logger.experiment
-    mode = "offline" if run.settings._offline else "online"
+    mode = "disabled" if run.settings.mode == "disabled" else "offline" if run.settings._offline else "online"
     return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
 
 
-def finish_wandb() -> None:
-    """End the active wandb run, if any, so the next multirun job starts its own."""
+def finish_wandb(error: BaseException | None = None) -> None:
+    """End the active wandb run, if any, so the next multirun job starts its own. A run that
+    failed (``error``) ends with exit code 1 and the error in its summary, so it does not
+    sync as finished."""
     import wandb
 
-    if wandb.run is not None:
+    if wandb.run is None:
+        return
+    if error is None:
         wandb.finish()
+        return
+    try:
+        wandb.run.summary["error"] = " ".join(f"{type(error).__name__}: {error}".split())[:1000]
+    finally:
+        wandb.finish(exit_code=1)
+
+
+def wandb_log_records(path: str | Path):
+    """The protobuf records of a local wandb run log (``run-<id>.wandb``: a ``:W&B`` header,
+    then LevelDB-style 32 KiB blocks of length-prefixed record fragments). ValueError if the
+    file is not one or ends inside a record (a write that failed half-way)."""
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a wandb run log")
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the rest of a block is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk = data[pos + 7:pos + 7 + length]
+        if len(chunk) < length:
+            raise ValueError(f"{path}: ends inside a record")
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(pending)
+            except DecodeError as e:
+                raise ValueError(f"{path}: a damaged record ({e})") from e
+            yield record
+
+
+def wandb_log_problem(info: dict[str, str], save_dir: str | Path, wait: float = 10.0) -> str | None:
+    """Why the local log of a finished wandb run is incomplete (it will not sync whole), or None.
+
+    wandb's writer process may still be flushing the last records when ``finish`` returns:
+    the exit record is awaited up to ``wait`` seconds."""
+    path = Path(save_dir, info["dir"]).parent / f"run-{info['id']}.wandb"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in wandb_log_records(path)):
+                return None
+            problem = f"{path} has no exit record (wandb could not write all of it; see debug-internal.log beside it)"
+        except (OSError, ValueError) as e:
+            problem = f"{path} is unreadable or truncated ({e})"
+        if time.monotonic() > deadline:
+            return problem
+        time.sleep(0.1)
+
+
+def close_wandb(logger: Any) -> dict[str, str] | None:
+    """Finish the logger's wandb run and check that its local log was written whole; a
+    failure is logged on the console and returned as the record's ``error``."""
+    info = wandb_run_info(logger)
+    finish_wandb()
+    if info is not None and info.get("mode") != "disabled":
+        problem = wandb_log_problem(info, logger.save_dir)
+        if problem:
+            log.error("wandb log incomplete: %s", problem)
+            print(f"segrefine: wandb log incomplete: {problem}", file=sys.stderr)
+            info["error"] = problem
+    return info
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -10,6 +10,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,13 +24,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.distributed import use_job_command_for_ddp
 from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import read_results, write_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.tracking import RunInfo, finish_wandb, log_per_image_table, wandb_run_info
+from segrefine.tracking import RunInfo, close_wandb, finish_wandb, log_per_image_table
+from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,25 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     return previous
 
 
+def check_resume(cfg: DictConfig, ckpt_path: str, automatic: bool) -> None:
+    """Continue only a run of this same config (run-only keys and folder locations aside):
+    resuming under another config would train on with the old one while results.json records
+    the new one. A damaged checkpoint is named, with the way to start afresh."""
+    way_out = ("rerun with resume=false (or delete it) to start afresh" if automatic
+               else "pass another ckpt_path, or none to train from scratch")
+    checkpoint = load_checkpoint(Path(ckpt_path), hint=f"; {way_out}")
+    differences = config_differences(
+        comparable_config(checkpoint["hyper_parameters"]["config"]),
+        comparable_config(OmegaConf.to_container(cfg, resolve=True)),
+    )
+    if differences:
+        raise CheckpointError(
+            f"{ckpt_path} was trained with a different config (differs in {', '.join(differences)}); "
+            f"resuming would continue the old run under the new settings. Use the old settings, {way_out}, "
+            "or choose another output folder (hydra.run.dir / hydra.sweep.dir)"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write results.json; returns the metrics dict.
 
@@ -178,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
+    check_config(OmegaConf.to_container(cfg, resolve=True))
     output_dir = Path(cfg.paths.output_dir)
     explicit = cfg.get("force") or cfg.get("ckpt_path")  # the user asks for training here
     if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
@@ -186,29 +209,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
-    if ckpt_path is None and cfg.get("resume", True) and (output_dir / "checkpoints" / "last.ckpt").is_file():
+    # force=true redoes a finished job from scratch; otherwise an interrupted one continues.
+    automatic = ckpt_path is None and cfg.get("resume", True) and not cfg.get("force") and (output_dir / "checkpoints" / "last.ckpt").is_file()
+    if automatic:
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    if ckpt_path is not None:
+        check_resume(cfg, ckpt_path, automatic)
         log.info("resuming the interrupted run from %s", ckpt_path)
     datamodule = build_data(cfg)
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         initialise_from(module, cfg.init_from, cfg.head._target_)
 
+    stale = output_dir / "checkpoints"
+    if ckpt_path is None and (stale / "last.ckpt").is_file():
+        # Starting afresh (resume=false / force=true): Lightning would write last-v1.ckpt beside
+        # the old last.ckpt, which a later resume would then pick up.
+        log.warning("starting afresh: removing the earlier attempt's checkpoints in %s", stale)
+        shutil.rmtree(stale)
     if HydraConfig.initialized():
         use_job_command_for_ddp()
     try:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
         callbacks = build_callbacks(cfg)
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
+                                          plugins=[AtomicCheckpointIO()])
         fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_seconds = time.perf_counter() - fit_start
 
         metrics: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         checkpoint = None
         if cfg.get("test", True):
             checkpoint = _best_checkpoint(trainer)
-            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False, weights_only=True)
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
         metrics["params"] = module.parameter_count()
@@ -217,6 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["train/steps"] = trainer.global_step
         if not trainer.is_global_zero:
             return metrics  # one results.json per job, written by rank 0
+        wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
             {
@@ -224,13 +259,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "metrics": metrics,
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
-                "wandb": wandb_run_info(logger),
+                "wandb": wandb_info,
             },
         )
         log.info("results written to %s", output_dir / "results.json")
         return metrics
     finally:
-        finish_wandb()
+        finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -257,11 +292,27 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
         metrics = job(cfg)
     except Exception as error:
         summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
-        error_file.parent.mkdir(parents=True, exist_ok=True)
-        error_file.write_text(f"{summary}\n\n{traceback.format_exc()}")
+        write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}")
         raise
     error_file.unlink(missing_ok=True)
     return metrics
+
+
+def write_error_file(path: Path, text: str) -> None:
+    """``error.txt``, atomically (temp + rename): whole or absent, never empty. When it cannot
+    be written (e.g. the disk is full) the console says so, and the run's own error follows."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.error("could not record the failure in %s (%s); the run failed with: %s", path, e, text.split("\n", 1)[0])
+        print(f"segrefine: could not write {path} ({e})", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -30,7 +30,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def _files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:  # pairs match by stem: which of the two is meant?
+            raise DataError(f"{files[path.stem]} and {path} share the stem {path.stem!r}; keep one of them")
+        files[path.stem] = path
+    return files
 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
@@ -122,6 +129,21 @@ class FolderDataModule(SplitDataModule):
             samples.append((image, mask))
         return samples
 
+    def _check_not_binary_255(self, samples: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Masks saved as 0/255 read as class indices would make every foreground pixel
+        "ignored" (255) and train on background alone: refuse, naming the fix."""
+        if self.mask_values:
+            return
+        values = set()
+        for split_samples in samples.values():
+            for _, mask in split_samples:
+                values.update(np.unique(mask).tolist())
+        if values == {0, IGNORE_INDEX}:
+            raise DataError(
+                f"every mask under {self.root} holds only the values 0 and {IGNORE_INDEX}: read as class indices all "
+                f"foreground would be ignored. For 0/255 masks pass data.mask_values='{{0: 0, 255: 1}}'"
+            )
+
     def _dataset(self, split: str, pairs, samples, size: tuple[int, int]) -> ArraySegmentationDataset:
         padded = [fit_to(torch.from_numpy(image), torch.from_numpy(mask), size) for image, mask in samples]
         train = split == "train"
@@ -152,6 +174,7 @@ class FolderDataModule(SplitDataModule):
             train = [train[i] for i in sorted(order[n_val:])]
         splits = {"train": train, "val": val, "test": self._pairs("test")}
         samples = {split: self._read(split, pairs) for split, pairs in splits.items()}
+        self._check_not_binary_255(samples)
         shapes = {m.shape for split_samples in samples.values() for _, m in split_samples}
         self.size = self.pad_to or (max(h for h, _ in shapes), max(w for _, w in shapes))
         if len(shapes) > 1 or self.pad_to:

@@ -233,6 +233,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_cached(paths: dict[str, Path], shape: list[int]) -> None:
+    """Raise unless both cached arrays open (header and full length) with the shapes of their entry."""
+    for key, expected in (("image.npy", shape), ("mask.npy", [shape[0], *shape[2:]])):
+        array = np.load(paths[key], mmap_mode="r")  # a truncated file fails here (mmap needs every byte)
+        if list(array.shape) != list(expected):
+            raise ValueError(f"{paths[key].name}: shape {list(array.shape)} differs from its index {expected}")
+
+
 class SliceDataset(Dataset):
     """2D slices of cached volumes, read from memory-mapped ``.npy`` files on demand.
 
@@ -256,7 +264,7 @@ class SliceDataset(Dataset):
                 try:
                     pair.append(np.load(path, mmap_mode="r"))
                 except Exception as e:
-                    raise DataError(f"{path}: cannot read the cached volume ({e}); delete the file to rebuild it") from e
+                    raise DataError(f"{path}: cannot read the cached volume ({e}); rerun: a damaged cache entry is rebuilt when the data is set up") from e
             self._arrays[volume] = (pair[0], pair[1])
         return self._arrays[volume]
 
@@ -355,10 +363,12 @@ class MSDDataModule(SplitDataModule):
             paths = self._paths(case, source_signature(case))
             if paths["json"].is_file():
                 try:
-                    entries[case.subject] = {**json.loads(paths["json"].read_text()), "paths": paths, "case": case}
+                    entry = json.loads(paths["json"].read_text())
+                    _check_cached(paths, entry["shape"])
+                    entries[case.subject] = {**entry, "paths": paths, "case": case}
                     continue
-                except ValueError:
-                    pass  # damaged entry: rebuild it
+                except (ValueError, KeyError, OSError, TypeError) as e:
+                    log.warning("cached volume of %s is damaged (%s): rebuilding it", case.subject, e)
             todo.append((case, paths))
         if todo:
             self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,10 @@ class Head(nn.Module):
     """
 
     name = "head"
+    # Whether ``segrefine-eval head=<this>`` may run on a checkpoint trained with another
+    # head: None = no (its parameters need training and would be random); otherwise what
+    # its parameters then are, recorded as results.json "head_weights".
+    untrained: str | None = None
 
     def __init__(self, num_classes: int, backbone: nn.Module | None = None):
         super().__init__()

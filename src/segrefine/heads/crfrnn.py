@@ -30,6 +30,7 @@ PARAMETRISATIONS = ("potts", "zheng")
 
 class CRFRNNHead(Head):
     name = "crfrnn"
+    untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
 
     def __init__(
         self,

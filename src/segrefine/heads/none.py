@@ -10,6 +10,7 @@ from segrefine.types import BackboneOutput
 
 class NoHead(Head):
     name = "none"
+    untrained = "none needed"
 
     def __init__(self, num_classes: int, backbone=None, name: str = "none"):
         super().__init__(num_classes, backbone)
