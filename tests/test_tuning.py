@@ -53,7 +53,7 @@ def test_tuned_head_evaluates_on_test_and_records_its_parameters(trained_run, tu
     out, summary = tuned
     saved = OmegaConf.load(out / TUNED_FILE)
     assert saved.tuned.split == "val" and saved.tuned.trials == 4 and list(saved.tuned["keys"]) == sorted(SEARCH_SPACE)
-    overrides = tuned_overrides(out / TUNED_FILE, name="densecrf_tuned")
+    overrides = ["head=densecrf", *tuned_overrides(out / TUNED_FILE, name="densecrf_tuned")]
     evaluate(eval_cfg(trained_run, tmp_path / "test", *overrides, "head.num_workers=1"))
     result = json.loads((tmp_path / "test" / "results.json").read_text())
     head = result["config"]["head"]

@@ -48,13 +48,14 @@ def tuned_record(trials: int, keys: Iterable[str], by: str = "densecrf") -> dict
     return {"split": "val", "trials": int(trials), "sampler": "tpe", "by": by, "keys": sorted(keys)}
 
 
-def tuned_overrides(head_file: Path, head: str = "densecrf", name: str | None = None) -> list[str]:
-    """Hydra overrides that give ``head=<head>`` the tuned values of ``head_file`` (written by
-    ``tune_densecrf``), with its ``head.tuned`` record; ``name`` renames the head."""
+def tuned_overrides(head_file: Path, name: str | None = None) -> list[str]:
+    """Hydra overrides that give the composed head (densecrf, or crfrnn's initial values) the
+    tuned values of ``head_file`` (written by ``tune_densecrf``) and its ``head.tuned`` record;
+    ``name`` renames the head."""
     saved = OmegaConf.to_container(OmegaConf.load(head_file))
     tuned = saved["tuned"]
     record = {**tuned, "by": tuned.get("by", "densecrf")}
-    overrides = [f"head={head}", *(f"head.{key}={float(saved[key])!r}" for key in tuned["keys"])]
+    overrides = [f"head.{key}={float(saved[key])!r}" for key in tuned["keys"]]
     overrides.append("+head.tuned=" + _hydra_value(record))
     if name:
         overrides.append(f"head.name={name}")
@@ -198,8 +199,8 @@ def tuned_head_config(base: Path, best_params: dict[str, Any], name: str, trials
 
 class SaveTunedHead(Callback):
     """At the end of an Optuna multirun: print the best parameters and save them as
-    ``<name>.yaml`` in the sweep folder (or ``output``); put that folder on the search path as
-    ``conf/head/`` to use ``head=<name>``, or pass its values as overrides."""
+    ``<sweep dir>/conf/head/<name>.yaml`` (or ``output``), with a copy in the sweep folder;
+    ``hydra.searchpath=[file://<sweep dir>/conf]`` then makes ``head=<name>`` usable."""
 
     def __init__(self, base_head: str = "densecrf", name: str = "densecrf_tuned", output: str | None = None):
         self.base_head, self.name, self.output = base_head, name, output
@@ -218,7 +219,7 @@ class SaveTunedHead(Callback):
                                  self.name, trials)
         header = f"# Tuned on the validation split by {sweep_dir} (best value {results.best_value:.4f}).\n"
         text = header + OmegaConf.to_yaml(head)
-        output = Path(self.output) if self.output else sweep_dir / f"{self.name}.yaml"
+        output = Path(self.output) if self.output else sweep_dir / "conf" / "head" / f"{self.name}.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
         if output != sweep_dir / f"{self.name}.yaml":
