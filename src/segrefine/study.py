@@ -366,7 +366,8 @@ def study_plan(
                                  label=f"{prefix} + CRF-RNN fine-tuned {finetune_epochs} epochs from {none.name}"
                                        + (" (CRF initialised from the tuned DenseCRF)" if tuned else "")))
                     continue
-                matched = changed_backbone([*common, "head=none"], list(trained))
+                # (the seed does not change a backbone: composed once for all seeds)
+                matched = changed_backbone([*base, *backbone, "head=none"], [*base, *backbone, f"head={head}"])
                 baseline = none
                 if matched:
                     name = f"{prefix}-none-{'-'.join(m.split('.', 1)[1].replace('=', '') for m in matched)}-s{seed}"
