@@ -168,3 +168,11 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     assert config["data"]["name"] == "msd" and config["data"]["batch_size"] == 5
     assert (config["trainer"]["max_epochs"], config["trainer"]["limit_train_batches"]) == (80, 10)
     assert job_config(plan.get("train", "fcn-none-s0"), plan, out, tuned_file)["backbone"]["variant"] == "8s"
+
+
+def test_a_job_that_does_not_compose_is_named_before_anything_runs(tuned_file, out):
+    plan = Plan()
+    plan.add(Job("fcn-none-s0", "train", ("experiment=paper_table", "backbone=fcn", "backbone.no_such_key=true"), 0))
+    with pytest.raises(ValueError, match=r"train job fcn-none-s0 does not compose: .*backbone\.no_such_key"):
+        check_pairings(plan, out, tuned_file)
+    assert not (out / "train" / "fcn-none-s0").exists()

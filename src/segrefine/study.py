@@ -165,7 +165,13 @@ def pairings(configs: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, 
 def check_pairings(plan: Plan, out: Path, tuned_file: Callable[[Job], Path]) -> dict[tuple[str, str], list[str]]:
     """Compose every train/eval job and refuse a plan whose report pairing is not the intended
     one (a head paired with another baseline, or with none, or with two)."""
-    configs = {(j.kind, j.name): job_config(j, plan, out, tuned_file) for j in plan.jobs if j.kind != "tune"}
+    configs = {}
+    for job in plan.jobs:
+        if job.kind != "tune":
+            try:
+                configs[(job.kind, job.name)] = job_config(job, plan, out, tuned_file)
+            except Exception as e:  # Hydra's composition errors name the key; add the job
+                raise ValueError(f"{job.kind} job {job.name} does not compose: {e}") from e
     found = pairings(configs)
     wrong = []
     for (kind, name), nones in found.items():
@@ -268,7 +274,10 @@ def run_study(args, plan, out: Path, overrides: list[str], log=print) -> float:
     eval_overrides += args.eval_override
     print(describe(plan))
     example = example_tuned_file(out / "plan")
-    check_pairings(plan, out, tuned_file=lambda job: example)
+    try:
+        check_pairings(plan, out, tuned_file=lambda job: example)
+    except ValueError as e:
+        raise SystemExit(f"study plan refused, nothing was run: {e}") from None
     if args.plan_only:
         return 0.0
     start = time.perf_counter()
