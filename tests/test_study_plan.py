@@ -176,3 +176,31 @@ def test_a_job_that_does_not_compose_is_named_before_anything_runs(tuned_file, o
     with pytest.raises(ValueError, match=r"train job fcn-none-s0 does not compose: .*backbone\.no_such_key"):
         check_pairings(plan, out, tuned_file)
     assert not (out / "train" / "fcn-none-s0").exists()
+
+
+def test_origin_table_prints_published_beside_ours_and_names_the_protocol(tmp_path):
+    import json
+
+    origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
+
+    def result(kind, job, **metrics):
+        folder = tmp_path / kind / job
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"status": "complete", "metrics": metrics}))
+
+    result("train", "unet-none-s0", **{"test/iou": 0.70, "test/dice": 0.80, "test/pixel_acc": 0.9})
+    result("train", "unet-none-s1", **{"test/iou": 0.74, "test/dice": 0.84, "test/pixel_acc": 0.9})
+    result("eval", "fcn-densecrf-s0", **{"test/iou": 0.5, "test/dice": 0.6, "test/pixel_acc": 0.8})
+    table = origin.origin_table(tmp_path)
+    # Standard-protocol numbers only: said so, never under the origin's column names.
+    assert "NOT the origin's" in table and "ours IoU" in table and "ours IU" not in table
+    assert "| Vanilla U-Net | 75.42 | 83.49 | 72.18 | 72.00 ± 2.83 | 82.00 ± 2.83 | 90.00 ± 0.00 | 2 |" in table
+    assert "| CNN-CRF, our reading: FCN-8s + offline DenseCRF (defaults) | 68.73 | 73.22 | 51.77 | 50.00 |" in table
+    assert "SegNet" not in table.split("\n\n")[0]  # rows without runs are left out
+    # With the origin protocol's numbers in every training run, its columns are used.
+    keys = {v: 0.5 for v in origin.ORIGIN_KEYS.values()}
+    for seed in (0, 1):
+        path = tmp_path / "train" / f"unet-none-s{seed}" / "results.json"
+        path.write_text(json.dumps({"status": "complete", "metrics": keys}))
+    table = origin.origin_table(tmp_path)
+    assert "origin protocol (metrics=unet_crfrnn)" in table and "| Vanilla U-Net | 75.42 | 83.49 | 72.18 | 50.00 ± 0.00" in table
