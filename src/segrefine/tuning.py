@@ -20,8 +20,10 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-# Log-scale ranges. The weights reach ~0, so a CRF too weak to change any prediction is in the
-# space (and enqueued): the tuned CRF is never worse than no CRF on the validation split.
+# Log-scale ranges. The weights reach ~0, so a CRF too weak to change most predictions is in the
+# space (and enqueued). Even 1e-3 can flip a pixel whose class margin is tiny, so when no trial
+# beats no CRF on the validation split the tuned CRF is the identity (both weights 0, NO_CRF):
+# the tuned CRF is never worse than no CRF on the validation split.
 SEARCH_SPACE = {
     "gaussian_sxy": (0.5, 10.0),
     "gaussian_compat": (1e-3, 20.0),
@@ -39,6 +41,7 @@ ENQUEUED = {
     "weakest": {"gaussian_sxy": 1.0, "gaussian_compat": 1e-3, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
                 "bilateral_compat": 1e-3},
 }
+NO_CRF = {**ENQUEUED["weakest"], "gaussian_compat": 0.0, "bilateral_compat": 0.0}
 TUNED_FILE = "densecrf_tuned.yaml"
 
 
@@ -158,20 +161,25 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     finally:
         if getattr(head, "_pool", None) is not None:
             head._pool.shutdown(cancel_futures=True)
-    best = {k: float(v) for k, v in study.best_params.items()}
+    best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
+    no_crf = best_value <= none_value
+    if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
+        head.params = dict(NO_CRF)
+        best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
     saved.tuned = tuned_record(trials, best)
     summary = {
         "checkpoint": str(ckpt_path), "split": "val", "metric": "val/iou", "none_value": none_value,
-        "best_value": float(study.best_value), "best_params": best, "search_space": SEARCH_SPACE,
+        "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "search_space": SEARCH_SPACE,
         "enqueued": ENQUEUED, "trials": [{"params": t.params, "value": t.value} for t in study.trials],
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / TUNED_FILE).write_text(
-        f"# Tuned on the validation split of {ckpt_path}: val/iou {study.best_value:.4f} "
-        f"(no CRF: {none_value:.4f}), {trials} trials.\n" + OmegaConf.to_yaml(saved))
+        f"# Tuned on the validation split of {ckpt_path}: val/iou {best_value:.4f} "
+        f"(no CRF: {none_value:.4f}), {trials} trials{'; no trial beat no CRF' if no_crf else ''}.\n"
+        + OmegaConf.to_yaml(saved))
     (output / "tuning.json").write_text(json.dumps(summary, indent=2))
     return summary
 
