@@ -74,3 +74,22 @@ def test_tuned_head_evaluates_on_test_and_records_its_parameters(trained_run, tu
 def test_tuning_needs_room_for_the_enqueued_points(tmp_path):
     with pytest.raises(ValueError, match="at least 3"):
         tune_densecrf(tmp_path, tmp_path, trials=2)
+
+
+def test_when_no_trial_beats_no_crf_the_tuned_crf_is_the_identity(trained_run, tmp_path, monkeypatch):  # noqa: F811
+    import segrefine.tuning as tuning
+
+    real = tuning._val_iou
+
+    def every_crf_hurts(head, cache, num_classes):
+        value = real(head, cache, num_classes)
+        crf_on = head is not None and (head.params["gaussian_compat"] or head.params["bilateral_compat"])
+        return value - 0.5 if crf_on else value
+
+    monkeypatch.setattr(tuning, "_val_iou", every_crf_hurts)
+    summary = tune_densecrf(trained_run, tmp_path, trials=3, overrides=["head.num_workers=1"])
+    assert summary["no_crf_chosen"] and summary["best_params"] == NO_CRF
+    assert summary["best_value"] == summary["none_value"]
+    saved = OmegaConf.load(tmp_path / TUNED_FILE)
+    assert saved.gaussian_compat == 0.0 and saved.bilateral_compat == 0.0 and "no trial beat no CRF" in (
+        tmp_path / TUNED_FILE).read_text()
