@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: the paper-table study at the smoke preset on the built-in dataset
-# (3 backbones x {none, crfrnn, pointrend}, densecrf on the none runs), ending with the table.
+# (3 backbones x {none, crfrnn, pointrend} with matched none baselines, densecrf with default and
+# validation-tuned parameters on the none runs; plan in experiments/paper_table/README.md), ending with the table.
 demo: $(STAMP)
 	WANDB_SILENT=true $(BIN)/python experiments/paper_table/run.py --preset smoke --out $(DEMO_DIR)
 

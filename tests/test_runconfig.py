@@ -58,3 +58,15 @@ def test_tuned_head_parameters_are_outcomes_not_settings():
         "head.tuned.split"]
     untuned = _config("/r", head={"name": "densecrf", "bilateral_sxy": 5.0, "iterations": 5})
     assert comparable_config(untuned)["head"]["bilateral_sxy"] == 5.0
+
+
+def test_init_from_is_per_seed_so_rows_across_seeds_ignore_its_path():
+    a = _config("/r", seed=0, init_from="/r/outputs/study/train/unet-none-s0")
+    b = _config("/r", seed=1, init_from="/r/outputs/study/train/unet-none-s1")
+    scratch = _config("/r", seed=1, init_from=None)
+    # A resume check (same seed, nothing dropped) still tells the two sources apart ...
+    assert config_differences(comparable_config(a), comparable_config(b)) == ["init_from", "seed"]
+    # ... a row across seeds does not, but still separates fine-tuned from scratch runs.
+    assert config_differences(comparable_config(a, drop=("seed",)), comparable_config(b, drop=("seed",))) == []
+    assert config_differences(comparable_config(a, drop=("seed",)), comparable_config(scratch, drop=("seed",))) == [
+        "init_from"]

@@ -18,9 +18,12 @@ pytestmark = pytest.mark.timeout(900)
 def tiny_study(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("study")
     tiny = [o for o in TINY if not o.startswith("trainer.accelerator")] + [f"paths.data_dir={data_dir}"]
+    # backbone.fine_skip (the stride-4-skip controls) comes with the model engineer's FCN/PSPNet.
+    controls = "fcn,pspnet" if "fine_skip" in (REPO / "conf" / "backbone" / "fcn.yaml").read_text() else ""
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "paper_table" / "run.py"), "--out", str(out), *tiny,
-         "--eval-override", "head.num_workers=1"],
+         "--eval-override", "head.num_workers=1", "--tune-trials", "3", "--finetune-epochs", "1",
+         "--fine-skip-controls", controls],
         capture_output=True, text=True, env=subprocess_env(), cwd=out,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -31,8 +34,12 @@ def test_study_has_every_backbone_head_row_with_densecrf_paired(tiny_study):
     out, stdout = tiny_study
     rows = summarise(load_study([out]).runs)
     assert {(r["backbone"], r["head"]) for r in rows} == {
-        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "crfrnn", "pointrend")
+        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "densecrf_tuned", "crfrnn", "pointrend")
     }
+    # The plan's matched baselines and tuning ran too.
+    assert (out / "train" / "unet-none-output_stride4-s0" / "results.json").is_file()
+    assert (out / "train" / "fcn-none-continued-s0" / "results.json").is_file()
+    assert (out / "tune" / "pspnet-none-s0" / "densecrf_tuned.yaml").is_file()
     for row in rows:
         if row["head"] != "none":
             assert row["paired/iou"]["n"] == 8  # every test image paired with the none run

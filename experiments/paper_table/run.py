@@ -2,35 +2,32 @@
 
     .venv/bin/python experiments/paper_table/run.py --preset smoke [--seeds 0,1] [--out DIR] [overrides...]
 
-1. trains backbone x head x seed with experiment=paper_table (one Hydra multirun),
-2. evaluates every head=none checkpoint with head=densecrf (same weights, paired per image),
+The plan (segrefine.study.study_plan; printed first, --plan-only stops there):
+1. trains backbone x head x seed with experiment=paper_table, plus the matched baselines: a
+   `none` run on any backbone a head changes (U-Net stops at stride 4 under PointRend), a `none`
+   continuation beside each fine-tuned CRF-RNN, and `none + stride-4 skip` controls
+   (backbone.fine_skip=true) beside PointRend on FCN/PSPNet;
+2. tunes the DenseCRF of every `none` checkpoint on the validation split (Optuna) and evaluates
+   it on test with the default and the tuned parameters (same weights, paired per image);
 3. writes the report (table.md/.csv/.tex and figures) into <out>/report and prints the table.
 
-Extra arguments are Hydra overrides passed to both training and evaluation
-(e.g. logger=csv or trainer.max_epochs=2).
+Extra arguments are Hydra overrides for training (e.g. logger=csv or data=msd data.root=...);
+the run-level ones (paths, logger, trainer, boundary_tolerance) also reach the evaluations.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from segrefine.report import load_study, write_report
+from segrefine.study import preset_defaults, run_study, study_args, study_plan
 
 README = Path(__file__).with_name("README.md")
-EVAL_KEYS = {"trainer", "logger", "paths", "hydra", "boundary_tolerance"}
 TABLE_START, TABLE_END = "<!-- smoke-table:start -->", "<!-- smoke-table:end -->"
-
-
-def hydra_run(module: str, args: list[str]) -> None:
-    command = [sys.executable, "-m", module, *args]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def update_readme(table: str, seconds: float, command: str) -> None:
@@ -40,46 +37,38 @@ def update_readme(table: str, seconds: float, command: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smoke", choices=["smoke", "full"])
+    parser = study_args(__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="fcn,unet,pspnet")
     parser.add_argument("--heads", default="none,crfrnn,pointrend", help="trained heads; densecrf is added post hoc")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--fine-skip-controls", default="fcn,pspnet",
+                        help="backbones that get a none + stride-4 skip control beside PointRend ('' = none)")
     parser.add_argument("--out", default=f"outputs/paper_table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into experiments/paper_table/README.md")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report of an existing --out study")
-    parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="Hydra override for the densecrf evaluations only (repeatable), e.g. head.num_workers=1")
     args, overrides = parser.parse_known_args()
-    # The evaluations rebuild data and backbone from each checkpoint; only run-level settings carry over.
-    eval_overrides = [o for o in overrides if o.split("=", 1)[0].split(".")[0].lstrip("+~") in EVAL_KEYS]
-    eval_overrides += args.eval_override
-    if "none" not in args.heads.split(","):
+    preset_defaults(args)
+    heads = [h for h in args.heads.split(",") if h]
+    if "none" not in heads:
         parser.error("--heads must include none: the densecrf rows and all paired tests need it")
+    backbones = [b for b in args.backbones.split(",") if b]
     out = Path(args.out)
     if args.report_only:
         return report(out, args.update_readme)
-    start = time.perf_counter()
-
-    hydra_run("segrefine.train", [
-        "-m", "experiment=paper_table", f"preset={args.preset}", f"backbone={args.backbones}",
-        f"head={args.heads}", f"seed={args.seeds}", f"hydra.sweep.dir={out / 'train'}", *overrides,
-    ])
-    none_runs = [r["_path"] for r in load_study([out / "train"]).runs if r["head"] == "none"]
-    if none_runs:
-        checkpoints = ",".join(f"'{p}'" for p in none_runs)
-        hydra_run("segrefine.evaluate", [
-            "-m", f"ckpt_path={checkpoints}", "head=densecrf", f"hydra.sweep.dir={out / 'densecrf'}", *eval_overrides,
-        ])
-    seconds = time.perf_counter() - start
-    command = " ".join(["python experiments/paper_table/run.py", *sys.argv[1:]])
-    (out / "study.json").write_text(json.dumps({"command": command, "seconds": seconds}, indent=2))
-    print(f"study trained and evaluated in {seconds / 60:.1f} min")
+    plan = study_plan(
+        experiment="paper_table", preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
+        backbones={b: (f"backbone={b}",) for b in backbones},
+        heads={b: tuple(h for h in heads if h != "none") for b in backbones},
+        densecrf=backbones, tune=args.tune_trials > 0, crfrnn_protocol=args.crfrnn_protocol,
+        finetune_epochs=args.finetune_epochs,
+        fine_skip_controls=[b for b in args.fine_skip_controls.split(",") if b and "pointrend" in heads and b in backbones],
+        overrides=overrides,
+    )
+    if not run_study(args, plan, out, overrides):
+        return 0
     return report(out, args.update_readme)
 
 
 def report(out: Path, readme: bool) -> int:
-    paths = write_report(load_study([out / "train", out / "densecrf"]), out / "report")
+    paths = write_report(load_study([out / "train", out / "eval"]), out / "report")
     table = paths["markdown"].read_text()
     print(table)
     print(f"report in {out / 'report'}")

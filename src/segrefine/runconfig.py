@@ -69,11 +69,16 @@ def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> 
     checkpoint's). Values under a ``paths.*`` folder become ``<paths.key>/rest``, so a study
     moved to another folder still compares equal to itself. Head parameters chosen by a
     tuning protocol (listed in ``head.tuned.keys``) are outcomes, not settings: they become
-    ``"<tuned>"``, so models tuned by the same protocol form one configuration.
+    ``"<tuned>"``, so models tuned by the same protocol form one configuration. With ``seed``
+    in ``drop`` (rows across seeds), ``init_from`` compares as "<a run of the same seed>".
     """
     result = _replace_paths(dict(config), _path_prefixes(config))
     for dotted in (*RUN_ONLY_KEYS, *drop):
         _drop(result, dotted)
+    if "seed" in drop and result.get("init_from"):
+        # Each seed fine-tunes its own seed's checkpoint, so across seeds the path differs by
+        # construction; what stays comparable is that the run started from a trained run.
+        result["init_from"] = "<a run of the same seed>"
     head = result.get("head")
     tuned = head.get("tuned") if isinstance(head, dict) else None
     if isinstance(tuned, Mapping):

@@ -75,7 +75,9 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
-    head = instantiate(cfg.head, num_classes=datamodule.num_classes, backbone=backbone)
+    # head.tuned records how a tuning protocol chose some values (segrefine.tuning): not an argument.
+    head_cfg = OmegaConf.masked_copy(cfg.head, [key for key in cfg.head if key != "tuned"])
+    head = instantiate(head_cfg, num_classes=datamodule.num_classes, backbone=backbone)
     return SegmentationModule(
         backbone=backbone,
         head=head,

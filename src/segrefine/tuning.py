@@ -1,17 +1,197 @@
-"""Turn a finished Optuna sweep over a head's parameters into a head config."""
+"""Choose a post-hoc head's parameters on the validation split (the DeepLab protocol).
+
+``tune_densecrf`` searches the DenseCRF parameters of one trained checkpoint with Optuna
+(TPE, log-scale ranges) and writes the tuned head config to a folder of the caller's (never
+into the package's conf/). The backbone runs over the validation split once; each trial only
+re-runs the CRF, scored exactly as ``segrefine-eval split=val`` scores it (``val/iou``).
+
+``SaveTunedHead`` does the same bookkeeping for a Hydra Optuna sweep over ``segrefine-eval``
+(experiments/tune_densecrf).
+"""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+# Log-scale ranges. The weights reach ~0, so a CRF too weak to change most predictions is in the
+# space (and enqueued). Even 1e-3 can flip a pixel whose class margin is tiny, so when no trial
+# beats no CRF on the validation split the tuned CRF is the identity (both weights 0, NO_CRF):
+# the tuned CRF is never worse than no CRF on the validation split.
+SEARCH_SPACE = {
+    "gaussian_sxy": (0.5, 10.0),
+    "gaussian_compat": (1e-3, 20.0),
+    "bilateral_sxy": (1.0, 160.0),
+    "bilateral_schan": (1.0, 100.0),
+    "bilateral_compat": (1e-3, 20.0),
+}
+# Tried first, in this order: pydensecrf's README values, segrefine's defaults (conf/head/densecrf.yaml),
+# and the weakest corner of the space (practically no CRF).
+ENQUEUED = {
+    "pydensecrf": {"gaussian_sxy": 3.0, "gaussian_compat": 3.0, "bilateral_sxy": 80.0, "bilateral_schan": 13.0,
+                   "bilateral_compat": 10.0},
+    "segrefine": {"gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
+                  "bilateral_compat": 3.0},
+    "weakest": {"gaussian_sxy": 1.0, "gaussian_compat": 1e-3, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
+                "bilateral_compat": 1e-3},
+}
+NO_CRF = {**ENQUEUED["weakest"], "gaussian_compat": 0.0, "bilateral_compat": 0.0}
+TUNED_FILE = "densecrf_tuned.yaml"
 
-def tuned_head_config(base: Path, best_params: dict[str, Any], name: str) -> DictConfig:
-    """The base head config with ``head.<key>`` best parameters filled in and a new name."""
+
+def tuned_record(trials: int, keys: Iterable[str], by: str = "densecrf") -> dict[str, Any]:
+    """``head.tuned``: how the listed parameters were chosen. Only protocol settings belong here
+    (run configs compare it literally; the listed parameters compare as "<tuned>")."""
+    return {"split": "val", "trials": int(trials), "sampler": "tpe", "by": by, "keys": sorted(keys)}
+
+
+def tuned_overrides(head_file: Path, name: str | None = None) -> list[str]:
+    """Hydra overrides that give the composed head (densecrf, or crfrnn's initial values) the
+    tuned values of ``head_file`` (written by ``tune_densecrf``) and its ``head.tuned`` record;
+    ``name`` renames the head."""
+    saved = OmegaConf.to_container(OmegaConf.load(head_file))
+    tuned = saved["tuned"]
+    record = {**tuned, "by": tuned.get("by", "densecrf")}
+    overrides = [f"head.{key}={float(saved[key])!r}" for key in tuned["keys"]]
+    overrides.append("+head.tuned=" + _hydra_value(record))
+    if name:
+        overrides.append(f"head.name={name}")
+    return overrides
+
+
+def _hydra_value(value: Any) -> str:
+    """A Hydra override value for a dict/list of plain strings and numbers."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# -- tuning ------------------------------------------------------------------------------------
+
+
+def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]]]:
+    """The densecrf head and, per validation batch, (padded image, backbone logits at that
+    size, mask, height, width): everything a trial needs, the backbone run once."""
+    from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+    from segrefine.evaluate import eval_config
+    from segrefine.train import build_data, build_module
+    from segrefine.heads.base import upsample_logits
+    from segrefine.types import BackboneOutput
+
+    ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
+    checkpoint = load_checkpoint(ckpt_file)
+    train_cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    if train_cfg.head.name != "none":
+        raise ValueError(f"ckpt_path={cfg.ckpt_path}: a head={train_cfg.head.name} run; the DenseCRF is tuned on "
+                         "the softmax of a head=none run (the network the CRF post-processes)")
+    run_cfg = eval_config(cfg, train_cfg)
+    datamodule = build_data(run_cfg)
+    module = build_module(run_cfg, datamodule)
+    load_weights(module, checkpoint, ckpt_file, with_head=False)
+    module.eval()
+    cache = []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            height, width = batch["image"].shape[-2:]
+            image, _ = module._pad(batch["image"])
+            out = module.backbone(image)
+            # What the head would upsample itself; the cached logits are then at the image's size.
+            logits = upsample_logits(out, image.shape[-2:])
+            cache.append((image, BackboneOutput(logits, [], (), 1), batch["mask"], height, width))
+    return module.head, cache
+
+
+def _val_iou(head, cache, num_classes: int) -> float:
+    """``val/iou`` as SegmentationMetrics computes it (pooled confusion, foreground mean)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    from segrefine.metrics import foreground_mean, per_class_iou
+    from segrefine.types import IGNORE_INDEX
+
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for image, out, mask, height, width in cache:
+            preds = (head(out, image) if head is not None else out.logits)[..., :height, :width].argmax(1)
+            confusion += multiclass_confusion_matrix(preds, mask, num_classes, ignore_index=IGNORE_INDEX)
+    return float(foreground_mean(per_class_iou(confusion)))
+
+
+def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: Iterable[str] = (), seed: int = 0) -> dict:
+    """Tune the DenseCRF parameters of a head=none checkpoint on its validation split.
+
+    Writes ``output/densecrf_tuned.yaml`` (conf/head/densecrf.yaml with the best values and a
+    ``tuned`` record) and ``output/tuning.json`` (every trial, the none run's value); returns
+    the latter. ``overrides`` are eval-config overrides (paths, head.num_workers, ...).
+    """
+    import optuna
+    from hydra import compose, initialize_config_dir
+
+    from segrefine.train import CONFIG_DIR
+
+    if trials < len(ENQUEUED):
+        raise ValueError(f"trials={trials}: at least {len(ENQUEUED)}, the enqueued starting points {list(ENQUEUED)}")
+    output = Path(output)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
+                                         f"paths.output_dir={output}", *overrides])
+    head, cache = _validation_cache(cfg)
+    num_classes = head.num_classes
+    none_value = _val_iou(None, cache, num_classes)
+
+    def objective(trial: optuna.Trial) -> float:
+        head.params = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
+        return _val_iou(head, cache, num_classes)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    with warnings.catch_warnings():  # enqueue_trial is "experimental" in optuna 2.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for params in ENQUEUED.values():
+            study.enqueue_trial(params)
+    try:
+        study.optimize(objective, n_trials=trials)
+    finally:
+        if getattr(head, "_pool", None) is not None:
+            head._pool.shutdown(cancel_futures=True)
+    best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
+    no_crf = best_value <= none_value
+    if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
+        head.params = dict(NO_CRF)
+        best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)
+    saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
+    for key, value in best.items():
+        saved[key] = value
+    saved.tuned = tuned_record(trials, best)
+    summary = {
+        "checkpoint": str(ckpt_path), "split": "val", "metric": "val/iou", "none_value": none_value,
+        "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "search_space": SEARCH_SPACE,
+        "enqueued": ENQUEUED, "trials": [{"params": t.params, "value": t.value} for t in study.trials],
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / TUNED_FILE).write_text(
+        f"# Tuned on the validation split of {ckpt_path}: val/iou {best_value:.4f} "
+        f"(no CRF: {none_value:.4f}), {trials} trials{'; no trial beat no CRF' if no_crf else ''}.\n"
+        + OmegaConf.to_yaml(saved))
+    (output / "tuning.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# -- Hydra Optuna sweeps ------------------------------------------------------------------------
+
+
+def tuned_head_config(base: Path, best_params: dict[str, Any], name: str, trials: int | None = None) -> DictConfig:
+    """The base head config with ``head.<key>`` best parameters filled in, a new name and the
+    ``tuned`` record."""
     head = OmegaConf.load(base)
+    keys = []
     for key, value in best_params.items():
         if not key.startswith("head."):
             continue
@@ -19,13 +199,16 @@ def tuned_head_config(base: Path, best_params: dict[str, Any], name: str) -> Dic
         if field not in head:
             raise KeyError(f"tuned parameter {key!r} is not a field of {base}")
         head[field] = value
+        keys.append(field)
     head.name = name
+    head.tuned = tuned_record(trials or 0, keys, by=base.stem)
     return head
 
 
 class SaveTunedHead(Callback):
     """At the end of an Optuna multirun: print the best parameters and save them as
-    ``conf/head/<name>.yaml`` (usable as ``head=<name>``), with a copy in the sweep dir."""
+    ``<sweep dir>/conf/head/<name>.yaml`` (or ``output``), with a copy in the sweep folder;
+    ``hydra.searchpath=[file://<sweep dir>/conf]`` then makes ``head=<name>`` usable."""
 
     def __init__(self, base_head: str = "densecrf", name: str = "densecrf_tuned", output: str | None = None):
         self.base_head, self.name, self.output = base_head, name, output
@@ -39,14 +222,17 @@ class SaveTunedHead(Callback):
             print(f"[tune] no {results_file}: was the Optuna sweeper used?")
             return
         results = OmegaConf.load(results_file)
-        head = tuned_head_config(Path(CONFIG_DIR, "head", f"{self.base_head}.yaml"), dict(results.best_params), self.name)
+        trials = config.hydra.sweeper.get("n_trials")
+        head = tuned_head_config(Path(CONFIG_DIR, "head", f"{self.base_head}.yaml"), dict(results.best_params),
+                                 self.name, trials)
         header = f"# Tuned on the validation split by {sweep_dir} (best value {results.best_value:.4f}).\n"
         text = header + OmegaConf.to_yaml(head)
-        output = Path(self.output) if self.output else Path(CONFIG_DIR, "head", f"{self.name}.yaml")
+        output = Path(self.output) if self.output else sweep_dir / "conf" / "head" / f"{self.name}.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
-        (sweep_dir / f"{self.name}.yaml").write_text(text)
+        if output != sweep_dir / f"{self.name}.yaml":
+            (sweep_dir / f"{self.name}.yaml").write_text(text)
         print(f"[tune] best value {results.best_value:.4f} with")
         for key, value in results.best_params.items():
             print(f"[tune]   {key}={value}")
-        print(f"[tune] saved as {output} (use head={self.name})")
+        print(f"[tune] saved as {output}")
