@@ -376,9 +376,10 @@ class PermutohedralLattice:
             code_rep = code_sorted.index_select(0, s_first)
             del vkey_sorted, code_sorted
         S = s_first.numel()
-        sid = torch.empty(BN, dtype=i64, device=dev)
-        sid.scatter_(0, perm_pix, torch.cumsum(s_new, 0) - 1)  # simplex of each pixel
-        del s_new, perm_pix, s_first
+        del s_first
+        sid_sorted = torch.cumsum(s_new, 0) - 1  # simplex of each pixel, simplex order
+        del s_new
+        sid = torch.empty(BN, dtype=i64, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
 
         # 7. vertex keys of each simplex, (d1, S) r-major:
         #    key^r = key^0 + r (1,...,1) - (d+1) sum_{i: pos_i < r} e_i
@@ -408,38 +409,61 @@ class PermutohedralLattice:
         v_new = torch.ones(SE, dtype=torch.bool, device=dev)
         torch.ne(keys_sorted[1:], keys_sorted[:-1], out=v_new[1:])
         point_of_e = torch.cumsum(v_new, 0) - 1  # sorted entry -> lattice point
-        del v_new
         M = int(point_of_e[-1].item()) + 1  # sync
+        first_e = v_new.nonzero().squeeze(1)  # (M,) first sorted entry of each point
+        del v_new
         unique_keys = torch.empty(M, dtype=i64, device=dev).scatter_(0, point_of_e, keys_sorted)
         del keys_sorted
         idt = i32 if M < 2**31 and B * N * d1 < 2**31 else i64  # index dtype
         svid = torch.empty(SE, dtype=idt, device=dev).scatter_(0, perm_e, point_of_e.to(idt))  # entry -> point
-        del point_of_e, perm_e
         self.num_points = M
         self.unique_keys = unique_keys
 
         # 9. drop the phantom pixels (their lattice points stay); slice rows
         #    (pixel -> its d+1 points) and splat rows (point -> the pixels
-        #    that touch it, by a stable sort of the (pixel, r) -> point map)
+        #    that touch it). The splat rows need no sort: walking the sorted
+        #    entries (point-major) and expanding each entry (r, s) into the
+        #    pixels of simplex s (contiguous in simplex order) lists every
+        #    (pixel, r) pair grouped by point.
         vid = svid.view(d1, S).t().contiguous().index_select(0, sid)  # (BN, d1) point of (pixel, r)
         del svid, sid
         if Np != N:
             vid = vid.view(B, Np, d1)[:, :N]
             bary = bary.view(B, Np, d1)[:, :N]
+            real = (perm_pix.remainder(Np) < N).nonzero().squeeze(1)
+            perm_pix = perm_pix.index_select(0, real)
+            sid_sorted = sid_sorted.index_select(0, real)
+            perm_pix -= torch.div(perm_pix, Np, rounding_mode="floor") * (Np - N)  # b*Np+i -> b*N+i
+            del real
             BN = B * N
         vid = vid.reshape(-1)
         bary = bary.reshape(-1).contiguous()
         total = BN * d1
-        _, sp_perm = torch.sort(vid, stable=True)
-        sp_perm = sp_perm.to(idt)
-        sp_pix = torch.div(sp_perm, d1, rounding_mode="floor")
-        sp_w = bary.index_select(0, sp_perm)
-        del sp_perm
-        sp_off = torch.zeros(M + 1, dtype=i64, device=dev)
-        torch.cumsum(torch.bincount(vid, minlength=M), 0, out=sp_off[1:])
+        # all index arithmetic below in idt (int32 when sizes allow: half the memory traffic)
+        cnt = torch.bincount(sid_sorted, minlength=S).to(idt)  # real pixels per simplex
+        del sid_sorted
+        perm_e = perm_e.to(idt)
+        e_s = perm_e.remainder(S)  # simplex of each sorted entry
+        lens = cnt.index_select(0, e_s)
+        out_start = torch.cumsum(lens, 0, dtype=idt).sub_(lens)  # first pair of each sorted entry
+        # pair q of sorted entry k is pixel perm_pix[start(s_k) + q - out_start_k]
+        shift = torch.cumsum(cnt, 0, dtype=idt).sub_(cnt).index_select(0, e_s).sub_(out_start)
+        del cnt, e_s
+        rep = torch.repeat_interleave(lens, output_size=total)  # sorted entry of each pair
+        del lens
+        src = torch.arange(total, dtype=idt, device=dev).add_(shift.index_select(0, rep))
+        del shift
+        sp_pix = perm_pix.to(idt).index_select(0, src)
+        del src, perm_pix
+        sp_r = torch.div(perm_e, S, rounding_mode="floor").index_select(0, rep)  # vertex r of each pair
+        sp_w = bary.index_select(0, sp_r.add_(sp_pix * d1))
+        del sp_r
+        sp_off = torch.cat([out_start.index_select(0, first_e), out_start.new_full((1,), total)])
         sp_rows = None
         if self.backend == "index":
-            sp_rows = torch.repeat_interleave(torch.diff(sp_off), output_size=total)
+            sp_rows = point_of_e.to(idt).index_select(0, rep)
+        del rep, out_start, first_e, perm_e, point_of_e
+
 
         alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
         self.alpha = alpha

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -147,6 +148,18 @@ def _spatial_filter(
     elif cache:
         _SPATIAL_CACHE.move_to_end(key)
     return single.repeat(batch)
+
+
+def _build_kernels(spatial_fn, bilateral_fn, device: torch.device):
+    """``(spatial_fn(), bilateral_fn())``; on a multi-threaded CPU the two lattice builds run
+    in two threads (a build is mostly sorts and scans that keep one core busy, and torch
+    releases the GIL inside ops). A cached spatial kernel returns at once."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return spatial_fn(), bilateral_fn()
+    with ThreadPoolExecutor(1) as pool:
+        spatial = pool.submit(spatial_fn)
+        bilateral = bilateral_fn()
+        return spatial.result(), bilateral
 
 
 def clear_spatial_cache() -> None:
@@ -353,10 +366,13 @@ class MeanFieldCRF(nn.Module):
         dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
         logits = _to_flat(unary_logits.to(dtype))
         if iterations > 0:
-            spatial = _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True)
-            bilateral = _normalized(
-                PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
-                self.normalization,
+            spatial, bilateral = _build_kernels(
+                lambda: _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True),
+                lambda: _normalized(
+                    PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
+                    self.normalization,
+                ),
+                unary_logits.device,
             )
             weights = [self.spatial_weight.to(dtype), self.bilateral_weight.to(dtype)]
             comp = None
@@ -413,9 +429,13 @@ def dense_crf(
     p = probs.to(torch.float32)
     logits = _to_flat(torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)))
     if iterations > 0:
-        spatial = _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial)
-        bilateral = PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
-        kernels = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+        kernels = _build_kernels(
+            lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial),
+            lambda: _normalized(
+                PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb)), NORMALIZE_SYMMETRIC
+            ),
+            probs.device,
+        )
         weights = [torch.tensor(float(w), device=probs.device) for w in (gaussian_compat, bilateral_compat)]
         S = _mean_field(logits, kernels, weights, None, iterations)
     else:
