@@ -212,6 +212,11 @@ class PermutohedralLattice:
             blur, which changes results near feature 0 (e.g. dark pixels near
             the top-left corner) by up to ~1e-3. Default True (parity with
             ``pydensecrf``); False gives the plain lattice.
+        transposes: keep the transposed splat/slice products, which the
+            backward pass and ``filter(transpose=True)`` need. False (for
+            inference only, e.g. :func:`segrefine.crf.dense_crf`) stores
+            about 40 % less; asking such a lattice for a gradient or a
+            transposed filter raises ``RuntimeError``.
 
     The filter itself (:meth:`filter`) works in the dtype of the values
     (float32 or float64) and is differentiable w.r.t. them.
@@ -221,7 +226,9 @@ class PermutohedralLattice:
         images together).
     """
 
-    def __init__(self, features: Tensor, *, backend: str = "auto", densecrf_padding: bool = True) -> None:
+    def __init__(
+        self, features: Tensor, *, backend: str = "auto", densecrf_padding: bool = True, transposes: bool = True
+    ) -> None:
         if features.dim() == 2:
             features = features.unsqueeze(0)
         elif features.dim() != 3:
@@ -238,6 +245,7 @@ class PermutohedralLattice:
         self.backend = backend
         self.batch, self.num_pixels, self.dim = B, N, d
         self.device = features.device
+        self.transposes = transposes
         self._cache: dict = {}
         f = features.detach().to(torch.float32)
         if not bool(torch.isfinite(f).all()):  # build-time sync
@@ -471,8 +479,12 @@ class PermutohedralLattice:
         pix = _Bags(vid, pix_off, bary, None, BN, M, d1).compact()  # splat^T
         pts = _Bags(sp_pix, sp_off, sp_w, sp_rows, M, BN).compact()  # splat
         # (forward, transposed) bags of each stage
-        self._splat_f, self._splat_b = pts, pix
-        self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(sp_w * alpha)
+        if self.transposes:
+            self._splat_f, self._splat_b = pts, pix
+            self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(sp_w * alpha)
+        else:  # forward products only: no copies of the weights
+            self._splat_f, self._splat_b = pts, None
+            self._slice_f, self._slice_b = pix.reweighted(bary.mul_(alpha)), None
 
         # 10. blur neighbours along each axis j: u and u' are neighbours iff
         #     P(u') - P(u) = delta_j (the packing is injective on the key
@@ -515,7 +527,7 @@ class PermutohedralLattice:
 
     # ------------------------------------------------------------------
     def _stages(self) -> list[_Bags]:
-        return [self._splat_f, self._splat_b, self._slice_f, self._slice_b, *self._blur]
+        return [b for b in (self._splat_f, self._splat_b, self._slice_f, self._slice_b, *self._blur) if b is not None]
 
     def repeat(self, batch: int) -> "PermutohedralLattice":
         """A lattice over ``batch`` copies of this lattice's images.
@@ -533,9 +545,10 @@ class PermutohedralLattice:
         new.num_points = self.num_points * batch
         new.unique_keys = None
         new._splat_f = _repeat_bags(self._splat_f, batch)
-        new._splat_b = _repeat_bags(self._splat_b, batch)
-        new._slice_f = new._splat_b.reweighted(self._slice_f.weights.repeat(batch))
-        new._slice_b = new._splat_f.reweighted(self._slice_b.weights.repeat(batch))
+        pix = _repeat_bags(self._slice_f, batch)  # pixel-major indices
+        new._slice_f = pix
+        new._splat_b = None if self._splat_b is None else pix.reweighted(self._splat_b.weights.repeat(batch))
+        new._slice_b = None if self._slice_b is None else new._splat_f.reweighted(self._slice_b.weights.repeat(batch))
         new._blur = [_repeat_bags(b, batch) for b in self._blur]
         return new
 
@@ -558,13 +571,15 @@ class PermutohedralLattice:
             pre_pts = pre.index_select(0, pts_idx)
             pts, pix = self._splat_f, self._splat_b
             new._splat_f = pts.reweighted(pts.weights * pre_pts)
-            new._splat_b = pix.reweighted((pix.weights.view(BN, -1) * pre.unsqueeze(1)).view(-1))
+            if pix is not None:
+                new._splat_b = pix.reweighted((pix.weights.view(BN, -1) * pre.unsqueeze(1)).view(-1))
         if post is not None:
             post = pre if same else post.detach().reshape(BN).to(torch.float32)
             post_pts = pre_pts if same else post.index_select(0, pts_idx)
             pix, pts = self._slice_f, self._slice_b
             new._slice_f = pix.reweighted((pix.weights.view(BN, -1) * post.unsqueeze(1)).view(-1))
-            new._slice_b = pts.reweighted(pts.weights * post_pts)
+            if pts is not None:
+                new._slice_b = pts.reweighted(pts.weights * post_pts)
         return new
 
     def nbytes(self) -> int:
@@ -575,7 +590,12 @@ class PermutohedralLattice:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
-    def _apply(self, x: Tensor, fwd: _Bags, bwd: _Bags) -> Tensor:
+    def _apply(self, x: Tensor, fwd: _Bags | None, bwd: _Bags | None) -> Tensor:
+        if fwd is None or (bwd is None and x.requires_grad and torch.is_grad_enabled()):
+            raise RuntimeError(
+                "this lattice was built with transposes=False (inference only): it has no transposed "
+                "filter and no gradient; build it with transposes=True"
+            )
         return _BagProduct.apply(x, fwd, bwd, self.backend, self._cache)
 
     def splat(self, values: Tensor) -> Tensor:

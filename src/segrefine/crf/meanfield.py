@@ -432,7 +432,8 @@ def dense_crf(
         kernels = _build_kernels(
             lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial),
             lambda: _normalized(
-                PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb)), NORMALIZE_SYMMETRIC
+                PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb), transposes=False),
+                NORMALIZE_SYMMETRIC,
             ),
             probs.device,
         )
