@@ -195,12 +195,16 @@ def _mean_field(
     if not grad and compatibility is None and iterations > 0:
         # inference only: update one logits buffer in place (fewer large
         # allocations, which matter on CPU: fresh pages cost page faults)
-        S = logits.clone()
+        S = torch.empty_like(logits).copy_(logits)
         for _ in range(iterations):
             Q = _softmax(S)
-            S.copy_(logits)
+            first = True
             for f, w in zip(filters, weights):
-                S.addcmul_(f.filter(Q), w)
+                if first:  # S = L + w K~Q in one pass (no separate copy of L)
+                    torch.addcmul(logits, f.filter(Q), w, out=S)
+                    first = False
+                else:
+                    S.addcmul_(f.filter(Q), w)
         return S
     S = logits
     for _ in range(iterations):
