@@ -24,9 +24,11 @@ The build follows densecrf step by step (elevation, rounding, ranking,
 barycentric weights, enclosing simplex; see crf-notes) for all pixels at once.
 Lattice keys are packed into int64 (mixed radix, batch index most
 significant); pixels are first grouped by simplex (one sort), the ``d+1``
-vertex keys of each distinct simplex deduplicated (a second sort), and the
-blur neighbours found by sorting the points along each axis's lattice lines
-(``d+1`` sorts of ``M`` keys) instead of hash lookups.
+vertex keys of each distinct simplex deduplicated (a second sort), the splat
+rows listed by expanding each (point, simplex vertex) entry into that
+simplex's pixels (no sort), and the blur neighbours found by sorting the
+points along each axis's lattice lines (``d+1`` sorts of ``M`` keys) instead
+of hash lookups. Index arithmetic is int32 when sizes allow.
 
 Splat, each blur step and slice are linear maps stored as precomputed
 index/weight "bags" (CSR rows):
@@ -62,6 +64,9 @@ indices:
   ``24 M (d+1)`` bytes, plus ``12 M`` bytes for the packed keys/offsets;
 * a normalised kernel (:meth:`PermutohedralLattice.scaled`) adds its own
   ``16 N (d+1)`` bytes of weights (the indices are shared);
+* ``transposes=False`` (inference only) keeps one weight array per
+  direction: ``16 N (d+1)`` bytes for splat and slice instead of 24, and its
+  normalised kernel adds ``8 N (d+1)``;
 * temporaries while building: about ``100 N (d+1)`` bytes, freed afterwards;
 * while filtering ``C`` channels: a few ``M x C`` buffers plus the output.
 
