@@ -390,9 +390,10 @@ class PermutohedralLattice:
             del vkey_sorted, code_sorted
         S = s_first.numel()
         del s_first
-        sid_sorted = torch.cumsum(s_new, 0) - 1  # simplex of each pixel, simplex order
+        sdt = i32 if BN < 2**31 else i64  # simplex ids: S <= BN
+        sid_sorted = torch.cumsum(s_new, 0, dtype=sdt).sub_(1)  # simplex of each pixel, simplex order
         del s_new
-        sid = torch.empty(BN, dtype=i64, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
+        sid = torch.empty(BN, dtype=sdt, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
 
         # 7. vertex keys of each simplex, (d1, S) r-major:
         #    key^r = key^0 + r (1,...,1) - (d+1) sum_{i: pos_i < r} e_i
@@ -429,6 +430,9 @@ class PermutohedralLattice:
         del keys_sorted
         idt = i32 if M < 2**31 and B * N * d1 < 2**31 else i64  # index dtype
         svid = torch.empty(SE, dtype=idt, device=dev).scatter_(0, perm_e, point_of_e.to(idt))  # entry -> point
+        # keep only what step 9 needs, in idt (the int64 copies are the build's largest arrays)
+        perm_e = perm_e.to(idt)
+        point_of_e = point_of_e.to(idt) if self.backend == "index" else None
         self.num_points = M
         self.unique_keys = unique_keys
 
@@ -455,7 +459,6 @@ class PermutohedralLattice:
         # all index arithmetic below in idt (int32 when sizes allow: half the memory traffic)
         cnt = torch.bincount(sid_sorted, minlength=S).to(idt)  # real pixels per simplex
         del sid_sorted
-        perm_e = perm_e.to(idt)
         e_s = perm_e.remainder(S)  # simplex of each sorted entry
         lens = cnt.index_select(0, e_s)
         out_start = torch.cumsum(lens, 0, dtype=idt).sub_(lens)  # first pair of each sorted entry
@@ -474,7 +477,7 @@ class PermutohedralLattice:
         sp_off = torch.cat([out_start.index_select(0, first_e), out_start.new_full((1,), total)])
         sp_rows = None
         if self.backend == "index":
-            sp_rows = point_of_e.to(idt).index_select(0, rep)
+            sp_rows = point_of_e.index_select(0, rep)
         del rep, out_start, first_e, perm_e, point_of_e
 
 

@@ -129,18 +129,27 @@ _SPATIAL_CACHE_SIZE = 4
 
 
 def _spatial_filter(
-    batch: int, height: int, width: int, theta: float, normalization: str, device: torch.device, cache: bool
+    batch: int,
+    height: int,
+    width: int,
+    theta: float,
+    normalization: str,
+    device: torch.device,
+    cache: bool,
+    transposes: bool = True,
 ) -> PermutohedralLattice:
     """Normalised spatial kernel for ``batch`` images of ``height x width``.
 
     Its lattice depends only on the image size, so the single-image version
     is kept in a small process-wide LRU cache (``cache=True``) and repeated
-    over the batch (index arithmetic, no re-sorting).
+    over the batch (index arithmetic, no re-sorting). ``transposes=False``:
+    the inference-only lattice (cached separately).
     """
-    key = (height, width, float(theta), normalization, str(device))
+    key = (height, width, float(theta), normalization, str(device), transposes)
     single = _SPATIAL_CACHE.get(key) if cache else None
     if single is None:
-        single = _normalized(PermutohedralLattice(spatial_features(height, width, theta, device)), normalization)
+        lattice = PermutohedralLattice(spatial_features(height, width, theta, device), transposes=transposes)
+        single = _normalized(lattice, normalization)
         if cache:
             _SPATIAL_CACHE[key] = single
             while len(_SPATIAL_CACHE) > _SPATIAL_CACHE_SIZE:
@@ -434,7 +443,7 @@ def dense_crf(
     logits = _to_flat(torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)))
     if iterations > 0:
         kernels = _build_kernels(
-            lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial),
+            lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False),
             lambda: _normalized(
                 PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb), transposes=False),
                 NORMALIZE_SYMMETRIC,
