@@ -260,3 +260,16 @@ def test_inference_only_lattice_filters_the_same_and_refuses_gradients():
         lean.filter(v, transpose=True)
     with pytest.raises(RuntimeError, match="transposes=False"):
         lean.filter(v.clone().requires_grad_())
+
+
+def test_chunked_build_is_identical(monkeypatch):
+    """The per-pixel build steps run in chunks of pixels; the lattice must not depend on the chunk size."""
+    import segrefine.crf.lattice as lattice_module
+
+    f = torch.rand(2, 301, 5) * 6
+    v = torch.rand(2, 301, 3)
+    whole = PermutohedralLattice(f)
+    monkeypatch.setattr(lattice_module, "_CHUNK", 64)
+    chunked = PermutohedralLattice(f)
+    assert chunked.num_points == whole.num_points
+    torch.testing.assert_close(chunked.filter(v), whole.filter(v), rtol=0, atol=0)

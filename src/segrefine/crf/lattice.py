@@ -89,6 +89,9 @@ __all__ = ["PermutohedralLattice"]
 # simplexes are sorted by one packed int64 key when its range is below this,
 # else by two stable sorts (vertex key, then permutation code)
 _SINGLE_KEY_LIMIT = 2**62
+# pixels per chunk of the per-pixel build steps (their temporaries are ~200
+# bytes per pixel for 5-D features)
+_CHUNK = 2**17
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +196,72 @@ class _BagProduct(torch.autograd.Function):
         return gx, None, None, None, None
 
 
+def _elevate(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-5 of the build for pixels ``f (n, d)`` float32, independently
+    per pixel (so they can run in chunks): ``q (d, n)`` float (exact small
+    integers, rem0 / (d+1)), ``code (n,)`` int64 (the permutation pos[:d] in
+    base d+1) and ``bary (n, d+1)`` float32 barycentric weights."""
+    d1 = d + 1
+    n = f.shape[0]
+    dev = f.device
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
+    fT = f.t().contiguous()  # (d, n): coordinate-major, contiguous rows
+
+    # 1. scale factors, exactly as densecrf computes them (double -> float)
+    inv_std_dev = np.float32(math.sqrt(2.0 / 3.0) * d1)
+    scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std_dev))) for i in range(d)]
+    down = float(np.float32(1.0) / np.float32(d1))
+
+    # 2. elevate: e_j = sum_{k>=j} c_k - j c_{j-1}, same float op order as C++
+    E = torch.empty(d1, n, dtype=f32, device=dev)
+    sm = torch.zeros(n, dtype=f32, device=dev)
+    for j in range(d, 0, -1):
+        cf = fT[j - 1] * scale[j - 1]
+        torch.sub(sm, cf * float(j), out=E[j])
+        sm += cf
+    E[0] = sm
+    del sm, cf, fT
+
+    # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
+    v = torch.mul(E, down).round_()  # rem0 = (d+1) v
+
+    # 4. rank = position in a stable descending sort of delta = e - rem0
+    #    (ties: the earlier coordinate counts as larger), then shifted by
+    #    sum(v) and wrapped into [0, d] (moving rem0 by -+(d+1))
+    delta = torch.sub(E, v, alpha=d1)  # exact: e and rem0 are close
+    rank = torch.arange(d1, dtype=i32, device=dev).unsqueeze(1).repeat(1, n)
+    for i in range(d):
+        for j in range(i + 1, d1):
+            c = (delta[i] < delta[j]).to(i32)
+            rank[i] += c
+            rank[j] -= c
+    del delta, c
+    rank += v.sum(0).to(i32)  # exact small integers
+    shift = (rank < 0).to(i32)
+    shift -= (rank > d).to(i32)
+    rank.add_(shift, alpha=d1)
+    v += shift
+    del shift
+
+    # 5. barycentric weights, pixel-major (n, d1): with g[d - rank_i] =
+    #    (e_i - rem0_i) / (d+1): b[k] = g[k] - g[k-1], b[0] = g[0] + (1 - g[d])
+    pos = d - rank.to(i64)  # (d1, n) sorted position of each coordinate
+    del rank
+    bv = torch.sub(E, v, alpha=d1).mul_(down)
+    del E
+    g = torch.empty(n, d1, dtype=f32, device=dev)
+    g.scatter_(1, pos.t(), bv.t())
+    del bv
+    bary = torch.empty_like(g)
+    torch.sub(g[:, 1:], g[:, :-1], out=bary[:, 1:])
+    bary[:, 0] = g[:, 0] + (1.0 - g[:, d])
+    del g
+    code = torch.zeros(n, dtype=i64, device=dev)
+    for i in range(d):
+        code.add_(pos[i], alpha=d1**i)
+    return v[:d], code, bary
+
+
 # --------------------------------------------------------------------------
 # Lattice
 # --------------------------------------------------------------------------
@@ -275,63 +344,22 @@ class PermutohedralLattice:
         BN = B * Np
         dev = f.device
         i64, i32, f32 = torch.int64, torch.int32, torch.float32
-        fT = f.t().contiguous()  # (d, BN): coordinate-major, contiguous rows
-
-        # 1. scale factors, exactly as densecrf computes them (double -> float)
-        inv_std_dev = np.float32(math.sqrt(2.0 / 3.0) * d1)
-        scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std_dev))) for i in range(d)]
-        down = float(np.float32(1.0) / np.float32(d1))
-
-        # 2. elevate: e_j = sum_{k>=j} c_k - j c_{j-1}, same float op order as C++
-        E = torch.empty(d1, BN, dtype=f32, device=dev)
-        sm = torch.zeros(BN, dtype=f32, device=dev)
-        for j in range(d, 0, -1):
-            cf = fT[j - 1] * scale[j - 1]
-            torch.sub(sm, cf * float(j), out=E[j])
-            sm += cf
-        E[0] = sm
-        del sm, cf, fT
-
-        # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
-        v = torch.mul(E, down).round_()  # rem0 = (d+1) v
-
-        # 4. rank = position in a stable descending sort of delta = e - rem0
-        #    (ties: the earlier coordinate counts as larger), then shifted by
-        #    sum(v) and wrapped into [0, d] (moving rem0 by -+(d+1))
-        delta = torch.sub(E, v, alpha=d1)  # exact: e and rem0 are close
-        rank = torch.arange(d1, dtype=i32, device=dev).unsqueeze(1).repeat(1, BN)
-        for i in range(d):
-            for j in range(i + 1, d1):
-                c = (delta[i] < delta[j]).to(i32)
-                rank[i] += c
-                rank[j] -= c
-        del delta, c
-        rank += v.sum(0).to(i32)  # exact small integers
-        shift = (rank < 0).to(i32)
-        shift -= (rank > d).to(i32)
-        rank.add_(shift, alpha=d1)
-        v += shift
-        del shift
-
-        # 5. barycentric weights, pixel-major (BN, d1): with g[d - rank_i] =
-        #    (e_i - rem0_i) / (d+1): b[k] = g[k] - g[k-1], b[0] = g[0] + (1 - g[d])
-        pos = d - rank.to(i64)  # (d1, BN) sorted position of each coordinate
-        del rank
-        bv = torch.sub(E, v, alpha=d1).mul_(down)
-        del E
-        g = torch.empty(BN, d1, dtype=f32, device=dev)
-        g.scatter_(1, pos.t(), bv.t())
-        del bv
-        bary = torch.empty_like(g)
-        torch.sub(g[:, 1:], g[:, :-1], out=bary[:, 1:])
-        bary[:, 0] = g[:, 0] + (1.0 - g[:, d])
-        del g
+        # 1-5 per pixel, in chunks of pixels (bounded temporaries)
+        q = torch.empty(d, BN, dtype=f32, device=dev)
+        code = torch.empty(BN, dtype=i64, device=dev)
+        bary = torch.empty(BN, d1, dtype=f32, device=dev)
+        for a in range(0, BN, _CHUNK):
+            qc, cc, bc = _elevate(f[a : a + _CHUNK], d)
+            q[:, a : a + _CHUNK] = qc
+            code[a : a + _CHUNK] = cc
+            bary[a : a + _CHUNK] = bc
+            del qc, cc, bc
+        del f
 
         # 6. simplexes: (rem0[:d] / (d+1), rank[:d]) identify the d+1
         #    vertices. Sort the pixels by simplex: by the packed key of vertex
         #    0 (mixed radix over the vertex-key box, batch most significant),
         #    then by pos[:d] (the permutation, in base d+1).
-        q = v[:d]  # (d, BN) = rem0 / (d+1), exact small integers (float)
         qlo_l = [int(x) for x in q.amin(1).tolist()]  # build-time sync
         qhi_l = [int(x) for x in q.amax(1).tolist()]
         # vertex coordinate i lies in [(d+1) qlo_i - d, (d+1) qhi_i + d]; the
@@ -356,13 +384,9 @@ class PermutohedralLattice:
         for i in range(d):
             vkey.add_(q[i].to(i64), alpha=d1 * vstrides[i])
         vkey -= sum(d1 * vstrides[i] * qlo_l[i] for i in range(d))
-        del q, v
+        del q
         if B > 1:
             vkey.add_(torch.arange(B, device=dev).repeat_interleave(Np), alpha=acc)
-        code = torch.zeros(BN, dtype=i64, device=dev)  # pos[:d] in base d+1
-        for i in range(d):
-            code.add_(pos[i], alpha=d1**i)
-        del pos
         if acc * B * code_radix < _SINGLE_KEY_LIMIT:  # one key: (vertex 0, code)
             skey = vkey.mul_(code_radix).add_(code)
             del code
