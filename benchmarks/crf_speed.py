@@ -140,9 +140,10 @@ def load_crfasrnn(path: str | None):
     return make
 
 
-def timeit_interleaved(fns: dict, repeats: int, sync=None) -> dict:
+def timeit_interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
     """Median ms per call of each function, called round-robin ``repeats`` times after
-    one warm-up call each (``sync`` after every call on CUDA)."""
+    one warm-up call each (``sync`` after every call on CUDA). ``clock`` is wall time by
+    default; ``time.process_time`` gives the CPU time of the process instead."""
     sync = sync or (lambda: None)
     times = {k: [] for k in fns}
     for fn in fns.values():
@@ -150,10 +151,10 @@ def timeit_interleaved(fns: dict, repeats: int, sync=None) -> dict:
     sync()
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -205,7 +206,13 @@ def main() -> None:
     ap.add_argument("--baseline-src", default=None, help="src/ folder of another segrefine version ('before')")
     ap.add_argument("--no-layer", action="store_true", help="skip the CRF-RNN layer forward+backward rows")
     ap.add_argument("--noise", action="store_true", help="uniform-noise images (lattice worst case)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default), or the process's CPU time: with one thread on a loaded machine "
+                         "a load-independent measure of the work done (not of wall time with several threads)")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.clock == "cpu" and args.device != "cpu":
+        raise SystemExit("--clock cpu measures CPU work; use the default wall clock with --device cuda")
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     cpus = hardware.available_cpus()
@@ -221,7 +228,8 @@ def main() -> None:
           f"{args.iterations} iterations, θα {PARAMS['theta_alpha']:g}, θβ {PARAMS['theta_beta']:g}, "
           f"θγ {PARAMS['theta_gamma']:g}, weights {PARAMS['bilateral_weight']:g}/{PARAMS['spatial_weight']:g}; "
           f"median of {args.repeats}, implementations interleaved; "
-          f"{'noise' if args.noise else 'natural-looking'} images; ms per image")
+          f"{'noise' if args.noise else 'natural-looking'} images; ms per image, "
+          f"{'wall time' if args.clock == 'wall' else 'CPU time of the process (not wall time)'}")
     cols = ["case", "device", "threads", "what"] + [f"{v} {k}" for v in versions for k in ("cold", "cached")]
     cols += ["pydensecrf / official", "ratio (" + ", ".join(f"{v} cold, {v} cached" for v in versions) + ")"]
     print("| " + " | ".join(cols) + " |")
@@ -239,7 +247,7 @@ def main() -> None:
                 fns.update(dense_crf_fns(crf, tag, t_p, t_img, args.iterations))
             if dcrf is not None:
                 fns["ref"] = lambda: run_pydensecrf(probs, img, args.iterations)
-            t = timeit_interleaved(fns, args.repeats, sync)
+            t = timeit_interleaved(fns, args.repeats, sync, clock)
             ref = t.get("ref", float("nan"))
             cells = [fmt(t[f"{v} {k}"]) for v in versions for k in ("cold", "cached")]
             ratios = ", ".join(f"{t[f'{v} {k}'] / ref:.2f}" for v in versions for k in ("cold", "cached"))
@@ -256,7 +264,7 @@ def main() -> None:
             if official is not None and device.type == "cpu":
                 layer = official(c, args.iterations)
                 fns["official"] = layer_fn(layer, logits, t_img, grad, official=True)
-            t = timeit_interleaved(fns, args.repeats, sync)
+            t = timeit_interleaved(fns, args.repeats, sync, clock)
             ref = t.get("official", float("nan"))
             cells = [x for v in versions for x in (fmt(t[v]), "")]
             ratios = ", ".join(f"{t[v] / ref:.2f}" for v in versions)
