@@ -224,7 +224,7 @@ def main() -> None:
         versions["before"] = load_crf_package(args.baseline_src, "segrefine_crf_before")
     official = None if args.no_layer else load_crfasrnn(args.crfasrnn)
 
-    print(f"{hardware.summary(device)}; pydensecrf: {dcrf is not None}; official CRF-as-RNN: {official is not None}; "
+    print(f"{hardware.summary(device, threads=False)} (torch threads per row); pydensecrf: {dcrf is not None}; official CRF-as-RNN: {official is not None}; "
           f"{args.iterations} iterations, θα {PARAMS['theta_alpha']:g}, θβ {PARAMS['theta_beta']:g}, "
           f"θγ {PARAMS['theta_gamma']:g}, weights {PARAMS['bilateral_weight']:g}/{PARAMS['spatial_weight']:g}; "
           f"median of {args.repeats}, implementations interleaved; "

@@ -48,7 +48,8 @@ def test_describe_cpu(monkeypatch):
     assert info["usable_cpus"] == hardware.available_cpus()
     assert info["torch"] == torch.__version__
     assert isinstance(info["cpu"], str) and info["cpu"]
-    assert str(info["usable_cpus"]) in hardware.summary("cpu")
+    assert f"({info['usable_cpus']} usable CPUs), {torch_threads} torch threads" in hardware.summary("cpu")
+    assert "torch threads" not in hardware.summary("cpu", threads=False)
 
 
 def test_describe_cuda_names_the_gpu(monkeypatch):

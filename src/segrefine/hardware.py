@@ -64,9 +64,10 @@ def describe(device: torch.device | str = "cpu") -> dict:
     }
 
 
-def summary(device: torch.device | str = "cpu") -> str:
-    """One line for a benchmark header, e.g. ``CPU Intel Xeon (2 usable CPUs), 2 torch threads, torch 2.4``."""
+def summary(device: torch.device | str = "cpu", threads: bool = True) -> str:
+    """One line for a benchmark header, e.g. ``CPU Intel Xeon (2 usable CPUs), 2 torch threads, torch 2.4``
+    (``threads=False`` leaves the thread count out, for tables that give it per row)."""
     h = describe(device)
     where = f"GPU {h['gpu']} ({h['device']}), " if h["gpu"] else ""
-    return (f"{where}CPU {h['cpu']} ({h['usable_cpus']} usable CPUs), {h['torch_threads']} torch threads, "
-            f"torch {h['torch']}")
+    nthreads = f"{h['torch_threads']} torch threads, " if threads else ""
+    return f"{where}CPU {h['cpu']} ({h['usable_cpus']} usable CPUs), {nthreads}torch {h['torch']}"
