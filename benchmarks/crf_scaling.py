@@ -42,7 +42,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(impl: str, width: int, height: int, classes: int, repeats: int, device: str, threads: int) -> dict:
+def child(impl: str, width: int, height: int, classes: int, repeats: int, device: str, threads: int,
+          clock=time.perf_counter) -> dict:
     """One implementation on one size, in this (fresh) process."""
     sys.path.insert(0, str(HERE))
     from crf_speed import PARAMS, synthetic_image, synthetic_probs
@@ -75,11 +76,11 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
     base = rss_bytes()
     times = []
     for i in range(repeats + 1):
-        t = time.perf_counter()
+        t = clock()
         run()
         sync()
         if i:  # the first call is a warm-up
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     out = {"ms": 1e3 * statistics.median(times), "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
                                                               - base) / 2**20}
     if impl != "pydensecrf" and device.startswith("cuda"):
@@ -91,7 +92,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
 
 def run_child(impl, w, h, c, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, str(w), str(h), str(c), "--repeats", str(args.repeats),
-           "--device", args.device, "--threads", str(args.threads)]
+           "--device", args.device, "--threads", str(args.threads), "--clock", args.clock]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if res.returncode != 0:
         return {"error": (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]}
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     ap.add_argument("--no-pydensecrf", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or the process's CPU time (load-independent with --threads 1)")
     ap.add_argument("--child", nargs=4, metavar=("IMPL", "W", "H", "C"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     from segrefine import hardware
@@ -114,7 +117,8 @@ def main() -> None:
     args.threads = args.threads or hardware.available_cpus()
     if args.child:
         impl, w, h, c = args.child
-        print(json.dumps(child(impl, int(w), int(h), int(c), args.repeats, args.device, args.threads)))
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        print(json.dumps(child(impl, int(w), int(h), int(c), args.repeats, args.device, args.threads, clock)))
         return
     import torch
 
@@ -122,7 +126,7 @@ def main() -> None:
     cases = [(s, s, args.classes) for s in args.sizes] + ([] if args.no_extra else [(2048, 1024, 19)])
     impls = ["dense_crf"] + ([] if args.no_pydensecrf else ["pydensecrf"])
     print(f"{hardware.summary(args.device)}; dense_crf on {args.device}, pydensecrf on the CPU (single-threaded); "
-          f"5 iterations; median of {args.repeats} after a warm-up; every lattice built in the call; memory = peak "
+          f"5 iterations; {'wall' if args.clock == 'wall' else 'CPU'} time, median of {args.repeats} after a warm-up; every lattice built in the call; memory = peak "
           f"RSS of a fresh process minus its RSS before the first call")
     cols = ["W×H", "C", "pixels", "dense_crf ms", "ms/MPix", "peak MB", "B/pixel"]
     if args.device.startswith("cuda"):
