@@ -204,7 +204,7 @@ def _mean_field(
     if not grad and compatibility is None and iterations > 0:
         # inference only: update one logits buffer in place (fewer large
         # allocations, which matter on CPU: fresh pages cost page faults)
-        S = torch.empty_like(logits).copy_(logits)
+        S = logits.clone()
         for _ in range(iterations):
             Q = _softmax(S)
             first = True
