@@ -1,39 +1,55 @@
-"""Speed of ``segrefine.crf.dense_crf`` against ``pydensecrf`` (not a test).
+"""Speed of ``segrefine.crf`` against ``pydensecrf`` and the official CRF-as-RNN layer (not a test).
 
-For each image size and class count: the same unary and image are given to
-``dense_crf`` (5 iterations, lattice build included) and to ``pydensecrf``
-(``DenseCRF2D`` + README-default pairwise terms + ``inference``), on CPU with
-one thread and with all threads (``torch.set_num_threads``), and on CUDA when
-present. Prints ms/image (best of ``--repeats`` after a warm-up, the
-implementations called round-robin) and the ratio to pydensecrf (the
-``pydensecrf`` column of a CUDA row repeats the CPU figure). ``ms/img`` builds every lattice inside the timed call
-(what pydensecrf does); ``cached`` reuses the spatial kernel's lattice, which
-depends only on the image size (``dense_crf``'s default for repeated sizes).
+Cases (``WxH:C``; default ``320x320:2`` and ``500x375:21``), 5 mean-field iterations,
+θα 80, θβ 13, θγ 3, weights 10 (bilateral) / 3 (spatial), for each torch thread count:
+
+* ``dense_crf`` ms/image, every lattice built in the call (``cold``, what pydensecrf does)
+  and with the spatial lattice cached (``cached``, dense_crf's default for a stream of
+  same-size images), against ``pydensecrf`` (``DenseCRF2D`` + the same pairwise terms +
+  ``inference``; single-threaded C++, timed under the same setting);
+* the CRF-RNN layer forward+backward: ``MeanFieldCRF`` (learned compatibility) against the
+  official CRF-as-RNN PyTorch layer (``sadeepj/crfasrnn_pytorch``, C++ permutohedral
+  lattice) when ``--crfasrnn DIR`` points at a built copy of that repository (it is only a
+  timing reference and never part of segrefine; skipped when absent);
+* with ``--baseline-src DIR``, the same rows for another version of ``segrefine.crf``
+  (``DIR/segrefine/crf``, e.g. ``git archive main src/segrefine/crf | tar -x -C /tmp/before``
+  then ``--baseline-src /tmp/before/src``): before/after from the same run.
+
+Timing: every implementation is warmed up, then they are called round-robin ``--repeats``
+times (load drift on a shared machine hits all alike) and the **median** is reported. The
+table is markdown, ready to paste, headed by the hardware (``segrefine.hardware``).
 
     PYTHONPATH=src python benchmarks/crf_speed.py
-    PYTHONPATH=src python benchmarks/crf_speed.py --sizes 320x320 --classes 2 --repeats 5
+    PYTHONPATH=src python benchmarks/crf_speed.py --cases 320x320:2 --threads 1 2 --repeats 9
+    PYTHONPATH=src python benchmarks/crf_speed.py --device cuda --cases 500x375:21 1024x2048:19
+    PYTHONPATH=src python benchmarks/crf_speed.py --crfasrnn /tmp/crfasrnn --baseline-src /tmp/before/src
 
-Images are synthetic but natural-looking (smooth shading, a few shapes with
-sharp edges, mild noise, integer valued 0-255) so that lattice sizes resemble
-real photographs rather than noise; ``--noise`` uses uniform noise instead
-(worst case for the lattice).
+Images are synthetic but natural-looking (smooth shading, a few shapes with sharp edges,
+mild noise, integer valued 0-255) so that lattice sizes resemble real photographs rather
+than noise; ``--noise`` uses uniform noise instead (worst case for the lattice).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from segrefine.crf import clear_spatial_cache, dense_crf
+from segrefine import hardware
+from segrefine import crf as segrefine_crf
 
 try:
     import pydensecrf.densecrf as dcrf
 except ImportError:  # pragma: no cover
     dcrf = None
+
+PARAMS = dict(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, bilateral_weight=10.0, spatial_weight=3.0)
 
 
 def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0, noise: bool = False) -> np.ndarray:
@@ -84,118 +100,177 @@ def run_pydensecrf(probs: np.ndarray, img: np.ndarray, iterations: int) -> np.nd
     C, H, W = probs.shape
     d = dcrf.DenseCRF2D(W, H, C)
     d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(C, -1)))
-    d.addPairwiseGaussian(sxy=3, compat=3)
-    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.ascontiguousarray(img), compat=10)
+    d.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["spatial_weight"])
+    d.addPairwiseBilateral(sxy=PARAMS["theta_alpha"], srgb=PARAMS["theta_beta"], rgbim=np.ascontiguousarray(img),
+                           compat=PARAMS["bilateral_weight"])
     return np.array(d.inference(iterations))
 
 
-def timeit_interleaved(fns: dict, repeats: int, sync=None) -> dict:
-    """Best-of-``repeats`` ms per call for each function, calling them
-    round-robin (so load drift on a shared machine hits all alike). Each is
-    warmed up once first."""
+def load_crf_package(src: str, name: str):
+    """``segrefine.crf`` from another source tree (``src/segrefine/crf``), as module ``name``."""
+    init = Path(src) / "segrefine" / "crf" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline-src {src}: no segrefine/crf/__init__.py there")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_crfasrnn(path: str | None):
+    """The official CRF-as-RNN layer class from a built copy of sadeepj/crfasrnn_pytorch, or None."""
+    if not path:
+        return None
+    root = Path(path)
+    sys.path[:0] = [str(root), str(root / "crfasrnn")]  # permuto_cpp is built in crfasrnn/
+    try:
+        from crfasrnn.crfrnn import CrfRnn
+        from crfasrnn.params import DenseCRFParams
+    except Exception as e:  # noqa: BLE001 - a reference that is absent or unbuilt is skipped
+        print(f"official CRF-as-RNN layer not usable from {path}: {e!r}; its rows are skipped")
+        return None
+
+    def make(num_classes: int, iterations: int):
+        params = DenseCRFParams(alpha=PARAMS["theta_alpha"], beta=PARAMS["theta_beta"], gamma=PARAMS["theta_gamma"],
+                                spatial_ker_weight=PARAMS["spatial_weight"],
+                                bilateral_ker_weight=PARAMS["bilateral_weight"])
+        return CrfRnn(num_classes, num_iterations=iterations, crf_init_params=params)
+
+    return make
+
+
+def timeit_interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
+    """Median ms per call of each function, called round-robin ``repeats`` times after
+    one warm-up call each (``sync`` after every call on CUDA). ``clock`` is wall time by
+    default; ``time.process_time`` gives the CPU time of the process instead."""
+    sync = sync or (lambda: None)
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    if sync:
-        sync()
+    sync()
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            if sync:
-                sync()
-            times[k].append(time.perf_counter() - t)
-    return {k: min(v) * 1e3 for k, v in times.items()}
+            sync()
+            times[k].append(clock() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def dense_crf_fns(p: torch.Tensor, img: torch.Tensor, args) -> dict:
-    """dense_crf with every lattice built in the call (spatial lattice cache
-    cleared first) and with the spatial lattice cached (the steady state for
-    a stream of same-size images)."""
+def dense_crf_fns(crf, tag: str, p: torch.Tensor, img: torch.Tensor, iterations: int) -> dict:
+    """``crf.dense_crf`` with every lattice built in the call (spatial cache cleared first)
+    and with the spatial lattice cached."""
 
     def cold():
-        clear_spatial_cache()
-        dense_crf(p, img, iterations=args.iterations)
+        crf.clear_spatial_cache()
+        crf.dense_crf(p, img, iterations=iterations)
 
-    return {"cold": cold, "cached": lambda: dense_crf(p, img, iterations=args.iterations)}
+    return {f"{tag} cold": cold, f"{tag} cached": lambda: crf.dense_crf(p, img, iterations=iterations)}
+
+
+def layer_fn(layer, logits: torch.Tensor, img: torch.Tensor, grad: torch.Tensor, official: bool):
+    """Forward + backward of a CRF-RNN layer w.r.t. the unary logits (and its parameters)."""
+
+    def step():
+        x = logits.detach().requires_grad_()
+        out = layer(img, x) if official else layer(x, img)
+        (out * grad).sum().backward()
+        layer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    try:
+        size, classes = text.lower().split(":")
+        w, h = (int(v) for v in size.split("x"))
+        return w, h, int(classes)
+    except ValueError:
+        raise SystemExit(f"--cases {text!r}: expected WxH:C, e.g. 500x375:21") from None
+
+
+def fmt(ms: float) -> str:
+    return "–" if ms != ms else f"{ms:.1f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["128x128", "320x320", "512x512", "500x375"],
-                    help="WxH image sizes")
-    ap.add_argument("--classes", nargs="+", type=int, default=[2, 21])
-    ap.add_argument("--only", nargs="*", default=None,
-                    help="restrict to WxH:C combos (default: every size x class, but 500x375 only with C=21)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", default=["320x320:2", "500x375:21"], help="WxH:C")
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iterations", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=1, help="images per dense_crf call (ms reported per image)")
     ap.add_argument("--threads", nargs="+", type=int, default=None,
-                    help="CPU thread counts (default: 1 and all)")
-    ap.add_argument("--no-cuda", action="store_true")
+                    help="CPU thread counts (default: 1 and the usable CPUs)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (pydensecrf always runs on the CPU)")
+    ap.add_argument("--crfasrnn", default=None, help="built copy of sadeepj/crfasrnn_pytorch (timing reference)")
+    ap.add_argument("--baseline-src", default=None, help="src/ folder of another segrefine version ('before')")
+    ap.add_argument("--no-layer", action="store_true", help="skip the CRF-RNN layer forward+backward rows")
     ap.add_argument("--noise", action="store_true", help="uniform-noise images (lattice worst case)")
-    ap.add_argument("--tune-malloc", action="store_true",
-                    help="keep freed heap memory mapped (glibc mallopt), for both implementations: "
-                         "avoids page faults from large temporaries, which are costly in some VMs")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default), or the process's CPU time: with one thread on a loaded machine "
+                         "a load-independent measure of the work done (not of wall time with several threads)")
     args = ap.parse_args()
-    if args.tune_malloc:
-        import ctypes
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.clock == "cpu" and args.device != "cpu":
+        raise SystemExit("--clock cpu measures CPU work; use the default wall clock with --device cuda")
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    cpus = hardware.available_cpus()
+    threads = args.threads or sorted({1, cpus})
+    if device.type == "cuda":
+        threads = threads[-1:]  # host threads barely matter on the GPU; one row per case
+    versions = {"now": segrefine_crf}
+    if args.baseline_src:
+        versions["before"] = load_crf_package(args.baseline_src, "segrefine_crf_before")
+    official = None if args.no_layer else load_crfasrnn(args.crfasrnn)
 
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-    all_threads = os.cpu_count() or 1
-    threads = args.threads or sorted({1, all_threads})
-    combos = []
-    for s in args.sizes:
-        w, h = (int(v) for v in s.lower().split("x"))
-        for c in args.classes:
-            tag = f"{w}x{h}:{c}"
-            if args.only is not None:
-                if tag not in args.only:
-                    continue
-            elif s == "500x375" and c != 21:
-                continue
-            combos.append((w, h, c))
-
-    cuda = torch.cuda.is_available() and not args.no_cuda
-    print(f"torch {torch.__version__}, {all_threads} CPU threads available, CUDA: {cuda}, "
-          f"pydensecrf: {dcrf is not None}, iterations {args.iterations}, batch {args.batch}, "
-          f"{'noise' if args.noise else 'natural-looking'} images, malloc tuned: {args.tune_malloc}")
-    header = (f"{'size':>9} {'C':>3} {'device':>6} {'threads':>7} {'ms/img':>8} {'cached':>8} {'pydensecrf':>10} "
-              f"{'ratio':>6} {'cached':>6} {'max|dQ|':>8}")
-    print(header)
-    print("-" * len(header))
-    for w, h, c in combos:
+    print(f"{hardware.summary(device, threads=False)} (torch threads per row); pydensecrf: {dcrf is not None}; official CRF-as-RNN: {official is not None}; "
+          f"{args.iterations} iterations, θα {PARAMS['theta_alpha']:g}, θβ {PARAMS['theta_beta']:g}, "
+          f"θγ {PARAMS['theta_gamma']:g}, weights {PARAMS['bilateral_weight']:g}/{PARAMS['spatial_weight']:g}; "
+          f"median of {args.repeats}, implementations interleaved; "
+          f"{'noise' if args.noise else 'natural-looking'} images; ms per image, "
+          f"{'wall time' if args.clock == 'wall' else 'CPU time of the process (not wall time)'}")
+    cols = ["case", "device", "threads", "what"] + [f"{v} {k}" for v in versions for k in ("cold", "cached")]
+    cols += ["pydensecrf / official", "ratio (" + ", ".join(f"{v} cold, {v} cached" for v in versions) + ")"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for case in args.cases:
+        w, h, c = parse_case(case)
         img = synthetic_image(h, w, 3, seed=w + h, noise=args.noise)
         probs = synthetic_probs(h, w, c, seed=c)
-        t_img = torch.from_numpy(img).permute(2, 0, 1).float()[None].repeat(args.batch, 1, 1, 1).contiguous()
-        t_p = torch.from_numpy(probs)[None].repeat(args.batch, 1, 1, 1).contiguous()
+        t_img = torch.from_numpy(img).permute(2, 0, 1).float()[None].contiguous().to(device)
+        t_p = torch.from_numpy(probs)[None].contiguous().to(device)
         for nt in threads:
             torch.set_num_threads(nt)
-            fns = dense_crf_fns(t_p, t_img, args)
-            ref_ms = err = float("nan")
+            fns = {}
+            for tag, crf in versions.items():
+                fns.update(dense_crf_fns(crf, tag, t_p, t_img, args.iterations))
             if dcrf is not None:
-                # pydensecrf is single-threaded; timed under the same setting
                 fns["ref"] = lambda: run_pydensecrf(probs, img, args.iterations)
-                q_ref = run_pydensecrf(probs, img, args.iterations).reshape(c, h, w)
-                q = dense_crf(t_p[:1], t_img[:1], iterations=args.iterations)[0].numpy()
-                err = float(np.abs(q - q_ref).max())
-            t = timeit_interleaved(fns, args.repeats)
-            ref_ms = t.get("ref", ref_ms)
-            ms, ms_c = t["cold"] / args.batch, t["cached"] / args.batch
-            print(f"{w}x{h:<5} {c:>3} {'cpu':>6} {nt:>7} {ms:>8.1f} {ms_c:>8.1f} {ref_ms:>10.1f} "
-                  f"{ms / ref_ms:>6.2f} {ms_c / ref_ms:>6.2f} {err:>8.1e}", flush=True)
-        if cuda:
-            torch.set_num_threads(all_threads)
-            t = timeit_interleaved(dense_crf_fns(t_p.cuda(), t_img.cuda(), args), args.repeats,
-                                   sync=torch.cuda.synchronize)
-            ms, ms_c = t["cold"] / args.batch, t["cached"] / args.batch
-            print(f"{w}x{h:<5} {c:>3} {'cuda':>6} {'-':>7} {ms:>8.1f} {ms_c:>8.1f} {ref_ms:>10.1f} "
-                  f"{ms / ref_ms:>6.2f} {ms_c / ref_ms:>6.2f}", flush=True)
-    torch.set_num_threads(all_threads)
+            t = timeit_interleaved(fns, args.repeats, sync, clock)
+            ref = t.get("ref", float("nan"))
+            cells = [fmt(t[f"{v} {k}"]) for v in versions for k in ("cold", "cached")]
+            ratios = ", ".join(f"{t[f'{v} {k}'] / ref:.2f}" for v in versions for k in ("cold", "cached"))
+            print(f"| {w}×{h}, C={c} | {device.type} | {nt} | dense_crf | " + " | ".join(cells)
+                  + f" | {fmt(ref)} | {ratios} |", flush=True)
+            if args.no_layer:
+                continue
+            logits = torch.log(t_p.clamp_min(1e-8))
+            grad = torch.randn_like(logits)
+            fns = {}
+            for tag, crf in versions.items():
+                layer = crf.MeanFieldCRF(c, compatibility="learned", iterations=args.iterations, **PARAMS).to(device)
+                fns[tag] = layer_fn(layer, logits, t_img, grad, official=False)
+            if official is not None and device.type == "cpu":
+                layer = official(c, args.iterations)
+                fns["official"] = layer_fn(layer, logits, t_img, grad, official=True)
+            t = timeit_interleaved(fns, args.repeats, sync, clock)
+            ref = t.get("official", float("nan"))
+            cells = [x for v in versions for x in (fmt(t[v]), "")]
+            ratios = ", ".join(f"{t[v] / ref:.2f}" for v in versions)
+            print(f"| {w}×{h}, C={c} | {device.type} | {nt} | CRF-RNN layer fwd+bwd | " + " | ".join(cells)
+                  + f" | {fmt(ref)} | {ratios} |", flush=True)
+    torch.set_num_threads(cpus)
 
 
 if __name__ == "__main__":

@@ -242,3 +242,34 @@ def test_two_pass_simplex_sort_equals_packed_key(monkeypatch):
     two_pass = PermutohedralLattice(f)
     assert two_pass.num_points == packed.num_points
     torch.testing.assert_close(two_pass.filter(v), packed.filter(v))
+
+
+def test_inference_only_lattice_filters_the_same_and_refuses_gradients():
+    f = torch.rand(2, 150, 3) * 4
+    v = torch.rand(2, 150, 4)
+    full = PermutohedralLattice(f)
+    lean = PermutohedralLattice(f, transposes=False)
+    torch.testing.assert_close(lean.filter(v), full.filter(v), rtol=0, atol=0)
+    n = torch.rand(300) + 0.5
+    torch.testing.assert_close(lean.scaled(n, n).filter(v), full.scaled(n, n).filter(v), rtol=0, atol=0)
+    torch.testing.assert_close(lean.repeat(2).filter(v.repeat(2, 1, 1)), full.repeat(2).filter(v.repeat(2, 1, 1)),
+                               rtol=0, atol=0)
+    # two fewer float32 weight arrays of B*N*(d+1) entries (the transposed splat and slice)
+    assert full.nbytes() - lean.nbytes() == 2 * 2 * 150 * 4 * 4
+    with pytest.raises(RuntimeError, match="transposes=False"):
+        lean.filter(v, transpose=True)
+    with pytest.raises(RuntimeError, match="transposes=False"):
+        lean.filter(v.clone().requires_grad_())
+
+
+def test_chunked_build_is_identical(monkeypatch):
+    """The per-pixel build steps run in chunks of pixels; the lattice must not depend on the chunk size."""
+    import segrefine.crf.lattice as lattice_module
+
+    f = torch.rand(2, 301, 5) * 6
+    v = torch.rand(2, 301, 3)
+    whole = PermutohedralLattice(f)
+    monkeypatch.setattr(lattice_module, "_CHUNK", 64)
+    chunked = PermutohedralLattice(f)
+    assert chunked.num_points == whole.num_points
+    torch.testing.assert_close(chunked.filter(v), whole.filter(v), rtol=0, atol=0)

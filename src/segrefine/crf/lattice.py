@@ -24,9 +24,11 @@ The build follows densecrf step by step (elevation, rounding, ranking,
 barycentric weights, enclosing simplex; see crf-notes) for all pixels at once.
 Lattice keys are packed into int64 (mixed radix, batch index most
 significant); pixels are first grouped by simplex (one sort), the ``d+1``
-vertex keys of each distinct simplex deduplicated (a second sort), and the
-blur neighbours found by sorting the points along each axis's lattice lines
-(``d+1`` sorts of ``M`` keys) instead of hash lookups.
+vertex keys of each distinct simplex deduplicated (a second sort), the splat
+rows listed by expanding each (point, simplex vertex) entry into that
+simplex's pixels (no sort), and the blur neighbours found by sorting the
+points along each axis's lattice lines (``d+1`` sorts of ``M`` keys) instead
+of hash lookups. Index arithmetic is int32 when sizes allow.
 
 Splat, each blur step and slice are linear maps stored as precomputed
 index/weight "bags" (CSR rows):
@@ -62,6 +64,9 @@ indices:
   ``24 M (d+1)`` bytes, plus ``12 M`` bytes for the packed keys/offsets;
 * a normalised kernel (:meth:`PermutohedralLattice.scaled`) adds its own
   ``16 N (d+1)`` bytes of weights (the indices are shared);
+* ``transposes=False`` (inference only) keeps one weight array per
+  direction: ``16 N (d+1)`` bytes for splat and slice instead of 24, and its
+  normalised kernel adds ``8 N (d+1)``;
 * temporaries while building: about ``100 N (d+1)`` bytes, freed afterwards;
 * while filtering ``C`` channels: a few ``M x C`` buffers plus the output.
 
@@ -84,6 +89,9 @@ __all__ = ["PermutohedralLattice"]
 # simplexes are sorted by one packed int64 key when its range is below this,
 # else by two stable sorts (vertex key, then permutation code)
 _SINGLE_KEY_LIMIT = 2**62
+# pixels per chunk of the per-pixel build steps (their temporaries are ~200
+# bytes per pixel for 5-D features)
+_CHUNK = 2**17
 
 
 # --------------------------------------------------------------------------
@@ -188,6 +196,72 @@ class _BagProduct(torch.autograd.Function):
         return gx, None, None, None, None
 
 
+def _elevate(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-5 of the build for pixels ``f (n, d)`` float32, independently
+    per pixel (so they can run in chunks): ``q (d, n)`` float (exact small
+    integers, rem0 / (d+1)), ``code (n,)`` int64 (the permutation pos[:d] in
+    base d+1) and ``bary (n, d+1)`` float32 barycentric weights."""
+    d1 = d + 1
+    n = f.shape[0]
+    dev = f.device
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
+    fT = f.t().contiguous()  # (d, n): coordinate-major, contiguous rows
+
+    # 1. scale factors, exactly as densecrf computes them (double -> float)
+    inv_std_dev = np.float32(math.sqrt(2.0 / 3.0) * d1)
+    scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std_dev))) for i in range(d)]
+    down = float(np.float32(1.0) / np.float32(d1))
+
+    # 2. elevate: e_j = sum_{k>=j} c_k - j c_{j-1}, same float op order as C++
+    E = torch.empty(d1, n, dtype=f32, device=dev)
+    sm = torch.zeros(n, dtype=f32, device=dev)
+    for j in range(d, 0, -1):
+        cf = fT[j - 1] * scale[j - 1]
+        torch.sub(sm, cf * float(j), out=E[j])
+        sm += cf
+    E[0] = sm
+    del sm, cf, fT
+
+    # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
+    v = torch.mul(E, down).round_()  # rem0 = (d+1) v
+
+    # 4. rank = position in a stable descending sort of delta = e - rem0
+    #    (ties: the earlier coordinate counts as larger), then shifted by
+    #    sum(v) and wrapped into [0, d] (moving rem0 by -+(d+1))
+    delta = torch.sub(E, v, alpha=d1)  # exact: e and rem0 are close
+    rank = torch.arange(d1, dtype=i32, device=dev).unsqueeze(1).repeat(1, n)
+    for i in range(d):
+        for j in range(i + 1, d1):
+            c = (delta[i] < delta[j]).to(i32)
+            rank[i] += c
+            rank[j] -= c
+    del delta, c
+    rank += v.sum(0).to(i32)  # exact small integers
+    shift = (rank < 0).to(i32)
+    shift -= (rank > d).to(i32)
+    rank.add_(shift, alpha=d1)
+    v += shift
+    del shift
+
+    # 5. barycentric weights, pixel-major (n, d1): with g[d - rank_i] =
+    #    (e_i - rem0_i) / (d+1): b[k] = g[k] - g[k-1], b[0] = g[0] + (1 - g[d])
+    pos = d - rank.to(i64)  # (d1, n) sorted position of each coordinate
+    del rank
+    bv = torch.sub(E, v, alpha=d1).mul_(down)
+    del E
+    g = torch.empty(n, d1, dtype=f32, device=dev)
+    g.scatter_(1, pos.t(), bv.t())
+    del bv
+    bary = torch.empty_like(g)
+    torch.sub(g[:, 1:], g[:, :-1], out=bary[:, 1:])
+    bary[:, 0] = g[:, 0] + (1.0 - g[:, d])
+    del g
+    code = torch.zeros(n, dtype=i64, device=dev)
+    for i in range(d):
+        code.add_(pos[i], alpha=d1**i)
+    return v[:d], code, bary
+
+
 # --------------------------------------------------------------------------
 # Lattice
 # --------------------------------------------------------------------------
@@ -212,6 +286,11 @@ class PermutohedralLattice:
             blur, which changes results near feature 0 (e.g. dark pixels near
             the top-left corner) by up to ~1e-3. Default True (parity with
             ``pydensecrf``); False gives the plain lattice.
+        transposes: keep the transposed splat/slice products, which the
+            backward pass and ``filter(transpose=True)`` need. False (for
+            inference only, e.g. :func:`segrefine.crf.dense_crf`) stores
+            about 40 % less; asking such a lattice for a gradient or a
+            transposed filter raises ``RuntimeError``.
 
     The filter itself (:meth:`filter`) works in the dtype of the values
     (float32 or float64) and is differentiable w.r.t. them.
@@ -221,7 +300,9 @@ class PermutohedralLattice:
         images together).
     """
 
-    def __init__(self, features: Tensor, *, backend: str = "auto", densecrf_padding: bool = True) -> None:
+    def __init__(
+        self, features: Tensor, *, backend: str = "auto", densecrf_padding: bool = True, transposes: bool = True
+    ) -> None:
         if features.dim() == 2:
             features = features.unsqueeze(0)
         elif features.dim() != 3:
@@ -238,6 +319,7 @@ class PermutohedralLattice:
         self.backend = backend
         self.batch, self.num_pixels, self.dim = B, N, d
         self.device = features.device
+        self.transposes = transposes
         self._cache: dict = {}
         f = features.detach().to(torch.float32)
         if not bool(torch.isfinite(f).all()):  # build-time sync
@@ -262,63 +344,22 @@ class PermutohedralLattice:
         BN = B * Np
         dev = f.device
         i64, i32, f32 = torch.int64, torch.int32, torch.float32
-        fT = f.t().contiguous()  # (d, BN): coordinate-major, contiguous rows
-
-        # 1. scale factors, exactly as densecrf computes them (double -> float)
-        inv_std_dev = np.float32(math.sqrt(2.0 / 3.0) * d1)
-        scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std_dev))) for i in range(d)]
-        down = float(np.float32(1.0) / np.float32(d1))
-
-        # 2. elevate: e_j = sum_{k>=j} c_k - j c_{j-1}, same float op order as C++
-        E = torch.empty(d1, BN, dtype=f32, device=dev)
-        sm = torch.zeros(BN, dtype=f32, device=dev)
-        for j in range(d, 0, -1):
-            cf = fT[j - 1] * scale[j - 1]
-            torch.sub(sm, cf * float(j), out=E[j])
-            sm += cf
-        E[0] = sm
-        del sm, cf, fT
-
-        # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
-        v = torch.mul(E, down).round_()  # rem0 = (d+1) v
-
-        # 4. rank = position in a stable descending sort of delta = e - rem0
-        #    (ties: the earlier coordinate counts as larger), then shifted by
-        #    sum(v) and wrapped into [0, d] (moving rem0 by -+(d+1))
-        delta = torch.sub(E, v, alpha=d1)  # exact: e and rem0 are close
-        rank = torch.arange(d1, dtype=i32, device=dev).unsqueeze(1).repeat(1, BN)
-        for i in range(d):
-            for j in range(i + 1, d1):
-                c = (delta[i] < delta[j]).to(i32)
-                rank[i] += c
-                rank[j] -= c
-        del delta, c
-        rank += v.sum(0).to(i32)  # exact small integers
-        shift = (rank < 0).to(i32)
-        shift -= (rank > d).to(i32)
-        rank.add_(shift, alpha=d1)
-        v += shift
-        del shift
-
-        # 5. barycentric weights, pixel-major (BN, d1): with g[d - rank_i] =
-        #    (e_i - rem0_i) / (d+1): b[k] = g[k] - g[k-1], b[0] = g[0] + (1 - g[d])
-        pos = d - rank.to(i64)  # (d1, BN) sorted position of each coordinate
-        del rank
-        bv = torch.sub(E, v, alpha=d1).mul_(down)
-        del E
-        g = torch.empty(BN, d1, dtype=f32, device=dev)
-        g.scatter_(1, pos.t(), bv.t())
-        del bv
-        bary = torch.empty_like(g)
-        torch.sub(g[:, 1:], g[:, :-1], out=bary[:, 1:])
-        bary[:, 0] = g[:, 0] + (1.0 - g[:, d])
-        del g
+        # 1-5 per pixel, in chunks of pixels (bounded temporaries)
+        q = torch.empty(d, BN, dtype=f32, device=dev)
+        code = torch.empty(BN, dtype=i64, device=dev)
+        bary = torch.empty(BN, d1, dtype=f32, device=dev)
+        for a in range(0, BN, _CHUNK):
+            qc, cc, bc = _elevate(f[a : a + _CHUNK], d)
+            q[:, a : a + _CHUNK] = qc
+            code[a : a + _CHUNK] = cc
+            bary[a : a + _CHUNK] = bc
+            del qc, cc, bc
+        del f
 
         # 6. simplexes: (rem0[:d] / (d+1), rank[:d]) identify the d+1
         #    vertices. Sort the pixels by simplex: by the packed key of vertex
         #    0 (mixed radix over the vertex-key box, batch most significant),
         #    then by pos[:d] (the permutation, in base d+1).
-        q = v[:d]  # (d, BN) = rem0 / (d+1), exact small integers (float)
         qlo_l = [int(x) for x in q.amin(1).tolist()]  # build-time sync
         qhi_l = [int(x) for x in q.amax(1).tolist()]
         # vertex coordinate i lies in [(d+1) qlo_i - d, (d+1) qhi_i + d]; the
@@ -343,13 +384,9 @@ class PermutohedralLattice:
         for i in range(d):
             vkey.add_(q[i].to(i64), alpha=d1 * vstrides[i])
         vkey -= sum(d1 * vstrides[i] * qlo_l[i] for i in range(d))
-        del q, v
+        del q
         if B > 1:
             vkey.add_(torch.arange(B, device=dev).repeat_interleave(Np), alpha=acc)
-        code = torch.zeros(BN, dtype=i64, device=dev)  # pos[:d] in base d+1
-        for i in range(d):
-            code.add_(pos[i], alpha=d1**i)
-        del pos
         if acc * B * code_radix < _SINGLE_KEY_LIMIT:  # one key: (vertex 0, code)
             skey = vkey.mul_(code_radix).add_(code)
             del code
@@ -376,9 +413,11 @@ class PermutohedralLattice:
             code_rep = code_sorted.index_select(0, s_first)
             del vkey_sorted, code_sorted
         S = s_first.numel()
-        sid = torch.empty(BN, dtype=i64, device=dev)
-        sid.scatter_(0, perm_pix, torch.cumsum(s_new, 0) - 1)  # simplex of each pixel
-        del s_new, perm_pix, s_first
+        del s_first
+        sdt = i32 if BN < 2**31 else i64  # simplex ids: S <= BN
+        sid_sorted = torch.cumsum(s_new, 0, dtype=sdt).sub_(1)  # simplex of each pixel, simplex order
+        del s_new
+        sid = torch.empty(BN, dtype=sdt, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
 
         # 7. vertex keys of each simplex, (d1, S) r-major:
         #    key^r = key^0 + r (1,...,1) - (d+1) sum_{i: pos_i < r} e_i
@@ -408,38 +447,63 @@ class PermutohedralLattice:
         v_new = torch.ones(SE, dtype=torch.bool, device=dev)
         torch.ne(keys_sorted[1:], keys_sorted[:-1], out=v_new[1:])
         point_of_e = torch.cumsum(v_new, 0) - 1  # sorted entry -> lattice point
-        del v_new
         M = int(point_of_e[-1].item()) + 1  # sync
+        first_e = v_new.nonzero().squeeze(1)  # (M,) first sorted entry of each point
+        del v_new
         unique_keys = torch.empty(M, dtype=i64, device=dev).scatter_(0, point_of_e, keys_sorted)
         del keys_sorted
         idt = i32 if M < 2**31 and B * N * d1 < 2**31 else i64  # index dtype
         svid = torch.empty(SE, dtype=idt, device=dev).scatter_(0, perm_e, point_of_e.to(idt))  # entry -> point
-        del point_of_e, perm_e
+        # keep only what step 9 needs, in idt (the int64 copies are the build's largest arrays)
+        perm_e = perm_e.to(idt)
+        point_of_e = point_of_e.to(idt) if self.backend == "index" else None
         self.num_points = M
         self.unique_keys = unique_keys
 
         # 9. drop the phantom pixels (their lattice points stay); slice rows
         #    (pixel -> its d+1 points) and splat rows (point -> the pixels
-        #    that touch it, by a stable sort of the (pixel, r) -> point map)
+        #    that touch it). The splat rows need no sort: walking the sorted
+        #    entries (point-major) and expanding each entry (r, s) into the
+        #    pixels of simplex s (contiguous in simplex order) lists every
+        #    (pixel, r) pair grouped by point.
         vid = svid.view(d1, S).t().contiguous().index_select(0, sid)  # (BN, d1) point of (pixel, r)
         del svid, sid
         if Np != N:
             vid = vid.view(B, Np, d1)[:, :N]
             bary = bary.view(B, Np, d1)[:, :N]
+            real = (perm_pix.remainder(Np) < N).nonzero().squeeze(1)
+            perm_pix = perm_pix.index_select(0, real)
+            sid_sorted = sid_sorted.index_select(0, real)
+            perm_pix -= torch.div(perm_pix, Np, rounding_mode="floor") * (Np - N)  # b*Np+i -> b*N+i
+            del real
             BN = B * N
         vid = vid.reshape(-1)
         bary = bary.reshape(-1).contiguous()
         total = BN * d1
-        _, sp_perm = torch.sort(vid, stable=True)
-        sp_perm = sp_perm.to(idt)
-        sp_pix = torch.div(sp_perm, d1, rounding_mode="floor")
-        sp_w = bary.index_select(0, sp_perm)
-        del sp_perm
-        sp_off = torch.zeros(M + 1, dtype=i64, device=dev)
-        torch.cumsum(torch.bincount(vid, minlength=M), 0, out=sp_off[1:])
+        # all index arithmetic below in idt (int32 when sizes allow: half the memory traffic)
+        cnt = torch.bincount(sid_sorted, minlength=S).to(idt)  # real pixels per simplex
+        del sid_sorted
+        e_s = perm_e.remainder(S)  # simplex of each sorted entry
+        lens = cnt.index_select(0, e_s)
+        out_start = torch.cumsum(lens, 0, dtype=idt).sub_(lens)  # first pair of each sorted entry
+        # pair q of sorted entry k is pixel perm_pix[start(s_k) + q - out_start_k]
+        shift = torch.cumsum(cnt, 0, dtype=idt).sub_(cnt).index_select(0, e_s).sub_(out_start)
+        del cnt, e_s
+        rep = torch.repeat_interleave(lens, output_size=total)  # sorted entry of each pair
+        del lens
+        src = torch.arange(total, dtype=idt, device=dev).add_(shift.index_select(0, rep))
+        del shift
+        sp_pix = perm_pix.to(idt).index_select(0, src)
+        del src, perm_pix
+        sp_r = torch.div(perm_e, S, rounding_mode="floor").index_select(0, rep)  # vertex r of each pair
+        sp_w = bary.index_select(0, sp_r.add_(sp_pix * d1))
+        del sp_r
+        sp_off = torch.cat([out_start.index_select(0, first_e), out_start.new_full((1,), total)])
         sp_rows = None
         if self.backend == "index":
-            sp_rows = torch.repeat_interleave(torch.diff(sp_off), output_size=total)
+            sp_rows = point_of_e.index_select(0, rep)
+        del rep, out_start, first_e, perm_e, point_of_e
+
 
         alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
         self.alpha = alpha
@@ -447,8 +511,12 @@ class PermutohedralLattice:
         pix = _Bags(vid, pix_off, bary, None, BN, M, d1).compact()  # splat^T
         pts = _Bags(sp_pix, sp_off, sp_w, sp_rows, M, BN).compact()  # splat
         # (forward, transposed) bags of each stage
-        self._splat_f, self._splat_b = pts, pix
-        self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(sp_w * alpha)
+        if self.transposes:
+            self._splat_f, self._splat_b = pts, pix
+            self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(sp_w * alpha)
+        else:  # forward products only: no copies of the weights
+            self._splat_f, self._splat_b = pts, None
+            self._slice_f, self._slice_b = pix.reweighted(bary.mul_(alpha)), None
 
         # 10. blur neighbours along each axis j: u and u' are neighbours iff
         #     P(u') - P(u) = delta_j (the packing is injective on the key
@@ -491,7 +559,7 @@ class PermutohedralLattice:
 
     # ------------------------------------------------------------------
     def _stages(self) -> list[_Bags]:
-        return [self._splat_f, self._splat_b, self._slice_f, self._slice_b, *self._blur]
+        return [b for b in (self._splat_f, self._splat_b, self._slice_f, self._slice_b, *self._blur) if b is not None]
 
     def repeat(self, batch: int) -> "PermutohedralLattice":
         """A lattice over ``batch`` copies of this lattice's images.
@@ -509,9 +577,10 @@ class PermutohedralLattice:
         new.num_points = self.num_points * batch
         new.unique_keys = None
         new._splat_f = _repeat_bags(self._splat_f, batch)
-        new._splat_b = _repeat_bags(self._splat_b, batch)
-        new._slice_f = new._splat_b.reweighted(self._slice_f.weights.repeat(batch))
-        new._slice_b = new._splat_f.reweighted(self._slice_b.weights.repeat(batch))
+        pix = _repeat_bags(self._slice_f, batch)  # pixel-major indices
+        new._slice_f = pix
+        new._splat_b = None if self._splat_b is None else pix.reweighted(self._splat_b.weights.repeat(batch))
+        new._slice_b = None if self._slice_b is None else new._splat_f.reweighted(self._slice_b.weights.repeat(batch))
         new._blur = [_repeat_bags(b, batch) for b in self._blur]
         return new
 
@@ -534,13 +603,15 @@ class PermutohedralLattice:
             pre_pts = pre.index_select(0, pts_idx)
             pts, pix = self._splat_f, self._splat_b
             new._splat_f = pts.reweighted(pts.weights * pre_pts)
-            new._splat_b = pix.reweighted((pix.weights.view(BN, -1) * pre.unsqueeze(1)).view(-1))
+            if pix is not None:
+                new._splat_b = pix.reweighted((pix.weights.view(BN, -1) * pre.unsqueeze(1)).view(-1))
         if post is not None:
             post = pre if same else post.detach().reshape(BN).to(torch.float32)
             post_pts = pre_pts if same else post.index_select(0, pts_idx)
             pix, pts = self._slice_f, self._slice_b
             new._slice_f = pix.reweighted((pix.weights.view(BN, -1) * post.unsqueeze(1)).view(-1))
-            new._slice_b = pts.reweighted(pts.weights * post_pts)
+            if pts is not None:
+                new._slice_b = pts.reweighted(pts.weights * post_pts)
         return new
 
     def nbytes(self) -> int:
@@ -551,7 +622,12 @@ class PermutohedralLattice:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
-    def _apply(self, x: Tensor, fwd: _Bags, bwd: _Bags) -> Tensor:
+    def _apply(self, x: Tensor, fwd: _Bags | None, bwd: _Bags | None) -> Tensor:
+        if fwd is None or (bwd is None and x.requires_grad and torch.is_grad_enabled()):
+            raise RuntimeError(
+                "this lattice was built with transposes=False (inference only): it has no transposed "
+                "filter and no gradient; build it with transposes=True"
+            )
         return _BagProduct.apply(x, fwd, bwd, self.backend, self._cache)
 
     def splat(self, values: Tensor) -> Tensor:

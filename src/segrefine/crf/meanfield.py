@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -128,18 +129,27 @@ _SPATIAL_CACHE_SIZE = 4
 
 
 def _spatial_filter(
-    batch: int, height: int, width: int, theta: float, normalization: str, device: torch.device, cache: bool
+    batch: int,
+    height: int,
+    width: int,
+    theta: float,
+    normalization: str,
+    device: torch.device,
+    cache: bool,
+    transposes: bool = True,
 ) -> PermutohedralLattice:
     """Normalised spatial kernel for ``batch`` images of ``height x width``.
 
     Its lattice depends only on the image size, so the single-image version
     is kept in a small process-wide LRU cache (``cache=True``) and repeated
-    over the batch (index arithmetic, no re-sorting).
+    over the batch (index arithmetic, no re-sorting). ``transposes=False``:
+    the inference-only lattice (cached separately).
     """
-    key = (height, width, float(theta), normalization, str(device))
+    key = (height, width, float(theta), normalization, str(device), transposes)
     single = _SPATIAL_CACHE.get(key) if cache else None
     if single is None:
-        single = _normalized(PermutohedralLattice(spatial_features(height, width, theta, device)), normalization)
+        lattice = PermutohedralLattice(spatial_features(height, width, theta, device), transposes=transposes)
+        single = _normalized(lattice, normalization)
         if cache:
             _SPATIAL_CACHE[key] = single
             while len(_SPATIAL_CACHE) > _SPATIAL_CACHE_SIZE:
@@ -147,6 +157,18 @@ def _spatial_filter(
     elif cache:
         _SPATIAL_CACHE.move_to_end(key)
     return single.repeat(batch)
+
+
+def _build_kernels(spatial_fn, bilateral_fn, device: torch.device):
+    """``(spatial_fn(), bilateral_fn())``; on a multi-threaded CPU the two lattice builds run
+    in two threads (a build is mostly sorts and scans that keep one core busy, and torch
+    releases the GIL inside ops). A cached spatial kernel returns at once."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        return spatial_fn(), bilateral_fn()
+    with ThreadPoolExecutor(1) as pool:
+        spatial = pool.submit(spatial_fn)
+        bilateral = bilateral_fn()
+        return spatial.result(), bilateral
 
 
 def clear_spatial_cache() -> None:
@@ -185,9 +207,13 @@ def _mean_field(
         S = logits.clone()
         for _ in range(iterations):
             Q = _softmax(S)
-            S.copy_(logits)
+            first = True
             for f, w in zip(filters, weights):
-                S.addcmul_(f.filter(Q), w)
+                if first:  # S = L + w K~Q in one pass (no separate copy of L)
+                    torch.addcmul(logits, f.filter(Q), w, out=S)
+                    first = False
+                else:
+                    S.addcmul_(f.filter(Q), w)
         return S
     S = logits
     for _ in range(iterations):
@@ -353,10 +379,13 @@ class MeanFieldCRF(nn.Module):
         dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
         logits = _to_flat(unary_logits.to(dtype))
         if iterations > 0:
-            spatial = _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True)
-            bilateral = _normalized(
-                PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
-                self.normalization,
+            spatial, bilateral = _build_kernels(
+                lambda: _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True),
+                lambda: _normalized(
+                    PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
+                    self.normalization,
+                ),
+                unary_logits.device,
             )
             weights = [self.spatial_weight.to(dtype), self.bilateral_weight.to(dtype)]
             comp = None
@@ -413,9 +442,14 @@ def dense_crf(
     p = probs.to(torch.float32)
     logits = _to_flat(torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)))
     if iterations > 0:
-        spatial = _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial)
-        bilateral = PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb))
-        kernels = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+        kernels = _build_kernels(
+            lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False),
+            lambda: _normalized(
+                PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb), transposes=False),
+                NORMALIZE_SYMMETRIC,
+            ),
+            probs.device,
+        )
         weights = [torch.tensor(float(w), device=probs.device) for w in (gaussian_compat, bilateral_compat)]
         S = _mean_field(logits, kernels, weights, None, iterations)
     else:

@@ -20,6 +20,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
+from segrefine.hardware import available_cpus
 from segrefine.heads.base import Head, upsample_logits
 from segrefine.types import BackboneOutput
 
@@ -58,6 +59,18 @@ def pydensecrf_refine(
     crf.addPairwiseEnergy(crf_features(height, width, image, bilateral_sxy, bilateral_schan), compat=bilateral_compat)
     q = np.array(crf.inference(iterations), dtype=np.float32)
     return q.reshape(num_classes, height, width)
+
+
+def default_workers() -> int:
+    """pydensecrf pool size: the CPUs this process may use (affinity, ``SLURM_CPUS_PER_TASK``)
+    shared among the processes of one node (``LOCAL_WORLD_SIZE``, set by torchrun and
+    Lightning's DDP), so several ranks do not each start a pool the size of the machine."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    try:
+        ranks = max(1, int(local)) if local else 1
+    except ValueError:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local!r} is not an integer") from None
+    return max(1, available_cpus() // ranks)
 
 
 def _refine_job(args: tuple) -> np.ndarray:
@@ -107,7 +120,7 @@ class DenseCRFHead(Head):
             bilateral_compat=float(bilateral_compat),
         )
         self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
-        self.num_workers = (os.cpu_count() or 1) if num_workers is None else int(num_workers)
+        self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
