@@ -23,7 +23,7 @@ from pathlib import Path
 from segrefine.report import load_study, write_report
 
 README = Path(__file__).with_name("README.md")
-EVAL_KEYS = {"trainer", "logger", "paths", "hydra", "boundary_tolerance"}
+EVAL_KEYS = {"trainer", "logger", "paths", "hydra", "metrics", "save_predictions"}
 TABLE_START, TABLE_END = "<!-- smoke-table:start -->", "<!-- smoke-table:end -->"
 
 

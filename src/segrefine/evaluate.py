@@ -27,6 +27,8 @@ from segrefine.train import (
     build_logger,
     build_module,
     check_config_dir,
+    evaluation_record,
+    headline,
     run_info,
     run_record,
     run_recording_failure,
@@ -44,7 +46,8 @@ def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
         for key in ("data", "head"):
             if cfg.get(key):
                 run_cfg[key] = cfg[key]
-        for key in ("trainer", "logger", "paths", "boundary_tolerance"):
+        run_cfg.pop("boundary_tolerance", None)  # checkpoints from before the metrics group
+        for key in ("trainer", "logger", "paths", "metrics", "save_predictions"):
             run_cfg[key] = cfg.get(key)
         run_cfg.name = cfg.name or train_cfg.name
         run_cfg.callbacks = {}
@@ -88,6 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(ckpt_file, output_dir),
                 "source": {"head": train_cfg.head.name, "experiment": train_cfg.name},
+                **evaluation_record(module, output_dir, run_cfg),
                 "wandb": wandb_run_info(logger),
             },
         )
@@ -100,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     # The value Hydra sweepers (e.g. Optuna) optimise.
-    return run_recording_failure(evaluate, cfg).get(f"{cfg.split}/iou")
+    return headline(run_recording_failure(evaluate, cfg), cfg, cfg.split)
 
 
 def main() -> None:
