@@ -29,13 +29,23 @@ def tiny_study(tmp_path_factory, data_dir):
 
 def test_study_has_every_backbone_head_row_with_densecrf_paired(tiny_study):
     out, stdout = tiny_study
-    rows = summarise(load_study([out]).runs)
-    assert {(r["backbone"], r["head"]) for r in rows} == {
-        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "crfrnn", "pointrend")
+    study = load_study([out])
+    rows, duplicates = summarise(study.runs)
+    assert not duplicates
+    assert {(r.label.split()[0], r.head) for r in rows} == {
+        (b, h) for b in ("fcn-8s", "unet", "pspnet") for h in ("none", "densecrf", "crfrnn", "pointrend")
     }
     for row in rows:
-        if row["head"] != "none":
-            assert row["paired/iou"]["n"] == 8  # every test image paired with the none run
+        if row.baseline is not None:
+            assert all(t["n"] == 1 and t["level"] == "images" for t in row.stats.values())  # one seed
+            assert len(row.baseline.runs[0]["per_image"]) == 8  # every test image paired
+    densecrf = [r for r in rows if r.head == "densecrf"]
+    evals = [run for r in densecrf for run in r.runs.values()]
+    if all("run_config" in (run.get("source") or {}) for run in evals):
+        # Evaluations record the training config with the head replaced: paired on the same weights.
+        assert all(r.baseline is not None and r.pairing == "same weights" for r in densecrf)
+    else:  # evaluations recorded in the older form (their own trainer config) cannot be paired
+        assert all(r.baseline is None and "unpaired" in r.notes[0] for r in densecrf)
     assert (out / "report" / "table.md").read_text().strip() in stdout
     assert (out / "report" / "qualitative.png").stat().st_size > 0
 
@@ -54,4 +64,4 @@ def test_notebook_runs_on_the_study(tiny_study):
         del os.environ["SEGREFINE_STUDY"]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
                    for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "| synthetic | unet | crfrnn |" in text and "ΔIoU" in text
+    assert "| unet | crfrnn | retrained | 1 |" in text and "Δ IoU % (img mean)" in text

@@ -48,6 +48,8 @@ def main() -> int:
     parser.add_argument("--out", default=f"outputs/paper_table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into experiments/paper_table/README.md")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report of an existing --out study")
+    parser.add_argument("--metrics", choices=["standard", "unet_crfrnn"], default=None,
+                        help="metric protocol of the report's columns (default: the runs' own)")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="Hydra override for the densecrf evaluations only (repeatable), e.g. head.num_workers=1")
     args, overrides = parser.parse_known_args()
@@ -58,7 +60,7 @@ def main() -> int:
         parser.error("--heads must include none: the densecrf rows and all paired tests need it")
     out = Path(args.out)
     if args.report_only:
-        return report(out, args.update_readme)
+        return report(out, args.update_readme, args.metrics)
     start = time.perf_counter()
 
     hydra_run("segrefine.train", [
@@ -75,12 +77,12 @@ def main() -> int:
     command = " ".join(["python experiments/paper_table/run.py", *sys.argv[1:]])
     (out / "study.json").write_text(json.dumps({"command": command, "seconds": seconds}, indent=2))
     print(f"study trained and evaluated in {seconds / 60:.1f} min")
-    return report(out, args.update_readme)
+    return report(out, args.update_readme, args.metrics)
 
 
-def report(out: Path, readme: bool) -> int:
-    paths = write_report(load_study([out / "train", out / "densecrf"]), out / "report")
-    table = paths["markdown"].read_text()
+def report(out: Path, readme: bool, protocol: str | None = None) -> int:
+    result = write_report(load_study([out / "train", out / "densecrf"]), out / "report", protocol=protocol)
+    table = result.paths["markdown"].read_text()
     print(table)
     print(f"report in {out / 'report'}")
     if readme:
