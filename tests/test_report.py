@@ -399,3 +399,35 @@ def test_reads_runs_from_a_wandb_project():
     assert [(r.head, r.value(next(iter(r.runs.values())), Column("test/iou", ""))) for r in rows] == [
         ("none", 0.5), ("crfrnn", 0.6)]
     assert study.incomplete == [("team/segrefine/c", "wandb state 'crashed'")]
+
+
+# -- a real tiny run: saved predictions agree with its per-image metrics -------------------------
+
+
+def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cfg, tmp_path):
+    import hashlib
+
+    import torch
+
+    from segrefine.metrics import per_image_metrics
+    from segrefine.train import train
+
+    out = tmp_path / "run"
+    train(make_cfg("backbone=pspnet", "save_predictions=3", output_dir=out))
+    record = read_results(out)
+    assert record["num_classes"] == 3 and record["class_names"][0] == "background"
+    assert record["predictions"] == "predictions.npz" and "unet_crfrnn" in record["metric_definitions"]
+    with np.load(out / "predictions.npz", allow_pickle=False) as saved:
+        ids, masks, preds, images = (saved[k] for k in ("ids", "masks", "predictions", "images"))
+    all_ids = [row["id"] for row in record["per_image"]]
+    expected = sorted(sorted(all_ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:3])
+    assert list(ids) == expected and images.dtype == np.uint8 and images.shape == (3, 32, 32)
+    rows = {row["id"]: row for row in record["per_image"]}
+    again = per_image_metrics(torch.as_tensor(preds).long(), torch.as_tensor(masks).long(), 3)
+    for k, sample_id in enumerate(ids):
+        for key in ("iou", "boundary_f1", "unet_crfrnn/iu", "unet_crfrnn/pa"):
+            assert again[key][k].item() == pytest.approx(rows[sample_id][key]), key
+    assert record["metrics"]["test/iou_image"] == pytest.approx(np.mean([r["iou"] for r in rows.values()]))
+    report = write_report(load_study([out]), tmp_path / "report")
+    assert {"metrics_figure", "cost_figure"} <= set(report.paths)
+    assert report.problems == [("qualitative.png", "not drawn: no head paired with a `none` baseline")]
