@@ -357,8 +357,10 @@ def _pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
     source = run.get("source") if run.get("job_type") == "eval" else None
     if not isinstance(source, dict):
         return "retrained"
-    if "run_config" in source:
-        same = source["run_config"] == comparable_config(base["config"])
+    if isinstance(source.get("run_config"), dict):
+        # Compared without the seed on both sides, the seed separately, so either form of the record works.
+        same = (comparable_config(source["run_config"], drop=("seed",)) == comparable_config(base["config"], drop=("seed",))
+                and source.get("seed", source["run_config"].get("seed")) == base["config"].get("seed"))
     else:  # evaluations recorded before the source's config was stored
         same = source.get("head") == head_name(base) and base.get("job_type", "train") == "train"
     return "same weights" if same else "retrained"
