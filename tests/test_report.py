@@ -344,6 +344,15 @@ def test_a_partial_predictions_file_is_listed_and_the_other_figures_drawn(tmp_pa
     assert (tmp_path / "report" / "metrics.png").stat().st_size > 0 and not (tmp_path / "report" / "qualitative.png").exists()
 
 
+def test_saved_predictions_without_a_common_image_are_reported_not_drawn(tmp_path):
+    for head, ids in (("none", ["a", "b"]), ("crfrnn", ["c", "d"])):
+        run(tmp_path / head, BASE, head=head, predictions="predictions.npz")
+        save_predictions(tmp_path / head, ids)
+    report = write_report(load_study([tmp_path]), tmp_path / "report")
+    assert (str(tmp_path / "none"), "saved predictions of the paired runs share no image id") in report.problems
+    assert "qualitative_figure" not in report.paths and "metrics_figure" in report.paths
+
+
 def test_report_and_figures_import_no_model_code():
     import subprocess
     import sys

@@ -175,12 +175,19 @@ def plot_qualitative(rows: list[Any], column: Any, path: Path, count: int = 4) -
                     loaded[head] = (run, arrays)
             if base.head not in loaded or len(loaded) < 2:
                 continue
+            if not set.intersection(*(set(arrays) for _, arrays in loaded.values())):
+                notes.append((base_run_path(loaded, base), "saved predictions of the paired runs share no image id"))
+                continue
             return _draw_grid(base, seed, loaded, column, path, count), notes
     if not groups:
         notes.append(("qualitative.png", "not drawn: no head paired with a `none` baseline"))
     else:
         notes.append(("qualitative.png", "not drawn: no paired runs with readable saved predictions"))
     return None, notes
+
+
+def base_run_path(loaded: dict[str, tuple], base: Any) -> str:
+    return loaded[base.head][0]["_path"]
 
 
 def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path: Path, count: int) -> Path:
