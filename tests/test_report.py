@@ -155,6 +155,17 @@ def test_sign_flip_p_against_exact_enumeration():
     assert sign_flip_p(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)  # 2 of 8 patterns as extreme
 
 
+def test_sign_flip_p_against_scipy_permutation_test():
+    from scipy.stats import permutation_test
+
+    rng = np.random.default_rng(3)
+    for values in (rng.normal(0.01, 0.02, 12), rng.normal(0.005, 0.02, 40)):
+        reference = permutation_test((values,), np.mean, permutation_type="samples", n_resamples=np.inf
+                                     if len(values) <= 16 else 99_999, random_state=0).pvalue
+        ours = sign_flip_p(values)
+        assert ours == pytest.approx(reference, rel=1e-9 if len(values) <= 16 else 0.1)
+
+
 def test_holm_against_a_hand_computation():
     # sorted 0.01, 0.03, 0.04, 0.5 -> x4, x3, x2, x1 = 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.5
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
@@ -440,3 +451,13 @@ def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cf
     report = write_report(load_study([out]), tmp_path / "report")
     assert {"metrics_figure", "cost_figure"} <= set(report.paths)
     assert report.problems == [("qualitative.png", "not drawn: no head paired with a `none` baseline")]
+
+
+def test_error_outline_keeps_the_inside_of_an_error_region():
+    from segrefine.figures import error_outline
+
+    errors = np.zeros((6, 6), dtype=bool)
+    errors[1:5, 1:5] = True
+    expected = errors.copy()
+    expected[2:4, 2:4] = False  # the 2x2 inside shows the predicted class
+    assert np.array_equal(error_outline(errors), expected)

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # files only: no pyplot, no display backend
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 PREDICTION_KEYS = ("ids", "images", "masks", "predictions")
 IGNORE = 255
@@ -23,11 +21,11 @@ IGNORE = 255
 
 def _t_interval(values: list[float]) -> tuple[float, float] | None:
     """Half-width of the 95 % t-interval of the mean over seeds; None for one seed."""
-    from scipy.stats import t
+    from scipy.special import stdtrit  # Student t quantile, without importing scipy.stats
 
     if len(values) < 2:
         return None
-    half = t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+    half = stdtrit(len(values) - 1, 0.975) * np.std(values, ddof=1) / np.sqrt(len(values))
     return float(half), float(half)
 
 
@@ -45,7 +43,8 @@ def _labels(rows: list[Any]) -> list[str]:
 def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
     """Top: each paired column's mean over seeds (error bar: 95 % t-interval across seeds).
     Bottom: Δ to the baseline with its hierarchical-bootstrap 95 % CI (none when n = 1)."""
-    fig, axes = plt.subplots(2, len(columns), figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 7.5), squeeze=False)
+    fig = Figure(figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 7.5))
+    axes = fig.subplots(2, len(columns), squeeze=False)
     x = np.arange(len(rows))
     single = any(len(r.runs) == 1 for r in rows)
     for i, column in enumerate(columns):
@@ -80,17 +79,17 @@ def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
     fig.text(0.01, 0.005, caption, fontsize="x-small", wrap=True)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_cost(rows: list[Any], column: Any, cost: Any, path: Path) -> Path:
     """``column`` against inference ms/image (log axis, plain-number ticks); error bars are
     95 % t-intervals across seeds, none for rows with one seed."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     heads = sorted({r.head for r in rows}, key=lambda h: (h != "none", h))
     labels = sorted({r.label for r in rows})
-    colours = dict(zip(heads, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = dict(zip(heads, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = dict(zip(labels, "osD^vP*Xh<>p"))
     single = False
     for row in rows:
@@ -119,7 +118,6 @@ def plot_cost(rows: list[Any], column: Any, cost: Any, path: Path) -> Path:
         ax.set_title("one seed: no error bars", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -186,6 +184,14 @@ def plot_qualitative(rows: list[Any], column: Any, path: Path, count: int = 4) -
     return None, notes
 
 
+def error_outline(errors: np.ndarray) -> np.ndarray:
+    """The rim of the error regions (error pixels with a correct 4-neighbour or on the image
+    edge), so the class a head predicted stays visible inside them."""
+    padded = np.pad(errors, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return errors & ~inner
+
+
 def base_run_path(loaded: dict[str, tuple], base: Any) -> str:
     return loaded[base.head][0]["_path"]
 
@@ -205,10 +211,11 @@ def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path
     half = max(count // 2, 1)
     chosen = list(dict.fromkeys(ranked[::-1][:half] + ranked[:half]))
     num_classes = _num_classes(base_run, base_arrays)
-    cmap = plt.get_cmap("viridis", max(num_classes, 2))
+    cmap = matplotlib.colormaps["viridis"].resampled(max(num_classes, 2))
     heads = [base.head, *others]
     titles = ["image", "ground truth", *heads]
-    fig, axes = plt.subplots(len(chosen), len(titles), figsize=(2.3 * len(titles), 2.4 * len(chosen)), squeeze=False)
+    fig = Figure(figsize=(2.3 * len(titles), 2.4 * len(chosen)))
+    axes = fig.subplots(len(chosen), len(titles), squeeze=False)
     for r, sample_id in enumerate(chosen):
         image, mask, _ = base_arrays[sample_id]
         axes[r][0].imshow(image, cmap=None if image.ndim == 3 else "gray")
@@ -219,9 +226,10 @@ def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path
         for c, head in enumerate(heads, start=2):
             pred = loaded[head][1][sample_id][2]
             axes[r][c].imshow(pred, cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
-            errors = (pred != mask) & (mask != IGNORE)
-            if errors.any():  # outline, so the class the head predicted stays visible inside
-                axes[r][c].contour(errors.astype(float), levels=[0.5], colors="red", linewidths=0.7)
+            outline = error_outline((pred != mask) & (mask != IGNORE))
+            overlay = np.zeros((*outline.shape, 4))
+            overlay[outline] = (1.0, 0.0, 0.0, 1.0)
+            axes[r][c].imshow(overlay, interpolation="nearest")
     for c, title in enumerate(titles):
         axes[0][c].set_title(title, fontsize="small")
     for ax in axes.flat:
@@ -231,7 +239,6 @@ def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path
                  f"({column.title}, per image, head minus none); red outlines = errors", fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
