@@ -228,3 +228,15 @@ def test_protocol_metrics_refuses_bad_input():
         protocol_metrics(PRED, TARGET, 3, protocol="voc")
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         protocol_metrics(PRED[0], TARGET[0], 3)
+
+
+def test_the_old_top_level_tolerance_key_is_refused_with_its_new_place(make_cfg):
+    from segrefine.train import check_metrics_config
+
+    check_metrics_config(make_cfg())  # the default composes
+    with pytest.raises(ValueError, match="metrics.boundary_tolerance"):
+        check_metrics_config(make_cfg("+boundary_tolerance=2"))
+    cfg = make_cfg("metrics=unet_crfrnn")
+    assert cfg.metrics.protocol == "unet_crfrnn" and cfg.metrics.boundary_tolerance == 0.0075
+    with pytest.raises(ValueError, match=r"metrics.protocol=.voc. must be one of"):
+        check_metrics_config(make_cfg("metrics.protocol=voc"))
