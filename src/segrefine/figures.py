@@ -43,7 +43,8 @@ def _labels(rows: list[Any]) -> list[str]:
 def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
     """Top: each paired column's mean over seeds (error bar: 95 % t-interval across seeds).
     Bottom: Δ to the baseline with its hierarchical-bootstrap 95 % CI (none when n = 1)."""
-    fig = Figure(figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 7.5))
+    longest = max(len(line) for label in _labels(rows) for line in label.splitlines())
+    fig = Figure(figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 6.5 + 0.07 * longest))  # room for the labels
     axes = fig.subplots(2, len(columns), squeeze=False)
     x = np.arange(len(rows))
     single = any(len(r.runs) == 1 for r in rows)
