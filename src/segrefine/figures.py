@@ -55,8 +55,8 @@ def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
             values = _row_values(row, column)
             means.append(np.mean(values) * column.scale if values else np.nan)
             half = _t_interval(values) if values else None
-            errors.append(half[0] * column.scale if half else 0.0)
-        top.bar(x, means, 0.7, yerr=[e if e else 0 for e in errors], capsize=2,
+            errors.append(half[0] * column.scale if half else np.nan)  # NaN: no error bar drawn (one seed)
+        top.bar(x, means, 0.7, yerr=None if np.all(np.isnan(errors)) else errors, capsize=2,
                 color=["0.6" if r.head == "none" else "C0" for r in rows])
         top.set_title(column.title)
         top.set_xticks(x, [""] * len(rows))
