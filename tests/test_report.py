@@ -1,52 +1,304 @@
-"""The report reads results.json files back; numbers checked against numpy."""
+"""The report reads results.json files back; numbers checked against hand computations,
+numpy and exact enumeration."""
 
 import csv
 import io
 import json
+from itertools import product
 
 import numpy as np
 import pytest
 
-from segrefine.report import load_study, main, summarise, to_markdown, write_report
+from segrefine.report import (
+    Column,
+    config_labels,
+    hierarchical_bootstrap,
+    holm,
+    load_study,
+    main,
+    sign_flip_p,
+    summarise,
+    to_csv,
+    to_latex,
+    to_markdown,
+    write_report,
+)
 from segrefine.results import read_results, write_results
+from segrefine.runconfig import comparable_config
+
+BASE = [0.50, 0.61, 0.42, 0.70, 0.55, 0.66, 0.38, 0.59, 0.47, 0.64]
+GAIN = [0.031, 0.012, -0.004, 0.027, 0.045, 0.008, 0.019, -0.011, 0.036, 0.022]
 
 
-def fake_run(folder, backbone, head, seed, iou, data="synthetic"):
-    metrics = {"test/iou": iou, "test/dice": iou + 0.05, "test/pixel_acc": 0.9, "test/boundary_f1": iou / 2,
-               "test/ms_per_image": 3.0 + seed, "params": 1_000_000}
-    return write_results(folder, {"job_type": "train", "experiment": "t", "data": data, "backbone": backbone,
-                                  "head": head, "seed": seed, "config": {}, "metrics": metrics, "per_image": []})
+def config(backbone="unet", head="none", seed=0, data="synthetic", variant=None, encoder="resnet18", size=64, **extra):
+    backbone_cfg = {"_target_": f"segrefine.models.{backbone}", "name": backbone, "encoder_name": encoder}
+    if variant:
+        backbone_cfg["variant"] = variant
+    data_cfg = {"_target_": f"segrefine.data.{data}", "name": data, "image_size": size, "root": "/data/x"}
+    if data != "msd":
+        data_cfg["num_classes"] = 2
+    return {"data": data_cfg, "backbone": backbone_cfg, "head": {"_target_": f"segrefine.heads.{head}", "name": head},
+            "seed": seed, "trainer": {"max_epochs": 8}, "paths": {"output_dir": "/runs/x"}, "name": "t", **extra}
 
 
-def test_groups_by_data_backbone_head_with_mean_and_sample_std(tmp_path):
+def run(folder, ious, head="none", seed=0, job_type="train", predictions=None, **kw):
+    """A fabricated results.json; per-image iou/boundary_f1 rows, metrics consistent with them."""
+    cfg = config(head=head, seed=seed, **kw)
+    rows = [{"id": f"img{i}", "iou": v, "dice": v, "pixel_acc": 0.9, "boundary_f1": v / 2,
+             "unet_crfrnn/iu": v, "unet_crfrnn/dsc": v, "unet_crfrnn/pa": v} for i, v in enumerate(ious)]
+    mean = float(np.mean(ious))
+    metrics = {"test/iou": mean + 0.01, "test/dice": mean, "test/pixel_acc": 0.9, "test/boundary_f1": mean / 2,
+               "test/iou_image": mean, "test/boundary_f1_image": mean / 2, "test/ms_per_image": 1.0 + seed,
+               "test/unet_crfrnn/iu": mean, "test/unet_crfrnn/dsc": mean, "test/unet_crfrnn/pa": mean, "params": 10}
+    record = {"job_type": job_type, "experiment": "t", "data": cfg["data"]["name"], "backbone": cfg["backbone"]["name"],
+              "head": head, "seed": seed, "config": cfg, "metrics": metrics, "per_image": rows,
+              "num_classes": 2, "class_names": ["background", "fg"], "predictions": predictions}
+    return write_results(folder, record)
+
+
+def eval_run(folder, ious, base_cfg, head="densecrf", split="test"):
+    """An eval results.json in the agreed form: the training config with the head replaced,
+    ``split`` and ``source`` naming the training run's comparable config."""
+    path = run(folder, ious, head=head, seed=base_cfg["seed"], job_type="eval")
+    record = json.loads(path.read_text())
+    record["config"] = {**base_cfg, "head": {"_target_": "segrefine.heads.densecrf", "name": head}}
+    record["split"] = split
+    record["source"] = {"checkpoint": "../none/checkpoints/best.ckpt", "head": "none", "seed": base_cfg["seed"],
+                        "run_config": comparable_config(base_cfg)}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def rows_of(folder, protocol="standard"):
+    rows, duplicates = summarise(load_study([folder]).runs, protocol)
+    return {(r.label, r.head): r for r in rows}, duplicates
+
+
+# -- rows: exact configurations --------------------------------------------------------------
+
+
+def test_mean_and_sample_std_over_seeds_and_a_dash_for_one_seed(tmp_path):
     ious = [0.61, 0.65, 0.70]
     for seed, iou in enumerate(ious):
-        fake_run(tmp_path / f"unet{seed}", "unet", "none", seed, iou)
-    fake_run(tmp_path / "fcn0", "fcn", "none", 0, 0.4)
-    fake_run(tmp_path / "other", "unet", "none", 0, 0.1, data="folder")  # another dataset: never merged
-    rows = summarise(load_study([tmp_path]).runs)
-    assert [(r["data"], r["backbone"], r["n"]) for r in rows] == [("folder", "unet", 1), ("synthetic", "fcn", 1), ("synthetic", "unet", 3)]
-    mean, std = rows[2]["test/iou"]
-    assert mean == pytest.approx(np.mean(ious)) and std == pytest.approx(np.std(ious, ddof=1))
-    assert rows[2]["seeds"] == [0, 1, 2]
-    table = to_markdown(rows)
-    assert f"{np.mean(ious) * 100:.2f} ± {np.std(ious, ddof=1) * 100:.2f}" in table
+        run(tmp_path / f"unet{seed}", [iou] * 4, seed=seed)
+    run(tmp_path / "fcn0", [0.4] * 4, backbone="fcn")
+    rows, _ = rows_of(tmp_path)
+    unet = rows[("unet", "none")]
+    assert unet.seeds == [0, 1, 2]
+    table = to_markdown(list(rows.values()))
+    assert f"| unet | none | baseline | 3 | {(np.mean(ious) + 0.01) * 100:.2f} ± {np.std(ious, ddof=1) * 100:.2f} |" in table
+    assert "| fcn | none | baseline | 1 | 41.00 ± – |" in table  # one seed: no spread, not "± 0.00"
 
 
-def test_incomplete_runs_are_listed_not_averaged(tmp_path, capsys):
-    fake_run(tmp_path / "ok", "unet", "none", 0, 0.5)
-    crashed = tmp_path / "crashed" / ".hydra"
-    crashed.mkdir(parents=True)
-    (crashed / "config.yaml").write_text("seed: 1\n")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "results.json").write_text("{ truncated")
+def test_fcn_variants_and_encoders_are_separate_rows_named_by_what_differs(tmp_path):
+    run(tmp_path / "a", [0.5] * 4, backbone="fcn", variant="8s")
+    run(tmp_path / "b", [0.6] * 4, backbone="fcn", variant="32s")
+    run(tmp_path / "c", [0.7] * 4, backbone="fcn", variant="8s", encoder="resnet34")
+    run(tmp_path / "d", [0.8] * 4, backbone="fcn", variant="8s", size=320)
+    rows, _ = rows_of(tmp_path)
+    assert sorted(rows) == [("fcn-32s r18 64px", "none"), ("fcn-8s r18 320px", "none"), ("fcn-8s r18 64px", "none"),
+                            ("fcn-8s r34 64px", "none")]
+    assert all(len(r.runs) == 1 for r in rows.values())
+
+
+def test_labels_name_the_backbone_not_its_defaults():
+    unet = config()
+    fcn = config(backbone="fcn", variant="8s")
+    assert config_labels([unet, fcn]) == ["unet", "fcn-8s"]
+
+
+def test_a_duplicate_run_is_listed_not_averaged_nor_replacing(tmp_path, capsys):
+    run(tmp_path / "first", [0.5] * 4)
+    run(tmp_path / "again", [0.9] * 4)  # same config and seed
+    run(tmp_path / "seed1", [0.6] * 4, seed=1)
+    rows, duplicates = rows_of(tmp_path)
+    assert sorted(p.split("/")[-1] for p, _ in duplicates) == ["again", "first"]
+    assert rows[("all runs", "none")].seeds == [1]
+    assert main([str(tmp_path), "--no-figures"]) == 0
+    assert "Duplicate runs (not averaged)" in capsys.readouterr().out
+
+
+def test_baseline_is_the_none_row_differing_only_in_the_head(tmp_path):
+    run(tmp_path / "n64", BASE)
+    run(tmp_path / "n320", [b - 0.2 for b in BASE], size=320)
+    run(tmp_path / "c320", [b - 0.1 for b in BASE], head="crfrnn", size=320)
+    run(tmp_path / "p64", BASE, head="pointrend", extra_key=1)  # differs outside the head too: unpaired
+    rows, _ = rows_of(tmp_path)
+    crf = rows[("extra_key=– 320px", "crfrnn")]
+    assert crf.baseline is rows[("extra_key=– 320px", "none")] and crf.pairing == "retrained"
+    assert crf.stats["test/iou_image"]["mean"] == pytest.approx(0.1)
+    (pointrend,) = [r for r in rows.values() if r.head == "pointrend"]
+    assert pointrend.baseline is None and "differs only in the head" in pointrend.notes[0]
+
+
+def test_eval_runs_pair_on_the_same_weights_and_other_splits_are_skipped(tmp_path):
+    base = run(tmp_path / "none", BASE)
+    base_cfg = read_results(base)["config"]
+    eval_run(tmp_path / "crf", [b + g for b, g in zip(BASE, GAIN)], base_cfg)
+    eval_run(tmp_path / "tune", BASE, base_cfg, split="val")
     study = load_study([tmp_path])
-    assert len(study.runs) == 1
-    assert sorted(p.split("/")[-1] for p, _ in study.incomplete) == ["broken", "crashed"]
+    assert [p.split("/")[-1] for p, _ in study.skipped] == ["tune"] and not study.incomplete
+    rows, _ = rows_of(tmp_path)
+    crf = rows[("all runs", "densecrf")]
+    assert crf.pairing == "same weights" and crf.stats["test/iou_image"]["mean"] == pytest.approx(np.mean(GAIN))
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def test_sign_flip_p_against_exact_enumeration():
+    values = np.array([0.031, 0.012, -0.004, 0.027, 0.045, 0.008, -0.019, 0.036])
+    observed = abs(values.mean())
+    flips = [abs((values * np.array(signs)).mean()) for signs in product([-1, 1], repeat=len(values))]
+    exact = np.mean([f >= observed - 1e-12 for f in flips])
+    assert sign_flip_p(values) == pytest.approx(exact, rel=1e-9)
+    assert sign_flip_p(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.25)  # 2 of 8 patterns as extreme
+
+
+def test_sign_flip_p_against_scipy_permutation_test():
+    from scipy.stats import permutation_test
+
+    rng = np.random.default_rng(3)
+    for values in (rng.normal(0.01, 0.02, 12), rng.normal(0.005, 0.02, 40)):
+        reference = permutation_test((values,), np.mean, permutation_type="samples", n_resamples=np.inf
+                                     if len(values) <= 16 else 99_999, random_state=0).pvalue
+        ours = sign_flip_p(values)
+        assert ours == pytest.approx(reference, rel=1e-9 if len(values) <= 16 else 0.1)
+
+
+def test_holm_against_a_hand_computation():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> x4, x3, x2, x1 = 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.5
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+def test_hierarchical_bootstrap_resamples_seeds_then_images():
+    # Images identical within a seed: only the seed draw varies; its distribution is exact.
+    per_seed = [np.full(5, 0.1), np.full(7, -0.2), np.full(3, 0.4)]
+    boot = hierarchical_bootstrap(per_seed, samples=20_000)
+    exact = np.round([np.mean(c) for c in product([0.1, -0.2, 0.4], repeat=3)], 9)  # 27 equally likely draws
+    values, counts = np.unique(exact, return_counts=True)
+    observed = np.round(boot, 9)
+    assert set(np.unique(observed)) == set(values)
+    for value, count in zip(values, counts):
+        assert np.mean(observed == value) == pytest.approx(count / 27, abs=0.01)
+    # One seed: a bootstrap over its images, close to normal theory.
+    diffs = np.array(GAIN)
+    low, high = np.percentile(hierarchical_bootstrap([diffs]), [2.5, 97.5])
+    half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    assert low == pytest.approx(diffs.mean() - half, abs=0.3 * half) and high == pytest.approx(diffs.mean() + half, abs=0.3 * half)
+
+
+def test_seeds_disagreeing_in_sign_are_not_significant_however_many_images(tmp_path):
+    # Inside each seed every image moves the same way (60 images), but the per-seed means
+    # disagree in sign: the evidence is 3 models, not 180 images.
+    rng = np.random.default_rng(0)
+    base = list(rng.uniform(0.4, 0.7, 60))
+    shifts = {0: 0.05, 1: 0.04, 2: -0.03}
+    for seed, shift in shifts.items():
+        run(tmp_path / f"n{seed}", base, seed=seed)
+        run(tmp_path / f"c{seed}", [b + shift + rng.uniform(0, 0.002) for b in base], head="crfrnn", seed=seed)
+    rows, _ = rows_of(tmp_path)
+    test = rows[("all runs", "crfrnn")].stats["test/iou_image"]
+    assert test["level"] == "seeds" and test["n"] == 3
+    assert test["per_seed"] == pytest.approx([0.051, 0.041, -0.029], abs=0.002)
+    assert test["p"] >= 0.25 and test["p_holm"] >= 0.25
+    assert test["ci_low"] < 0 < test["ci_high"]
+    pooled = np.concatenate([np.full(60, s) for s in shifts.values()])
+    assert sign_flip_p(pooled) < 0.001  # what treating 180 images as independent would have claimed
+    table = to_markdown(list(rows.values()))
+    assert "*" not in table.split("\n")[3]  # no star on the crfrnn row
+
+
+def test_delta_is_on_the_aggregation_of_the_column_beside_it(tmp_path):
+    for seed in (0, 1):
+        run(tmp_path / f"n{seed}", [b + 0.01 * seed for b in BASE], seed=seed)
+        run(tmp_path / f"c{seed}", [b + g + 0.02 * seed for b, g in zip(BASE, GAIN)], head="crfrnn", seed=seed)
+    rows, _ = rows_of(tmp_path)
+    crf, none = rows[("all runs", "crfrnn")], rows[("all runs", "none")]
+    column = Column("test/iou_image", "IoU % (img mean)", "iou")
+    means = [np.mean([crf.value(r, column) for r in x.runs.values()]) for x in (crf, none)]
+    assert crf.stats["test/iou_image"]["mean"] == pytest.approx(means[0] - means[1])
+
+
+def test_one_seed_shows_the_image_level_test_labelled_as_such(tmp_path):
+    run(tmp_path / "none", BASE)
+    run(tmp_path / "crf", [b + g for b, g in zip(BASE, GAIN)], head="crfrnn")
+    rows, _ = rows_of(tmp_path)
+    test = rows[("all runs", "crfrnn")].stats["test/iou_image"]
+    assert test["level"] == "images" and test["std"] is None
+    assert test["p"] == pytest.approx(sign_flip_p(np.array(GAIN)))
+    table = to_markdown(list(rows.values()))
+    assert "]† p=" in table and "no inference across seeds is possible" in table
+
+
+def test_holm_counts_every_test_of_the_table_and_stars_follow_it(tmp_path):
+    run(tmp_path / "none", BASE)
+    for head, gain in (("crfrnn", 0.05), ("pointrend", 0.0001)):
+        run(tmp_path / head, [b + gain + 0.001 * i for i, b in enumerate(BASE)], head=head)
+    rows, _ = rows_of(tmp_path)
+    tests = [t for r in rows.values() for t in r.stats.values()]
+    assert len(tests) == 4  # 2 heads x (IoU, BF1)
+    assert [t["p_holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
+
+
+def test_unet_crfrnn_protocol_columns_and_mixed_protocols_refused(tmp_path, capsys):
+    run(tmp_path / "none", BASE)
+    run(tmp_path / "crf", [b + g for b, g in zip(BASE, GAIN)], head="crfrnn")
+    rows, _ = rows_of(tmp_path, "unet_crfrnn")
+    markdown = to_markdown(list(rows.values()), "unet_crfrnn")
+    assert "| IU % | Δ IU % | DSC % | Δ DSC % | PA (fg recall) % |" in markdown and "IoU % (pooled)" not in markdown
+    assert rows[("all runs", "crfrnn")].stats["test/unet_crfrnn/iu"]["mean"] == pytest.approx(np.mean(GAIN))
+    record = read_results(tmp_path / "crf")
+    record["metrics_protocol"] = "unet_crfrnn"
+    (tmp_path / "crf" / "results.json").write_text(json.dumps(record))
+    assert main([str(tmp_path), "--no-figures"]) == 2
+    assert "--metrics" in capsys.readouterr().err
+    assert main([str(tmp_path), "--no-figures", "--metrics", "unet_crfrnn"]) == 0
+
+
+def test_markdown_csv_latex_carry_the_same_numbers(tmp_path):
+    for seed in (0, 1):
+        run(tmp_path / f"n{seed}", [b - 0.02 * seed for b in BASE], seed=seed)
+        run(tmp_path / f"c{seed}", [b + g - 0.01 * seed for b, g in zip(BASE, GAIN)], head="crfrnn", seed=seed)
+    rows = list(rows_of(tmp_path)[0].values())
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    md = [line.split(" | ") for line in to_markdown(rows).splitlines()[2:4]]
+    tex = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("all runs")]
+    for row, from_csv, from_md, from_tex in zip(rows, parsed, md, tex):
+        values = [row.value(r, Column("test/iou", "")) for r in row.runs.values()]
+        assert float(from_csv["test/iou_mean"]) == pytest.approx(np.mean(values))
+        assert from_md[4] == f"{np.mean(values) * 100:.2f} ± {np.std(values, ddof=1) * 100:.2f}"
+        assert from_tex[4] == f"{np.mean(values) * 100:.2f} $\\pm$ {np.std(values, ddof=1) * 100:.2f}"
+        if row.stats:
+            test = row.stats["test/iou_image"]
+            assert float(from_csv["delta_iou_p_holm"]) == test["p_holm"]
+            assert [float(v) for v in from_csv["delta_iou_per_seed"].split()] == test["per_seed"]
+            assert from_md[9].startswith(f"{test['mean'] * 100:+.2f} [")
+
+
+# -- loading: every bad folder listed, the report still printed --------------------------------
+
+
+def test_bad_run_folders_are_listed_with_reasons_and_the_report_prints(tmp_path, capsys):
+    run(tmp_path / "ok", BASE)
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "results.json").write_text("[1, 2]")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{ truncated")
+    for name, error in (("empty", ""), ("crashed", "ValueError: boom\n\ntraceback")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 1\n")
+        (tmp_path / name / "error.txt").write_text(error)
+    (tmp_path / "dir_error" / ".hydra").mkdir(parents=True)
+    (tmp_path / "dir_error" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "dir_error" / "error.txt").mkdir()  # unreadable as a file
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| synthetic | unet | none | 50.00 ± 0.00" in out and "crashed: no results.json" in out
+    assert "| all runs | none | baseline | 1 |" in out
+    for expected in ("list: results.json holds a JSON list", "broken: unreadable results.json",
+                     "empty: failed (error.txt is empty)", "crashed: failed: ValueError: boom",
+                     "dir_error: failed (error.txt unreadable"):
+        assert expected in out, expected
 
 
 def test_results_round_trip_and_nan_becomes_null(tmp_path):
@@ -60,105 +312,95 @@ def test_missing_folder_is_an_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-# -- paired statistics ----------------------------------------------------------------
-
-from itertools import product  # noqa: E402
-
-from segrefine.report import csv_columns, to_csv, to_latex  # noqa: E402
-
-BASE = [0.50, 0.61, 0.42, 0.70, 0.55, 0.66, 0.38, 0.59, 0.47, 0.64]
-GAIN = [0.031, 0.012, -0.004, 0.027, 0.045, 0.008, 0.019, -0.011, 0.036, 0.022]
+# -- figures from saved predictions, every data source -------------------------------------------
 
 
-def paired_run(folder, head, seed, ious, data="synthetic"):
-    rows = [{"id": f"img{i}", "iou": v, "dice": v, "pixel_acc": 0.9, "boundary_f1": v / 2} for i, v in enumerate(ious)]
-    metrics = {"test/iou": float(np.mean(ious)), "test/dice": float(np.mean(ious)), "test/pixel_acc": 0.9,
-               "test/boundary_f1": float(np.mean(ious)) / 2, "test/ms_per_image": 1.0, "params": 10}
-    return write_results(folder, {"data": data, "backbone": "unet", "head": head, "seed": seed, "config": {},
-                                  "metrics": metrics, "per_image": rows, "job_type": "train", "experiment": "t"})
+def save_predictions(folder, ids, num_classes=2, rgb=False, size=16):
+    rng = np.random.default_rng(len(str(folder)))
+    masks = rng.integers(0, num_classes, (len(ids), size, size)).astype(np.uint8)
+    preds = np.where(rng.random(masks.shape) < 0.8, masks, (masks + 1) % num_classes).astype(np.uint8)
+    images = rng.integers(0, 256, (len(ids), size, size, 3) if rgb else (len(ids), size, size)).astype(np.uint8)
+    np.savez_compressed(folder / "predictions.npz", ids=np.array(ids), images=images, masks=masks, predictions=preds)
 
 
-def exact_wilcoxon_p(diffs):
-    """Two-sided exact signed-rank p-value by enumerating every sign pattern (no ties here)."""
-    ranks = np.argsort(np.argsort(np.abs(diffs))) + 1
-    observed = ranks[diffs > 0].sum()
-    stats = [sum(r for r, s in zip(ranks, signs) if s) for signs in product([0, 1], repeat=len(diffs))]
-    mean = len(diffs) * (len(diffs) + 1) / 4
-    extreme = [s for s in stats if abs(s - mean) >= abs(observed - mean) - 1e-9]
-    return len(extreme) / len(stats)
+@pytest.mark.parametrize("data", ["synthetic", "folder", "msd", "voc"])
+def test_report_with_figures_on_every_data_source(tmp_path, data):
+    ids = [f"img{i}" for i in range(len(BASE))]
+    for head, ious in (("none", BASE), ("crfrnn", [b + g for b, g in zip(BASE, GAIN)])):
+        path = run(tmp_path / head, ious, head=head, data=data, predictions="predictions.npz")
+        if data == "msd":  # msd has no data.num_classes: results.json says it
+            record = read_results(path)
+            assert "num_classes" not in record["config"]["data"]
+            record["num_classes"] = 3
+            path.write_text(json.dumps(record))
+        save_predictions(tmp_path / head, ids, num_classes=3 if data == "msd" else 2, rgb=data == "voc")
+    report = write_report(load_study([tmp_path]), tmp_path / "report")
+    assert {"metrics_figure", "cost_figure", "qualitative_figure"} <= set(report.paths)
+    assert all(report.paths[k].stat().st_size > 10_000 for k in ("metrics_figure", "cost_figure", "qualitative_figure"))
+    assert report.problems == []
 
 
-def test_paired_difference_against_none_with_exact_p_and_ci(tmp_path):
-    paired_run(tmp_path / "none", "none", 0, BASE)
-    paired_run(tmp_path / "crf", "crfrnn", 0, [b + g for b, g in zip(BASE, GAIN)])
-    paired_run(tmp_path / "other_data", "crfrnn", 0, [0.0] * 10, data="folder")  # no none run there: unpaired
-    rows = {r["data"] + r["head"]: r for r in summarise(load_study([tmp_path]).runs)}
-    test = rows["syntheticcrfrnn"]["paired/iou"]
-    diffs = np.array(GAIN)
-    assert test["n"] == 10 and test["mean"] == pytest.approx(diffs.mean())
-    assert test["p"] == pytest.approx(exact_wilcoxon_p(diffs), rel=1e-9)
-    half_width = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))  # normal theory, ~ the bootstrap CI
-    assert test["ci_low"] == pytest.approx(diffs.mean() - half_width, abs=0.3 * half_width)
-    assert test["ci_high"] == pytest.approx(diffs.mean() + half_width, abs=0.3 * half_width)
-    assert "paired/iou" not in rows["foldercrfrnn"] and "paired/iou" not in rows["syntheticnone"]
+def test_a_partial_predictions_file_is_listed_and_the_other_figures_drawn(tmp_path, capsys):
+    ids = [f"img{i}" for i in range(len(BASE))]
+    for head in ("none", "crfrnn"):
+        run(tmp_path / head, BASE, head=head, predictions="predictions.npz")
+        save_predictions(tmp_path / head, ids)
+    data = (tmp_path / "crfrnn" / "predictions.npz").read_bytes()
+    (tmp_path / "crfrnn" / "predictions.npz").write_bytes(data[: len(data) // 2])  # a partial copy
+    (tmp_path / "none" / "predictions.npz").unlink()
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "predictions.npz missing or unreadable" in out and "predictions.npz unreadable" in out
+    assert "qualitative.png: not drawn" in out
+    assert (tmp_path / "report" / "metrics.png").stat().st_size > 0 and not (tmp_path / "report" / "qualitative.png").exists()
 
 
-def test_pairs_only_within_the_same_seed(tmp_path):
-    paired_run(tmp_path / "n0", "none", 0, BASE)
-    paired_run(tmp_path / "n1", "none", 1, [b + 0.1 for b in BASE])
-    paired_run(tmp_path / "c0", "densecrf", 0, [b + 0.01 for b in BASE])
-    paired_run(tmp_path / "c1", "densecrf", 1, [b + 0.11 for b in BASE])
-    (row,) = [r for r in summarise(load_study([tmp_path]).runs) if r["head"] == "densecrf"]
-    assert row["paired/iou"]["n"] == 20 and row["paired/iou"]["mean"] == pytest.approx(0.01)
-    assert row["paired/iou"]["p"] < 0.01 and "**" in to_markdown([row])
+def test_saved_predictions_without_a_common_image_are_reported_not_drawn(tmp_path):
+    for head, ids in (("none", ["a", "b"]), ("crfrnn", ["c", "d"])):
+        run(tmp_path / head, BASE, head=head, predictions="predictions.npz")
+        save_predictions(tmp_path / head, ids)
+    report = write_report(load_study([tmp_path]), tmp_path / "report")
+    assert (str(tmp_path / "none"), "saved predictions of the paired runs share no image id") in report.problems
+    assert "qualitative_figure" not in report.paths and "metrics_figure" in report.paths
 
 
-def test_markdown_csv_latex_parse_back_to_the_same_numbers(tmp_path):
-    paired_run(tmp_path / "none", "none", 0, BASE)
-    paired_run(tmp_path / "n1", "none", 1, [b - 0.02 for b in BASE])
-    paired_run(tmp_path / "crf", "crfrnn", 0, [b + g for b, g in zip(BASE, GAIN)])
-    rows = summarise(load_study([tmp_path]).runs)
-    parsed_csv = list(csv.DictReader(io.StringIO(to_csv(rows))))
-    assert list(parsed_csv[0]) == csv_columns()
-    markdown_rows = [line.split(" | ") for line in to_markdown(rows).splitlines()[2:4]]
-    latex_rows = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("synthetic")]
-    for row, from_csv, from_md, from_tex in zip(rows, parsed_csv, markdown_rows, latex_rows):
-        mean, std = row["test/iou"]
-        assert float(from_csv["test/iou_mean"]) == mean and float(from_csv["test/iou_std"]) == std
-        assert from_md[3] == f"{mean * 100:.2f} ± {std * 100:.2f}"
-        assert from_tex[3] == f"{mean * 100:.2f} $\\pm$ {std * 100:.2f}"
-        if "paired/iou" in row:
-            assert float(from_csv["delta_iou_p"]) == row["paired/iou"]["p"]
-            assert from_md[8].startswith(f"{row['paired/iou']['mean'] * 100:+.2f} [")
+def test_report_and_figures_import_no_model_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, segrefine.report, segrefine.figures; "
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'segmentation_models_pytorch', 'hydra', "
+            "'segrefine.data', 'segrefine.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
-def test_write_report_files_and_figures(tmp_path):
-    paired_run(tmp_path / "runs" / "none", "none", 0, BASE)
-    paired_run(tmp_path / "runs" / "crf", "densecrf", 0, BASE)  # identical: p = 1, not an error
-    paths = write_report(load_study([tmp_path / "runs"]), tmp_path / "report", figures=True)
-    assert {"markdown", "csv", "latex", "metrics_figure", "cost_figure"} <= set(paths)
-    assert all(p.stat().st_size > 0 for p in paths.values())
-    assert "p=1" in paths["markdown"].read_text()
+# -- wandb --------------------------------------------------------------------------------------
 
 
-def test_table_and_figures_logged_to_wandb_offline(tmp_path):
+def test_table_logged_to_wandb_offline_with_numeric_columns(tmp_path):
     from segrefine.report import log_to_wandb
 
-    paired_run(tmp_path / "runs" / "none", "none", 0, BASE)
-    paired_run(tmp_path / "runs" / "crf", "densecrf", 0, [b + g for b, g in zip(BASE, GAIN)])
-    study = load_study([tmp_path / "runs"])
-    paths = write_report(study, tmp_path / "report", figures=True)
-    run_id = log_to_wandb(summarise(study.runs), paths, mode="offline", save_dir=tmp_path)
+    run(tmp_path / "runs" / "none", BASE)
+    run(tmp_path / "runs" / "crf", [b + g for b, g in zip(BASE, GAIN)], head="crfrnn")
+    report = write_report(load_study([tmp_path / "runs"]), tmp_path / "report", figures=True)
+    run_id = log_to_wandb(report, mode="offline", save_dir=tmp_path)
     (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     media = run_dir / "files" / "media"
-    assert list(media.glob("table/report/table_*.table.json"))
+    (table_file,) = media.glob("table/report/table_*.table.json")
+    table = json.loads(table_file.read_text())
+    record = dict(zip(table["columns"], table["data"][1]))
+    test = report.rows[1].stats["test/iou_image"]
+    for stat in ("mean", "ci_low", "ci_high", "p", "p_holm"):
+        assert record[f"delta_iou_{stat}"] == pytest.approx(test[stat])
+    assert record["test/iou_image_mean"] == pytest.approx(np.mean(BASE) + np.mean(GAIN))
     assert list(media.glob("images/report/metrics_figure_*.png"))
 
 
 class FakeRun:
     def __init__(self, run_id, head, iou, state="finished"):
         self.id, self.state, self.job_type, self.group = run_id, state, "train", "t"
-        self.config = {"data": {"name": "synthetic"}, "backbone": {"name": "unet"}, "head": {"name": head}, "seed": 0}
+        self.config = config(head=head)
         self.summary = {"test/iou": iou, "test/dice": iou, "test/pixel_acc": 0.9, "test/boundary_f1": iou,
                         "test/ms_per_image": 2.0, "params": 5} if state == "finished" else {}
 
@@ -173,6 +415,49 @@ def test_reads_runs_from_a_wandb_project():
     from segrefine.report import load_wandb_study
 
     study = load_wandb_study("team/segrefine", api=FakeApi())
-    rows = summarise(study.runs)
-    assert [(r["head"], r["test/iou"][0]) for r in rows] == [("none", 0.5), ("crfrnn", 0.6)]
+    rows, _ = summarise(study.runs)
+    assert [(r.head, r.value(next(iter(r.runs.values())), Column("test/iou", ""))) for r in rows] == [
+        ("none", 0.5), ("crfrnn", 0.6)]
     assert study.incomplete == [("team/segrefine/c", "wandb state 'crashed'")]
+
+
+# -- a real tiny run: saved predictions agree with its per-image metrics -------------------------
+
+
+def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cfg, tmp_path):
+    import hashlib
+
+    import torch
+
+    from segrefine.metrics import per_image_metrics
+    from segrefine.train import train
+
+    out = tmp_path / "run"
+    train(make_cfg("backbone=pspnet", "save_predictions=3", output_dir=out))
+    record = read_results(out)
+    assert record["num_classes"] == 3 and record["class_names"][0] == "background"
+    assert record["predictions"] == "predictions.npz" and "unet_crfrnn" in record["metric_definitions"]
+    with np.load(out / "predictions.npz", allow_pickle=False) as saved:
+        ids, masks, preds, images = (saved[k] for k in ("ids", "masks", "predictions", "images"))
+    all_ids = [row["id"] for row in record["per_image"]]
+    expected = sorted(sorted(all_ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:3])
+    assert list(ids) == expected and images.dtype == np.uint8 and images.shape == (3, 32, 32)
+    rows = {row["id"]: row for row in record["per_image"]}
+    again = per_image_metrics(torch.as_tensor(preds).long(), torch.as_tensor(masks).long(), 3)
+    for k, sample_id in enumerate(ids):
+        for key in ("iou", "boundary_f1", "unet_crfrnn/iu", "unet_crfrnn/pa"):
+            assert again[key][k].item() == pytest.approx(rows[sample_id][key]), key
+    assert record["metrics"]["test/iou_image"] == pytest.approx(np.mean([r["iou"] for r in rows.values()]))
+    report = write_report(load_study([out]), tmp_path / "report")
+    assert {"metrics_figure", "cost_figure"} <= set(report.paths)
+    assert report.problems == [("qualitative.png", "not drawn: no head paired with a `none` baseline")]
+
+
+def test_error_outline_keeps_the_inside_of_an_error_region():
+    from segrefine.figures import error_outline
+
+    errors = np.zeros((6, 6), dtype=bool)
+    errors[1:5, 1:5] = True
+    expected = errors.copy()
+    expected[2:4, 2:4] = False  # the 2x2 inside shows the predicted class
+    assert np.array_equal(error_outline(errors), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -32,17 +33,24 @@ def tiny_study(tmp_path_factory, data_dir):
 
 def test_study_has_every_backbone_head_row_with_densecrf_paired(tiny_study):
     out, stdout = tiny_study
-    rows = summarise(load_study([out]).runs)
-    assert {(r["backbone"], r["head"]) for r in rows} == {
-        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "densecrf_tuned", "crfrnn", "pointrend")
+    study = load_study([out])
+    rows, duplicates = summarise(study.runs)
+    assert not duplicates
+    assert {(r.label.split()[0], r.head) for r in rows} >= {
+        (b, h) for b in ("fcn-8s", "unet", "pspnet") for h in ("none", "densecrf", "densecrf_tuned", "crfrnn", "pointrend")
     }
     # The plan's matched baselines and tuning ran too.
     assert (out / "train" / "unet-none-output_stride4-s0" / "results.json").is_file()
     assert (out / "train" / "fcn-none-continued-s0" / "results.json").is_file()
     assert (out / "tune" / "pspnet-none-s0" / "densecrf_tuned.yaml").is_file()
     for row in rows:
-        if row["head"] != "none":
-            assert row["paired/iou"]["n"] == 8  # every test image paired with the none run
+        if row.baseline is not None:
+            assert all(t["n"] == 1 and t["level"] == "images" for t in row.stats.values())  # one seed
+            assert len(row.baseline.runs[0]["per_image"]) == 8  # every test image paired
+    # Evaluations record the training config with the head replaced: paired on the same weights.
+    densecrf = [r for r in rows if r.head in ("densecrf", "densecrf_tuned")]
+    assert len(densecrf) == 6
+    assert all(r.baseline is not None and r.pairing == "same weights" for r in densecrf)
     assert (out / "report" / "table.md").read_text().strip() in stdout
     assert (out / "report" / "qualitative.png").stat().st_size > 0
 
@@ -61,4 +69,4 @@ def test_notebook_runs_on_the_study(tiny_study):
         del os.environ["SEGREFINE_STUDY"]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
                    for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "| synthetic | unet | crfrnn |" in text and "ΔIoU" in text
+    assert re.search(r"\| unet[^|]* \| crfrnn \| retrained \| 1 \| ", text) and "Δ IoU % (img mean)" in text

@@ -44,6 +44,8 @@ def main() -> int:
                         help="backbones that get a none + stride-4 skip control beside PointRend ('' = none)")
     parser.add_argument("--out", default=f"outputs/paper_table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     parser.add_argument("--update-readme", action="store_true", help="put the table into experiments/paper_table/README.md")
+    parser.add_argument("--metrics", choices=["standard", "unet_crfrnn"], default=None,
+                        help="metric protocol of the report's columns (default: the runs' own)")
     args, overrides = parser.parse_known_args()
     preset_defaults(args)
     heads = [h for h in args.heads.split(",") if h]
@@ -52,7 +54,7 @@ def main() -> int:
     backbones = [b for b in args.backbones.split(",") if b]
     out = Path(args.out)
     if args.report_only:
-        return report(out, args.update_readme)
+        return report(out, args.update_readme, args.metrics)
     plan = study_plan(
         experiment="paper_table", preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
         backbones={b: (f"backbone={b}",) for b in backbones},
@@ -64,12 +66,12 @@ def main() -> int:
     )
     if not run_study(args, plan, out, overrides):
         return 0
-    return report(out, args.update_readme)
+    return report(out, args.update_readme, args.metrics)
 
 
-def report(out: Path, readme: bool) -> int:
-    paths = write_report(load_study([out / "train", out / "eval"]), out / "report")
-    table = paths["markdown"].read_text()
+def report(out: Path, readme: bool, protocol: str | None = None) -> int:
+    result = write_report(load_study([out / "train", out / "eval"]), out / "report", protocol=protocol)
+    table = result.paths["markdown"].read_text()
     print(table)
     print(f"report in {out / 'report'}")
     if readme:

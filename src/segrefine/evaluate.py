@@ -33,6 +33,8 @@ from segrefine.train import (
     build_logger,
     build_module,
     check_config_dir,
+    evaluation_record,
+    headline,
     run_info,
     run_record,
     run_recording_failure,
@@ -109,7 +111,9 @@ def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
                 run_cfg.trainer.pop(key, None)
         run_cfg.logger = cfg.get("logger")
         run_cfg.paths.output_dir = cfg.paths.output_dir
-        run_cfg.boundary_tolerance = cfg.boundary_tolerance
+        run_cfg.pop("boundary_tolerance", None)  # checkpoints from before the metrics group
+        run_cfg.metrics = cfg.metrics
+        run_cfg.save_predictions = cfg.get("save_predictions")
         run_cfg.name = cfg.name or train_cfg.name
     return run_cfg
 
@@ -187,6 +191,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                     "run_config": comparable_config(stored),
                     "wandb_id": training_wandb_id(ckpt_file),
                 },
+                **evaluation_record(module, output_dir, run_cfg),
                 "wandb": wandb_info,
             },
         )
@@ -199,7 +204,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     # The value Hydra sweepers (e.g. Optuna) optimise.
-    return run_recording_failure(evaluate, cfg).get(f"{cfg.split}/iou")
+    return headline(run_recording_failure(evaluate, cfg), cfg, cfg.split)
 
 
 def main() -> None:

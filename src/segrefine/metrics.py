@@ -8,8 +8,16 @@ Conventions, shared by the dataset-level metrics and the per-image rows:
 - Pixels whose target is ``ignore_index`` are never scored.
 - Boundary F1 (Csurka et al. 2013, "BF score"): per class, the boundary pixels of the
   predicted and true class masks; a predicted boundary pixel is correct if a true one
-  lies within ``tolerance`` pixels (Euclidean), and vice versa for recall. Predicted
-  boundary pixels on ignored target pixels are not scored.
+  lies within the tolerance (Euclidean), and vice versa for recall. The tolerance is a
+  fraction of the image diagonal (0.75 % by default, as Csurka et al.) or, with
+  ``unit="pixels"``, a distance in pixels. Ignored target pixels are treated the same way
+  in both maps: the prediction takes the ignore label there before boundaries are found,
+  and boundary pixels on ignored pixels belong to neither set.
+
+Metric protocols (``PROTOCOLS``): ``standard`` is the above (pooled over the split, plus the
+mean over images of the same per-image values); ``unet_crfrnn`` is the evaluation of the
+U-Net + CRF-RNN study segrefine grew out of, generalised to C classes, see
+``protocol_per_image``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,22 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from segrefine.types import IGNORE_INDEX
 
 METRIC_NAMES = ("iou", "dice", "pixel_acc", "boundary_f1")
+PROTOCOL_NAMES = ("iu", "dsc", "pa")
+# Plain-words definitions, recorded in every results.json next to the numbers.
+PROTOCOLS = {
+    "standard": (
+        "test/{iou,dice,pixel_acc,boundary_f1}: pooled over the split's confusion matrix (boundary counts summed); "
+        "IoU/Dice averaged over foreground classes 1..C-1 present in target or prediction (1 if none); "
+        "pixel accuracy over all scored pixels; ignored (255) pixels never scored. "
+        "test/*_image: the same per-image values averaged over images (the aggregation of the report's paired deltas)."
+    ),
+    "unet_crfrnn": (
+        "per image over all C classes including background: IU = mean_c IoU_c, IoU_c = TP/(TP+FP+FN) and 0 when "
+        "class c is empty in the prediction or the ground truth; DSC likewise with (2TP+1)/(|pred_c|+|gt_c|+1); "
+        "PA = foreground recall sum_{c>0} TP_c / sum_{c>0} |gt_c| (0 without foreground pixels), not pixel accuracy; "
+        "ignored (255) pixels excluded; each averaged over images (UNet-CRF-RNN utils.py, generalised to C classes)."
+    ),
+}
 
 
 def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:
@@ -59,9 +83,26 @@ def foreground_mean(per_class: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
 
 
-def _disk(radius: int, device: torch.device) -> torch.Tensor:
-    r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+def _disk(radius: float, device: torch.device) -> torch.Tensor:
+    """Pixels within Euclidean distance ``radius`` of the centre (a single pixel below 1)."""
+    half = int(math.floor(radius))
+    r = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2 + 1e-6).float()
+
+
+TOLERANCE_UNITS = ("diagonal", "pixels")
+
+
+def tolerance_pixels(tolerance: float, unit: str, height: int, width: int) -> float:
+    """The boundary matching distance in pixels: a fraction of the diagonal, or pixels as given."""
+    if unit not in TOLERANCE_UNITS:
+        raise ValueError(f"metrics.boundary_tolerance_unit={unit!r} must be one of {TOLERANCE_UNITS}")
+    if tolerance < 0 or (unit == "diagonal" and tolerance >= 1):
+        raise ValueError(
+            f"metrics.boundary_tolerance={tolerance} with unit {unit!r}: a fraction of the diagonal is in [0, 1) "
+            "(0.0075 = 0.75 %); for pixels set metrics.boundary_tolerance_unit=pixels"
+        )
+    return tolerance * math.hypot(height, width) if unit == "diagonal" else float(tolerance)
 
 
 def class_boundaries(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -85,18 +126,24 @@ def boundary_counts(
     preds: torch.Tensor,
     target: torch.Tensor,
     num_classes: int,
-    tolerance: int = 2,
+    tolerance: float = 0.0075,
     ignore_index: int = IGNORE_INDEX,
+    unit: str = "diagonal",
 ) -> torch.Tensor:
     """Per image and class: ``(B, 4, C)`` = matched predicted, predicted, matched true, true boundary pixels."""
     valid = target != ignore_index
+    # Same ignore region in both maps, so neither side gains or loses boundaries there.
+    preds = torch.where(valid, preds, torch.full_like(preds, ignore_index))
     pred_b = class_boundaries(preds, num_classes) & valid[:, None]
-    true_b = class_boundaries(target, num_classes)
-    if tolerance > 0:
-        kernel = _disk(tolerance, preds.device)[None, None].expand(num_classes, 1, -1, -1)
+    true_b = class_boundaries(target, num_classes) & valid[:, None]
+    radius = tolerance_pixels(tolerance, unit, *preds.shape[-2:])
+    if radius >= 1:
+        kernel = _disk(radius, preds.device)
+        pad = kernel.shape[-1] // 2
+        kernel = kernel[None, None].expand(num_classes, 1, -1, -1)
 
         def near(b: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(b.float(), kernel, padding=tolerance, groups=num_classes) > 0.5
+            return F.conv2d(b.float(), kernel, padding=pad, groups=num_classes) > 0.5
 
         near_true, near_pred = near(true_b), near(pred_b)
     else:
@@ -128,13 +175,15 @@ class BoundaryF1(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, tolerance: int = 2, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, tolerance: float = 0.0075, ignore_index: int = IGNORE_INDEX,
+                 unit: str = "diagonal"):
         super().__init__()
-        self.num_classes, self.tolerance, self.ignore_index = num_classes, tolerance, ignore_index
+        self.num_classes, self.tolerance, self.ignore_index, self.unit = num_classes, tolerance, ignore_index, unit
         self.add_state("counts", default=torch.zeros(4, num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.counts += boundary_counts(preds, target, self.num_classes, self.tolerance, self.ignore_index).sum(0)
+        counts = boundary_counts(preds, target, self.num_classes, self.tolerance, self.ignore_index, self.unit)
+        self.counts += counts.sum(0)
 
     def compute(self) -> torch.Tensor:
         return boundary_f1_from_counts(self.counts)
@@ -143,12 +192,13 @@ class BoundaryF1(Metric):
 class SegmentationMetrics(torch.nn.Module):
     """Accumulates one split's metrics; ``compute()`` gives the design.md names without prefix."""
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None, boundary_tolerance: int = 2):
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, boundary_tolerance: float = 0.0075,
+                 boundary_tolerance_unit: str = "diagonal"):
         super().__init__()
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
         self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
-        self.boundary = BoundaryF1(num_classes, boundary_tolerance)
+        self.boundary = BoundaryF1(num_classes, boundary_tolerance, unit=boundary_tolerance_unit)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         self.confusion.update(preds, target)
@@ -175,20 +225,75 @@ class SegmentationMetrics(torch.nn.Module):
         self.boundary.reset()
 
 
-def per_image_metrics(
-    preds: torch.Tensor, target: torch.Tensor, num_classes: int, boundary_tolerance: int = 2
-) -> dict[str, torch.Tensor]:
-    """Each metric for each image of a batch: ``{name: (B,) float64}``."""
-    confusion = torch.stack(
+def _confusions(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, C, C)`` per-image confusion matrices (rows = target), ignored pixels left out."""
+    return torch.stack(
         [
             multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX, validate_args=False)
             for p, t in zip(preds, target)
         ]
     )
-    counts = boundary_counts(preds, target, num_classes, boundary_tolerance)
+
+
+def protocol_per_image(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``unet_crfrnn`` protocol per image from ``(B, C, C)`` confusion matrices: ``{iu, dsc, pa}``.
+
+    Over all C classes including background: IoU_c = TP/(TP+FP+FN), Dice_c =
+    (2TP+1)/(|pred_c|+|gt_c|+1), both 0 when class c is empty in the prediction or the
+    ground truth; IU and DSC are their means over the C classes. PA is foreground recall
+    sum_{c>0} TP_c / sum_{c>0} |gt_c| (0 when the image has no foreground pixel).
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal(dim1=-2, dim2=-1)
+    gt, pred = confusion.sum(-1), confusion.sum(-2)
+    both = (gt > 0) & (pred > 0)
+    iou = torch.where(both, tp / (gt + pred - tp).clamp(min=1), torch.zeros_like(tp))
+    dice = torch.where(both, (2 * tp + 1) / (gt + pred + 1), torch.zeros_like(tp))
+    fg_gt, fg_tp = gt[..., 1:].sum(-1), tp[..., 1:].sum(-1)
     return {
+        "iu": iou.mean(-1),
+        "dsc": dice.mean(-1),
+        "pa": torch.where(fg_gt > 0, fg_tp / fg_gt.clamp(min=1), torch.zeros_like(fg_gt)),
+    }
+
+
+def protocol_metrics(
+    preds: torch.Tensor, masks: torch.Tensor, num_classes: int, protocol: str = "unet_crfrnn"
+) -> dict[str, float]:
+    """A split's metrics under a protocol, for scripts and notebooks.
+
+    ``preds``/``masks``: ``(N, H, W)`` integer label maps, 255 ignored. ``unet_crfrnn`` gives
+    ``{"iu", "dsc", "pa"}`` averaged over images (values in [0, 1]); ``standard`` gives the
+    pooled ``{"iou", "dice", "pixel_acc", "boundary_f1"}``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} must be one of {tuple(PROTOCOLS)}")
+    if preds.shape != masks.shape or preds.dim() != 3:
+        raise ValueError(f"preds {tuple(preds.shape)} and masks {tuple(masks.shape)} must both be (N, H, W)")
+    preds, masks = preds.long(), masks.long()
+    if protocol == "standard":
+        metrics = SegmentationMetrics(num_classes)
+        metrics.update(preds, masks)
+        return {k: v for k, v in metrics.compute().items() if k in METRIC_NAMES}
+    values = protocol_per_image(_confusions(preds, masks, num_classes))
+    return {k: v.mean().item() for k, v in values.items()}
+
+
+def per_image_metrics(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, boundary_tolerance: float = 0.0075,
+    boundary_tolerance_unit: str = "diagonal",
+) -> dict[str, torch.Tensor]:
+    """Each metric of every protocol for each image of a batch: ``{name: (B,) float64}``.
+
+    Standard metrics under their own names, the ``unet_crfrnn`` ones as ``unet_crfrnn/iu`` etc.
+    """
+    confusion = _confusions(preds, target, num_classes)
+    counts = boundary_counts(preds, target, num_classes, boundary_tolerance, unit=boundary_tolerance_unit)
+    rows = {
         "iou": foreground_mean(per_class_iou(confusion)),
         "dice": foreground_mean(per_class_dice(confusion)),
         "pixel_acc": pixel_accuracy(confusion),
         "boundary_f1": foreground_mean(boundary_f1_from_counts(counts)),
     }
+    rows.update({f"unet_crfrnn/{k}": v for k, v in protocol_per_image(confusion).items()})
+    return rows

@@ -5,9 +5,11 @@ Anything that differs between heads lives in the head (``forward`` and ``losses`
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Callable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,10 @@ class SegmentationModule(pl.LightningModule):
         class_names: list[str],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
-        boundary_tolerance: int = 2,
+        boundary_tolerance: float = 0.0075,
         config: dict[str, Any] | None = None,
+        boundary_tolerance_unit: str = "diagonal",
+        save_predictions: int = 0,
     ):
         super().__init__()
         # The resolved run config travels in every checkpoint so `evaluate` can rebuild the model.
@@ -37,10 +41,13 @@ class SegmentationModule(pl.LightningModule):
         self.backbone, self.head = backbone, head
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.boundary_tolerance = boundary_tolerance
-        self.val_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance)
-        self.test_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance)
+        self.boundary_tolerance, self.boundary_tolerance_unit = boundary_tolerance, boundary_tolerance_unit
+        self.val_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
+        self.test_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
         self.test_rows: list[dict[str, Any]] = []
+        # Test images kept for the report's qualitative figure (see prediction_key).
+        self.save_predictions = int(save_predictions)
+        self.saved_predictions: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
         # Metric prefix of test(): "test", or "val" when evaluate runs on the validation split.
         self.eval_prefix = "test"
         self._test_seconds, self._test_images = 0.0, 0
@@ -109,6 +116,7 @@ class SegmentationModule(pl.LightningModule):
     # -- test ----------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         self.test_rows, self._test_seconds, self._test_images = [], 0.0, 0
+        self.saved_predictions = []
         self.test_metrics.reset()
 
     def _synchronise(self, tensor: torch.Tensor) -> None:
@@ -127,22 +135,75 @@ class SegmentationModule(pl.LightningModule):
         self._test_images += len(image)
         preds = logits.argmax(1)
         self.test_metrics.update(preds, mask)
-        rows = per_image_metrics(preds, mask, self.num_classes, self.boundary_tolerance)
+        rows = per_image_metrics(preds, mask, self.num_classes, self.boundary_tolerance, self.boundary_tolerance_unit)
         for i, sample_id in enumerate(batch["id"]):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
+            self._keep_prediction(str(sample_id), image[i], mask[i], preds[i])
+
+    def _keep_prediction(self, sample_id: str, image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> None:
+        """Keep the ``save_predictions`` images with the smallest id hash: the same ids in
+        every run of the same data, whatever the batch order, in bounded memory."""
+        if self.save_predictions <= 0:
+            return
+        key = prediction_key(sample_id)
+        if len(self.saved_predictions) >= self.save_predictions and key >= self.saved_predictions[0][0]:
+            return
+        item = (key, sample_id, image_to_uint8(image), mask.cpu().numpy().astype(np.uint8),
+                pred.cpu().numpy().astype(np.uint8))
+        # Max-heap on the key through negation is awkward for strings: keep a sorted list, descending.
+        self.saved_predictions.append(item)
+        self.saved_predictions.sort(key=lambda entry: entry[0], reverse=True)
+        del self.saved_predictions[: max(0, len(self.saved_predictions) - self.save_predictions)]
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()  # torchmetrics syncs the counts across ranks
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        parts = gather_objects((self.test_rows, self._test_seconds, self._test_images), world_size)
+        parts = gather_objects((self.test_rows, self._test_seconds, self._test_images, self.saved_predictions), world_size)
         if len(parts) > 1:
             # The distributed sampler repeats images to even out the ranks: keep each id once.
             rows = {row["id"]: row for part in parts for row in part[0]}
             self.test_rows = [rows[key] for key in sorted(rows)]
+            saved = {entry[1]: entry for part in parts for entry in part[3]}
+            self.saved_predictions = sorted(saved.values(), key=lambda e: e[0])[: self.save_predictions]
         seconds, images = sum(p[1] for p in parts), sum(p[2] for p in parts)
         values["ms_per_image"] = 1000.0 * seconds / max(images, 1)
+        # Per-image values averaged over images: the aggregation the report's paired deltas use.
+        for key in self.test_rows[0] if self.test_rows else ():
+            if key == "id":
+                continue
+            scores = [row[key] for row in self.test_rows if row[key] == row[key]]  # NaN left out
+            name = key if key.startswith("unet_crfrnn/") else f"{key}_image"
+            values[name] = float(np.mean(scores)) if scores else float("nan")
         self.test_results = {f"{self.eval_prefix}/{k}": v for k, v in values.items()}
         self.log_dict(self.test_results, rank_zero_only=True)
 
+    def prediction_arrays(self) -> dict[str, np.ndarray]:
+        """The kept test predictions as arrays for ``predictions.npz`` (sorted by id)."""
+        kept = sorted(self.saved_predictions, key=lambda e: e[1])
+        if not kept:
+            return {}
+        return {
+            "ids": np.array([e[1] for e in kept]),
+            "images": np.stack([e[2] for e in kept]),
+            "masks": np.stack([e[3] for e in kept]),
+            "predictions": np.stack([e[4] for e in kept]),
+        }
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.head.parameters())
+
+
+def prediction_key(sample_id: str) -> str:
+    """Order in which test images are chosen for saving: a hash of the id, so the choice is
+    spread over the split yet identical for every run of the same data."""
+    return hashlib.sha1(sample_id.encode()).hexdigest()
+
+
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 for display: RGB when 3 channels, else the first
+    channel; min-max normalised per image (stored intensities are normalised anyway)."""
+    shown = image[:3].permute(1, 2, 0) if image.shape[0] == 3 else image[0]
+    shown = shown.detach().float().cpu()
+    low, high = shown.min(), shown.max()
+    scaled = (shown - low) / (high - low) if high > low else torch.zeros_like(shown)
+    return (scaled * 255).round().to(torch.uint8).numpy()

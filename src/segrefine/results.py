@@ -11,6 +11,8 @@ from typing import Any
 
 SCHEMA = 1
 FILENAME = "results.json"
+# Test images, masks and predictions saved for the report's qualitative figure.
+PREDICTIONS_FILE = "predictions.npz"
 
 
 def _clean(value: Any) -> Any:

@@ -22,6 +22,8 @@ RUN_ONLY_KEYS = (
     "resume",
     "force",
     "num_threads",
+    "save_predictions",
+    "metrics.protocol",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "head.num_workers",

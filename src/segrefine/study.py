@@ -240,7 +240,7 @@ def describe(plan: Plan) -> str:
 TUNE_TRIALS = {"smoke": 8, "full": 40}
 FINETUNE_EPOCHS = {"smoke": 4, "full": 40}
 # Run-level override keys that also reach the evaluations and the tuning.
-EVAL_KEYS = {"trainer", "logger", "paths", "boundary_tolerance"}
+EVAL_KEYS = {"trainer", "logger", "paths", "metrics", "save_predictions"}
 
 
 def study_args(description: str) -> argparse.ArgumentParser:

@@ -26,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from segrefine.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.distributed import use_job_command_for_ddp
+from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
+from segrefine.results import PREDICTIONS_FILE
 from segrefine.results import read_results, write_results
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.tracking import RunInfo, close_wandb, finish_wandb, log_per_image_table
@@ -73,7 +75,20 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
     return datamodule
 
 
+def check_metrics_config(cfg: DictConfig) -> None:
+    """The metric settings live in the ``metrics`` group since protocols were added."""
+    if "boundary_tolerance" in cfg:
+        raise ValueError(
+            "boundary_tolerance moved to metrics.boundary_tolerance (a fraction of the image diagonal, "
+            "default 0.0075); for pixels use metrics.boundary_tolerance=2 metrics.boundary_tolerance_unit=pixels"
+        )
+    protocol = cfg.metrics.get("protocol")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
+
+
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
+    check_metrics_config(cfg)
     backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
     # head.tuned records how a tuning protocol chose some values (segrefine.tuning): not an argument.
     head_cfg = OmegaConf.masked_copy(cfg.head, [key for key in cfg.head if key != "tuned"])
@@ -85,7 +100,9 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         class_names=datamodule.class_names,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
-        boundary_tolerance=cfg.boundary_tolerance,
+        boundary_tolerance=cfg.metrics.boundary_tolerance,
+        boundary_tolerance_unit=cfg.metrics.boundary_tolerance_unit,
+        save_predictions=cfg.get("save_predictions") or 0,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -135,6 +152,48 @@ def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
         "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def headline(metrics: dict[str, float], cfg: DictConfig, split: str = "test") -> float | None:
+    """The number Hydra sweepers optimise: IoU under the chosen metric protocol."""
+    key = f"{split}/unet_crfrnn/iu" if cfg.metrics.protocol == "unet_crfrnn" else f"{split}/iou"
+    return metrics.get(key)
+
+
+def evaluation_record(module: SegmentationModule, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """What results.json says about the test numbers besides the numbers: the metric
+    definitions, the classes, and the saved predictions file for the report's figure."""
+    record: dict[str, Any] = {
+        "metrics_protocol": cfg.metrics.protocol,
+        "metric_definitions": {
+            **PROTOCOLS,
+            "boundary_tolerance": f"{cfg.metrics.boundary_tolerance} ({cfg.metrics.boundary_tolerance_unit})",
+        },
+        "num_classes": module.num_classes,
+        "class_names": module.class_names,
+        "predictions": None,
+    }
+    arrays = module.prediction_arrays()
+    if arrays:
+        record["predictions"] = write_predictions(output_dir, arrays).name
+    return record
+
+
+def write_predictions(output_dir: Path, arrays: dict[str, Any]) -> Path:
+    """``predictions.npz`` (ids, uint8 images, masks, predictions), written atomically."""
+    import numpy as np
+
+    path = output_dir / PREDICTIONS_FILE
+    tmp = output_dir / f".{PREDICTIONS_FILE}.tmp"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def set_threads(num_threads: int | None) -> None:
@@ -261,6 +320,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "metrics": metrics,
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
+                **(evaluation_record(module, output_dir, cfg) if cfg.get("test", True) else {}),
                 "wandb": wandb_info,
             },
         )
@@ -319,7 +379,7 @@ def write_error_file(path: Path, text: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    return run_recording_failure(train, cfg).get("test/iou")
+    return headline(run_recording_failure(train, cfg), cfg)
 
 
 def main() -> None:
