@@ -24,6 +24,7 @@ RUN_ONLY_KEYS = (
     "num_threads",
     "save_predictions",
     "metrics.protocol",
+    "trainer.accelerator",  # where it runs (cpu/gpu/auto); devices and precision do change results
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "head.num_workers",
