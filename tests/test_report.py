@@ -437,6 +437,8 @@ def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cf
     record = read_results(out)
     assert record["num_classes"] == 3 and record["class_names"][0] == "background"
     assert record["predictions"] == "predictions.npz" and "unet_crfrnn" in record["metric_definitions"]
+    assert record["timing"]["device"] == "cpu" and record["timing"]["torch_threads"] == torch.get_num_threads()
+    assert record["timing"]["usable_cpus"] >= 1 and record["timing"]["gpu"] is None
     with np.load(out / "predictions.npz", allow_pickle=False) as saved:
         ids, masks, preds, images = (saved[k] for k in ("ids", "masks", "predictions", "images"))
     all_ids = [row["id"] for row in record["per_image"]]
@@ -451,6 +453,23 @@ def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cf
     report = write_report(load_study([out]), tmp_path / "report")
     assert {"metrics_figure", "cost_figure"} <= set(report.paths)
     assert report.problems == [("qualitative.png", "not drawn: no head paired with a `none` baseline")]
+
+
+def test_the_table_says_where_ms_per_image_was_measured_and_refuses_to_mix_silently(tmp_path):
+    cpu = {"cpu": "Xeon X", "usable_cpus": 2, "torch_threads": 2, "gpu": None, "torch": "2.4"}
+    for seed in (0, 1):
+        path = run(tmp_path / f"none{seed}", [0.5, 0.6], seed=seed)
+        record = json.loads(path.read_text())
+        record["timing"] = cpu
+        path.write_text(json.dumps(record))
+    text = to_markdown(summarise(load_study([tmp_path]).runs)[0])
+    assert "ms/img: backbone + head forward per test image, warm, on CPU Xeon X, 2 usable CPUs, 2 torch threads" in text
+    path = tmp_path / "none1" / "results.json"
+    record = json.loads(path.read_text())
+    record["timing"] = {**cpu, "gpu": "NVIDIA H200"}
+    path.write_text(json.dumps(record))
+    text = to_markdown(summarise(load_study([tmp_path]).runs)[0])
+    assert "not comparable across them: CPU Xeon X" in text and "GPU NVIDIA H200, 2 usable CPUs" in text
 
 
 def test_error_outline_keeps_the_inside_of_an_error_region():

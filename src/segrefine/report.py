@@ -552,10 +552,29 @@ def footnotes(rows: list[Row], protocol: str) -> list[str]:
         "Pairing: *same weights* = the baseline's own checkpoint evaluated under a post-hoc head; *retrained* = "
         "an independently trained model per seed, so the Δ includes training variation.",
     ]
+    lines.append(timing_note(rows))
     if any(t["level"] == "images" for r in rows for t in r.stats.values()):
         lines.append("† one seed: no inference across seeds is possible; this CI and p are over the test images of "
                      "that single model (image-level test, labelled as such).")
     return lines
+
+
+def timing_note(rows: list[Row]) -> str:
+    """Where ms/img was measured; a table mixing machines or thread counts says so."""
+    setups = {}
+    for row in rows:
+        for run in row.runs.values():
+            timing = run.get("timing") or {}
+            if not timing:
+                setups.setdefault("not recorded (runs from before timing records)", []).append(row.label)
+                continue
+            where = f"GPU {timing['gpu']}" if timing.get("gpu") else f"CPU {timing.get('cpu')}"
+            setups.setdefault(f"{where}, {timing.get('usable_cpus')} usable CPUs, {timing.get('torch_threads')} "
+                              f"torch threads, torch {timing.get('torch')}", []).append(row.label)
+    if len(setups) <= 1:
+        return f"ms/img: backbone + head forward per test image, warm, on {next(iter(setups), 'no runs')}."
+    return ("ms/img was measured on different setups, so it is not comparable across them: "
+            + "; ".join(f"{setup} ({len(labels)} runs)" for setup, labels in setups.items()) + ".")
 
 
 def pair_lines(rows: list[Row], protocol: str) -> list[str]:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segrefine.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.distributed import use_job_command_for_ddp
+from segrefine.hardware import describe
 from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.results import FILENAME as RESULTS_FILE
@@ -172,6 +173,9 @@ def evaluation_record(module: SegmentationModule, output_dir: Path, cfg: DictCon
         "num_classes": module.num_classes,
         "class_names": module.class_names,
         "predictions": None,
+        # What test/ms_per_image was measured on: the same rule for every head (backbone + head
+        # forward per test image, after one warm-up batch, synchronised on CUDA).
+        "timing": {**describe(module.device), "head_workers": cfg.head.get("num_workers")},
     }
     arrays = module.prediction_arrays()
     if arrays:
