@@ -150,7 +150,7 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     write_msd_task(root, n=3)
     args = type("Args", (), {"preset": "full", "seeds": "0,1", "tune_trials": 40, "crfrnn_protocol": "finetune",
                              "finetune_epochs": 40})()
-    plan = origin.plan_for(args, ["data=msd", f"data.root={root}"], backbones)
+    plan = origin.plan_for(args, [*origin.METRICS_OVERRIDES, "data=msd", f"data.root={root}"], backbones)
     jobs = {(j.kind, j.name.rsplit("-s", 1)[0]) for j in plan.jobs}
     assert jobs == {("train", f"{b}-none") for b in backbones} | {
         ("eval", "fcn-densecrf"), ("eval", "fcn-densecrf_tuned"), ("tune", "fcn-none"), ("tune", "unet-none"),
@@ -166,6 +166,7 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     config = job_config(plan.get("train", "unet-none-s0"), plan, out, tuned_file)
     # The origin schedule, on the MSD source.
     assert config["data"]["name"] == "msd" and config["data"]["batch_size"] == 5
+    assert config["metrics"]["protocol"] == "unet_crfrnn"  # the origin study's IU/DSC/PA
     assert (config["trainer"]["max_epochs"], config["trainer"]["limit_train_batches"]) == (80, 10)
     assert job_config(plan.get("train", "fcn-none-s0"), plan, out, tuned_file)["backbone"]["variant"] == "8s"
 

@@ -66,7 +66,7 @@ def plan_for(args, overrides: list[str], backbones: list[str]):
         heads={"unet": ("crfrnn",)} if "unet" in backbones else {},
         densecrf=[b for b in ("fcn", "unet") if b in backbones], tune=args.tune_trials > 0,
         crfrnn_protocol=args.crfrnn_protocol, finetune_epochs=args.finetune_epochs,
-        overrides=[*METRICS_OVERRIDES, *overrides],
+        overrides=overrides,
     )
 
 
@@ -113,13 +113,15 @@ def main() -> int:
     parser.add_argument("--backbones", default="fcn,segnet,unet", help="which of the origin rows' networks to train")
     parser.add_argument("--out", default=f"outputs/unet_crfrnn_table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args, overrides = parser.parse_known_args()
+    # The origin protocol for every job: training, tuning and the post-hoc evaluations.
+    overrides = [*METRICS_OVERRIDES, *overrides]
     preset_defaults(args)
     out = Path(args.out)
     if not args.report_only:
         plan = plan_for(args, overrides, [b for b in args.backbones.split(",") if b])
         if not run_study(args, plan, out, overrides):
             return 0
-    write_report(load_study([out / "train", out / "eval"]), out / "report")
+    write_report(load_study([out / "train", out / "eval"]), out / "report", protocol="unet_crfrnn")
     table = origin_table(out)
     (out / "report" / "origin_table.md").write_text(table + "\n")
     print(table)
