@@ -258,6 +258,20 @@ def _from_flat(x: Tensor, B: int, H: int, W: int) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+def check_layer_args(num_classes: int, thetas: tuple[float, float, float], normalization: str, iterations: int,
+                     eval_iterations: int | None) -> None:
+    """The argument checks every mean-field layer shares (kernel widths alpha, beta, gamma)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    for name, v in zip(("theta_alpha", "theta_beta", "theta_gamma"), thetas):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive finite number, got {v}")
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    if iterations < 0 or (eval_iterations is not None and eval_iterations < 0):
+        raise ValueError("iterations must be >= 0")
+
+
 class MeanFieldCRF(nn.Module):
     """Dense-CRF mean field as a differentiable layer (CRF-as-RNN core).
 
@@ -322,15 +336,7 @@ class MeanFieldCRF(nn.Module):
         normalization: str = NORMALIZE_SYMMETRIC,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        for name, v in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a positive finite number, got {v}")
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
-        if iterations < 0 or (eval_iterations is not None and eval_iterations < 0):
-            raise ValueError("iterations must be >= 0")
+        check_layer_args(num_classes, (theta_alpha, theta_beta, theta_gamma), normalization, iterations, eval_iterations)
         self.num_classes = num_classes
         self.theta_alpha = float(theta_alpha)
         self.theta_beta = float(theta_beta)

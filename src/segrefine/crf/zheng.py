@@ -18,14 +18,11 @@ features are those of segrefine.crf.meanfield (same lattice, same features).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from .lattice import PermutohedralLattice
 from .meanfield import (
-    _NORMALIZATIONS,
     NORMALIZE_AFTER,
     _check_inputs,
     _from_flat,
@@ -34,6 +31,7 @@ from .meanfield import (
     _spatial_filter,
     _to_flat,
     bilateral_features,
+    check_layer_args,
 )
 
 
@@ -63,15 +61,7 @@ class ZhengMeanFieldCRF(nn.Module):
         normalization: str = NORMALIZE_AFTER,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        for name, v in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a positive finite number, got {v}")
-        if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
-        if iterations < 0 or (eval_iterations is not None and eval_iterations < 0):
-            raise ValueError("iterations must be >= 0")
+        check_layer_args(num_classes, (theta_alpha, theta_beta, theta_gamma), normalization, iterations, eval_iterations)
         self.num_classes = num_classes
         self.theta_alpha, self.theta_beta, self.theta_gamma = float(theta_alpha), float(theta_beta), float(theta_gamma)
         self.iterations = int(iterations)

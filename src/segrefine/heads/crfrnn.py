@@ -54,36 +54,25 @@ class CRFRNNHead(Head):
             raise ValueError(f"head.parametrisation={parametrisation!r} is not one of {list(PARAMETRISATIONS)}")
         self.parametrisation = parametrisation
         self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
+        kernels = dict(
+            theta_alpha=bilateral_sxy,
+            theta_beta=bilateral_schan,
+            theta_gamma=gaussian_sxy,
+            spatial_weight=gaussian_compat,
+            bilateral_weight=bilateral_compat,
+            learnable=learnable,
+            iterations=iterations,
+            eval_iterations=eval_iterations,
+        )
         if parametrisation == "zheng":
             if compatibility != "learned":
                 raise ValueError(
                     f"head.compatibility={compatibility!r} does not apply to head.parametrisation=zheng, whose "
                     "compatibility is always a learned C x C matrix; drop the override or use parametrisation=potts"
                 )
-            self.crf = ZhengMeanFieldCRF(
-                num_classes,
-                theta_alpha=bilateral_sxy,
-                theta_beta=bilateral_schan,
-                theta_gamma=gaussian_sxy,
-                spatial_weight=gaussian_compat,
-                bilateral_weight=bilateral_compat,
-                learnable=learnable,
-                iterations=iterations,
-                eval_iterations=eval_iterations,
-            )
-            return
-        self.crf = MeanFieldCRF(
-            num_classes,
-            theta_alpha=bilateral_sxy,
-            theta_beta=bilateral_schan,
-            theta_gamma=gaussian_sxy,
-            spatial_weight=gaussian_compat,
-            bilateral_weight=bilateral_compat,
-            compatibility=compatibility,
-            learnable=learnable,
-            iterations=iterations,
-            eval_iterations=eval_iterations,
-        )
+            self.crf = ZhengMeanFieldCRF(num_classes, **kernels)
+        else:
+            self.crf = MeanFieldCRF(num_classes, compatibility=compatibility, **kernels)
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(out, image.shape[-2:])
