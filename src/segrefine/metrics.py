@@ -190,7 +190,7 @@ class BoundaryF1(Metric):
 
 
 class SegmentationMetrics(torch.nn.Module):
-    """Accumulates one split's metrics; ``compute()`` gives the design.md names without prefix."""
+    """Accumulates one split's metrics; ``compute()`` gives the metric names without the split prefix."""
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None, boundary_tolerance: float = 0.0075,
                  boundary_tolerance_unit: str = "diagonal"):

@@ -1,4 +1,4 @@
-"""results.json: the one file a run leaves for the report (schema in design.md)."""
+"""results.json: the one file a run leaves for the report (its fields are listed in the README, "Where outputs go")."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ host synchronisation, so it can be reused for the normalisation, every
 mean-field iteration and all classes.
 
 The build follows densecrf step by step (elevation, rounding, ranking,
-barycentric weights, enclosing simplex; see crf-notes) for all pixels at once.
+barycentric weights, enclosing simplex) for all pixels at once.
 Lattice keys are packed into int64 (mixed radix, batch index most
 significant); pixels are first grouped by simplex (one sort), the ``d+1``
 vertex keys of each distinct simplex deduplicated (a second sort), the splat

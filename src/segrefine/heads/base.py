@@ -1,4 +1,4 @@
-"""The head contract (design.md): full-resolution logits out, training losses on request."""
+"""The head contract: full-resolution logits out, training losses on request."""
 
 from __future__ import annotations
 
