@@ -258,6 +258,18 @@ def _from_flat(x: Tensor, B: int, H: int, W: int) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+def layer_call(layer: nn.Module, unary_logits: Tensor, image: Tensor, iterations: int | None) -> tuple[int, torch.dtype]:
+    """What a mean-field layer's forward checks and decides first: the inputs, the iteration
+    count (training vs evaluation) and the working dtype (float32 unless float64 is given)."""
+    _check_inputs(unary_logits, image)
+    if unary_logits.shape[1] != layer.num_classes:
+        raise ValueError(f"unary has {unary_logits.shape[1]} classes, module built for {layer.num_classes}")
+    if iterations is None:
+        iterations = layer.iterations if (layer.training or layer.eval_iterations is None) else layer.eval_iterations
+    dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
+    return iterations, dtype
+
+
 def check_layer_args(num_classes: int, thetas: tuple[float, float, float], normalization: str, iterations: int,
                      eval_iterations: int | None) -> None:
     """The argument checks every mean-field layer shares (kernel widths alpha, beta, gamma)."""
@@ -376,13 +388,8 @@ class MeanFieldCRF(nn.Module):
         )
 
     def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
-        _check_inputs(unary_logits, image)
         B, C, H, W = unary_logits.shape
-        if C != self.num_classes:
-            raise ValueError(f"unary has {C} classes, module built for {self.num_classes}")
-        if iterations is None:
-            iterations = self.iterations if (self.training or self.eval_iterations is None) else self.eval_iterations
-        dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
+        iterations, dtype = layer_call(self, unary_logits, image, iterations)
         logits = _to_flat(unary_logits.to(dtype))
         if iterations > 0:
             spatial, bilateral = _build_kernels(

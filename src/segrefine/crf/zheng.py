@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from .lattice import PermutohedralLattice
 from .meanfield import (
     NORMALIZE_AFTER,
-    _check_inputs,
     _from_flat,
     _normalized,
     _softmax,
@@ -32,6 +31,7 @@ from .meanfield import (
     _to_flat,
     bilateral_features,
     check_layer_args,
+    layer_call,
 )
 
 
@@ -83,13 +83,8 @@ class ZhengMeanFieldCRF(nn.Module):
         )
 
     def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
-        _check_inputs(unary_logits, image)
         B, C, H, W = unary_logits.shape
-        if C != self.num_classes:
-            raise ValueError(f"unary has {C} classes, module built for {self.num_classes}")
-        if iterations is None:
-            iterations = self.iterations if (self.training or self.eval_iterations is None) else self.eval_iterations
-        dtype = unary_logits.dtype if unary_logits.dtype in (torch.float32, torch.float64) else torch.float32
+        iterations, dtype = layer_call(self, unary_logits, image, iterations)
         logits = _to_flat(unary_logits.to(dtype))  # (B*N, C)
         S = logits
         if iterations > 0:
