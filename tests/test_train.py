@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from segrefine.callbacks import NonFiniteLossError
 from segrefine.checkpoints import CheckpointError
