@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from segrefine.models.fcn import bilinear_kernel
-from segrefine.train import build_data, build_module
+from segrefine.build import build_data, build_module
 
 VARIANTS = [
     (["backbone=unet"], 1),

@@ -8,7 +8,8 @@ import torch
 
 from segrefine.heads.crfrnn import CRFRNNHead
 from segrefine.heads.densecrf import DenseCRFHead
-from segrefine.train import build_data, build_module, initialise_from, train
+from segrefine.build import build_data, build_module, initialise_from
+from segrefine.train import train
 from segrefine.types import BackboneOutput
 
 PARAMS = dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=5.0, bilateral_schan=13.0, bilateral_compat=3.0)

@@ -15,14 +15,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import segrefine.train as train_module
+import segrefine.runs
 from conftest import CONFIG_DIR, REPO
 from segrefine.checkpoints import CheckpointError, check_targets
 from segrefine.evaluate import evaluate, force_data_keys
 from segrefine.heads.none import NoHead
 from segrefine.runconfig import comparable_config
 from segrefine.tracking import wandb_log_records
-from segrefine.train import run_recording_failure, train
+from segrefine.runs import run_recording_failure
+from segrefine.train import train
 from segrefine.validation import ConfigValueError
 
 BASE = ("backbone=pspnet",)  # TINY: 16 training images in batches of 8 = 2 steps per epoch
@@ -147,7 +148,7 @@ def test_a_crafted_pickle_checkpoint_never_runs(make_cfg, tmp_path):
 def test_stored_config_targets_are_segrefine_or_allowed(trained, tmp_path):
     check_targets({"a": {"_target_": "torch.optim.Adam"}, "b": {"_target_": "segrefine.heads.none.NoHead"},
                    "c": {"_target_": "pytorch_lightning.Trainer"}}, "ok")
-    for target in ("tempfile.mkdtemp", "segrefine.train.os.system", "os.system", "pytorch_lightning.seed_everything"):
+    for target in ("tempfile.mkdtemp", "segrefine.runs.os.system", "os.system", "pytorch_lightning.seed_everything"):
         with pytest.raises(CheckpointError, match=re.escape(f"x._target_={target!r}")):
             check_targets({"x": {"_target_": target}}, "here")
 
@@ -324,23 +325,10 @@ def test_checkpoints_are_written_atomically_when_the_disk_fills(make_cfg, monkey
 
 
 def test_an_unwritable_error_file_is_said_on_the_console_and_the_error_kept(make_cfg, monkeypatch, tmp_path, capsys):
-    def full_disk_open(path, mode="r", *args, **kwargs):
-        handle = open(path, mode, *args, **kwargs)
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        class Full:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                handle.close()
-
-            def write(self, text):
-                handle.write(text[:10])
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-        return Full()
-
-    monkeypatch.setattr(train_module, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(segrefine.runs, "atomic_write_text", full_disk)
     cfg = make_cfg(*BASE, output_dir=tmp_path / "run")
 
     def job(cfg):

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from segrefine.heads.pointrend import PointRendHead, grid_point_coords
 from segrefine.models.pspnet import PSPNet, PyramidPooling
 from segrefine.models.segnet import SegNet
-from segrefine.train import build_module
+from segrefine.build import build_module
 from segrefine.types import BackboneOutput
 
 DATA = SimpleNamespace(in_channels=1, num_classes=3, class_names=["background", "a", "b"])

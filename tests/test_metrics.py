@@ -231,7 +231,7 @@ def test_protocol_metrics_refuses_bad_input():
 
 
 def test_the_old_top_level_tolerance_key_is_refused_with_its_new_place(make_cfg):
-    from segrefine.train import check_metrics_config
+    from segrefine.build import check_metrics_config
 
     check_metrics_config(make_cfg())  # the default composes
     with pytest.raises(ValueError, match="metrics.boundary_tolerance"):

@@ -26,7 +26,8 @@ from segrefine.heads.pointrend import (
 from segrefine.metrics import SegmentationMetrics
 from segrefine.models.encoders import build_encoder
 from segrefine.models.unet import UNet
-from segrefine.train import build_data, build_module, train
+from segrefine.build import build_data, build_module
+from segrefine.train import train
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
 

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONFIG_DIR, REPO
-from segrefine.train import build_data, build_module
+from segrefine.build import build_data, build_module
 from test_datasets import folder_tree, voc_tree, write_msd_task
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))

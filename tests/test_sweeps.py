@@ -31,8 +31,10 @@ def cli(module: str, *args: str, cwd: Path, **kwargs) -> subprocess.Popen | subp
 
 
 def job(sweep: Path, override: str) -> Path:
-    """The job folder of a sweep whose name (the job's overrides) contains ``override``."""
-    (folder,) = [p for p in sweep.iterdir() if p.is_dir() and override in p.name.split(",")]
+    """The job folder of a sweep whose name (the job's overrides, ``key-value`` joined by ``+``)
+    holds ``override`` (``key=value``)."""
+    part = override.replace("=", "-", 1)
+    (folder,) = [p for p in sweep.iterdir() if p.is_dir() and part in p.name.split("+")]
     return folder
 
 
@@ -70,7 +72,7 @@ def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
     args = ["-m", *BASE, "trainer.max_epochs=12", "seed=0,1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
     process = cli("segrefine.train", *args, cwd=tmp_path, background=True)
     deadline = time.time() + 600
-    while not list(sweep.glob("*seed=1*/checkpoints/last.ckpt")) and process.poll() is None and time.time() < deadline:
+    while not list(sweep.glob("*seed-1*/checkpoints/last.ckpt")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # let the checkpoint file finish writing
     os.killpg(process.pid, signal.SIGKILL)

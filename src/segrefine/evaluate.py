@@ -16,29 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-import pytorch_lightning as pl
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.checkpoints import CheckpointError, check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
-from segrefine.distributed import use_job_command_for_ddp
-from segrefine.results import FILENAME, read_results, write_results
+from segrefine.configs import CONFIG_DIR, check_config_dir
+from segrefine.results import FILENAME, read_results
 from segrefine.runconfig import comparable_config, config_differences
+from segrefine.runs import evaluation_record, headline, run_record, run_recording_failure
 from segrefine.validation import check_config
-from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
-from segrefine.train import (
-    CONFIG_DIR,
-    build_data,
-    build_logger,
-    build_module,
-    check_config_dir,
-    evaluation_record,
-    headline,
-    run_info,
-    run_record,
-    run_recording_failure,
-)
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -47,7 +31,7 @@ SPLITS = ("test", "val")
 # the evaluated model was trained.
 RUNTIME_TRAINER_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes", "sync_batchnorm",
                         "enable_progress_bar", "enable_model_summary")
-__all__ = ["evaluate", "eval_config", "force_data_keys", "CheckpointError"]
+__all__ = ["evaluate", "eval_config", "force_data_keys"]
 
 
 def force_data_keys(overrides: list[str]) -> list[str]:
@@ -121,6 +105,10 @@ def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
 def head_weights(run_cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) -> str:
     """Where the evaluated head's parameters come from; refuses a head whose parameters need
     training on a checkpoint trained with another head (they would be random)."""
+    from hydra.utils import get_object
+
+    from segrefine.checkpoints import CheckpointError
+
     if run_cfg.head._target_ == train_cfg.head._target_:
         return "checkpoint"
     untrained = getattr(get_object(run_cfg.head._target_), "untrained", None)
@@ -145,6 +133,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test (or validate) a checkpoint; write results.json; return the metrics."""
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r} must be one of {SPLITS}")
+    import pytorch_lightning as pl
+    from hydra.core.hydra_config import HydraConfig
+
+    from segrefine.build import build_data, build_logger, build_module, run_info
+    from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
+    from segrefine.distributed import use_job_command_for_ddp
+    from segrefine.results import write_results
+    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
+
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
     stored = checkpoint["hyper_parameters"]["config"]

@@ -73,7 +73,7 @@ class Plan:
 def compose_train(overrides: Iterable[str]):
     from hydra import compose, initialize_config_dir
 
-    from segrefine.train import CONFIG_DIR
+    from segrefine.configs import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides))
@@ -82,7 +82,7 @@ def compose_train(overrides: Iterable[str]):
 def compose_eval(overrides: Iterable[str]):
     from hydra import compose, initialize_config_dir
 
-    from segrefine.train import CONFIG_DIR
+    from segrefine.configs import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("eval", overrides=list(overrides))
@@ -192,7 +192,8 @@ def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterabl
     complete result is skipped (as segrefine-train does). Returns seconds per job kind."""
     from segrefine.evaluate import evaluate
     from segrefine.results import FILENAME, read_results
-    from segrefine.train import run_recording_failure, train
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
     from segrefine.tuning import TUNED_FILE, tune_densecrf
 
     out = Path(out)
@@ -294,7 +295,7 @@ def example_tuned_file(folder: Path) -> Path:
     tuned parameters compare as "<tuned>")."""
     from omegaconf import OmegaConf
 
-    from segrefine.train import CONFIG_DIR
+    from segrefine.configs import CONFIG_DIR
     from segrefine.tuning import ENQUEUED, tuned_record
 
     path = Path(folder) / "densecrf_tuned.example.yaml"

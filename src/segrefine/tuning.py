@@ -82,7 +82,7 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
     size, mask, height, width): everything a trial needs, the backbone run once."""
     from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.evaluate import eval_config
-    from segrefine.train import build_data, build_module
+    from segrefine.build import build_data, build_module
     from segrefine.heads.base import upsample_logits
     from segrefine.types import BackboneOutput
 
@@ -134,7 +134,7 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     import optuna
     from hydra import compose, initialize_config_dir
 
-    from segrefine.train import CONFIG_DIR
+    from segrefine.configs import CONFIG_DIR
 
     if trials < len(ENQUEUED):
         raise ValueError(f"trials={trials}: at least {len(ENQUEUED)}, the enqueued starting points {list(ENQUEUED)}")
@@ -214,7 +214,7 @@ class SaveTunedHead(Callback):
         self.base_head, self.name, self.output = base_head, name, output
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from segrefine.train import CONFIG_DIR
+        from segrefine.configs import CONFIG_DIR
 
         sweep_dir = Path(config.hydra.sweep.dir)
         results_file = sweep_dir / "optimization_results.yaml"
