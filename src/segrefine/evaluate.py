@@ -19,9 +19,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segrefine.configs import CONFIG_DIR, check_config_dir
+from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.results import FILENAME, read_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.runs import evaluation_record, headline, run_record, run_recording_failure
+from segrefine.runs import evaluation_record, headline, headline_key, run_record, run_recording_failure
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    quiet_console(is_verbose(cfg))
+    metrics = run_recording_failure(evaluate, cfg)
+    print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg, cfg.split)), flush=True)
     # The value Hydra sweepers (e.g. Optuna) optimise.
-    return headline(run_recording_failure(evaluate, cfg), cfg, cfg.split)
+    return headline(metrics, cfg, cfg.split)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ RUN_ONLY_KEYS = (
     "logger",
     "name",
     "print_config",
+    "verbose",
     "ckpt_path",
     "resume",
     "force",

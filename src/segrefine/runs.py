@@ -147,10 +147,13 @@ def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
     }
 
 
+def headline_key(cfg: DictConfig, split: str = "test") -> str:
+    """The metric Hydra sweepers optimise: IoU under the chosen metric protocol."""
+    return f"{split}/unet_crfrnn/iu" if cfg.metrics.protocol == "unet_crfrnn" else f"{split}/iou"
+
+
 def headline(metrics: dict[str, float], cfg: DictConfig, split: str = "test") -> float | None:
-    """The number Hydra sweepers optimise: IoU under the chosen metric protocol."""
-    key = f"{split}/unet_crfrnn/iu" if cfg.metrics.protocol == "unet_crfrnn" else f"{split}/iou"
-    return metrics.get(key)
+    return metrics.get(headline_key(cfg, split))
 
 
 def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:

@@ -255,6 +255,7 @@ def study_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--finetune-epochs", type=int, help="CRF-RNN fine-tuning epochs (default: 4 smoke, 40 full)")
     parser.add_argument("--tune-trials", type=int, help="DenseCRF tuning trials on val (default: 8 smoke, 40 full; 0 = no tuning)")
     parser.add_argument("--plan-only", action="store_true", help="print the jobs and their pairings, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="every library's console output (Lightning banners, wandb, ...)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report of an existing --out study")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="Hydra override for the evaluations and tuning only (repeatable), e.g. head.num_workers=1")
@@ -281,6 +282,9 @@ def run_study(args, plan, out: Path, overrides: list[str], log=print) -> float:
         raise SystemExit(f"study plan refused, nothing was run: {e}") from None
     if args.plan_only:
         return 0.0
+    from segrefine.console import quiet_console
+
+    quiet_console(getattr(args, "verbose", False))
     start = time.perf_counter()
     seconds = run_plan(plan, out, tune_trials=args.tune_trials, eval_overrides=eval_overrides, log=log)
     total = time.perf_counter() - start

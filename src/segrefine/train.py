@@ -19,11 +19,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.configs import CONFIG_DIR, check_config_dir
+from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.runs import (
     check_resume,
     evaluation_record,
     finished_run,
     headline,
+    headline_key,
     resume_checkpoint,
     run_record,
     run_recording_failure,
@@ -127,7 +129,10 @@ def _best_checkpoint(trainer) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    return headline(run_recording_failure(train, cfg), cfg)
+    quiet_console(is_verbose(cfg))
+    metrics = run_recording_failure(train, cfg)
+    print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg)), flush=True)
+    return headline(metrics, cfg)
 
 
 def main() -> None:
