@@ -15,44 +15,61 @@ from segrefine.report import load_study, summarise
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("study")
+def run_paper_table(out, data_dir, backbones: str, controls: str) -> str:
     tiny = [o for o in TINY if not o.startswith("trainer.accelerator")] + [f"paths.data_dir={data_dir}"]
-    # backbone.fine_skip (the stride-4-skip controls) comes with the model engineer's FCN/PSPNet.
-    controls = "fcn,pspnet" if "fine_skip" in (REPO / "conf" / "backbone" / "fcn.yaml").read_text() else ""
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "paper_table" / "run.py"), "--out", str(out), *tiny,
-         "--eval-override", "head.num_workers=1", "--tune-trials", "3", "--finetune-epochs", "1",
-         "--fine-skip-controls", controls],
+         "--backbones", backbones, "--fine-skip-controls", controls,
+         "--eval-override", "head.num_workers=1", "--tune-trials", "3", "--finetune-epochs", "1"],
         capture_output=True, text=True, env=subprocess_env(), cwd=out,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out, proc.stdout
+    return proc.stdout
 
 
-def test_study_has_every_backbone_head_row_with_densecrf_paired(tiny_study):
-    out, stdout = tiny_study
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, data_dir):
+    """The study script end to end on one backbone (every backbone x head pair is built and
+    trained by test_contract.py; every backbone's plan is checked in test_study_plan.py)."""
+    out = tmp_path_factory.mktemp("study")
+    return out, run_paper_table(out, data_dir, "unet", "")
+
+
+def check_rows(out, stdout, backbones):
     study = load_study([out])
     rows, duplicates = summarise(study.runs)
     assert not duplicates
     assert {(r.config["backbone"]["name"], r.head) for r in rows} >= {
-        (b, h) for b in ("fcn", "unet", "pspnet") for h in ("none", "densecrf", "densecrf_tuned", "crfrnn", "pointrend")
+        (b, h) for b in backbones for h in ("none", "densecrf", "densecrf_tuned", "crfrnn", "pointrend")
     }
-    # The plan's matched baselines and tuning ran too.
-    assert (out / "train" / "unet-none-output_stride4-s0" / "results.json").is_file()
-    assert (out / "train" / "fcn-none-continued-s0" / "results.json").is_file()
-    assert (out / "tune" / "pspnet-none-s0" / "densecrf_tuned.yaml").is_file()
     for row in rows:
         if row.baseline is not None:
             assert all(t["n"] == 1 and t["level"] == "images" for t in row.stats.values())  # one seed
             assert len(row.baseline.runs[0]["per_image"]) == 8  # every test image paired
     # Evaluations record the training config with the head replaced: paired on the same weights.
     densecrf = [r for r in rows if r.head in ("densecrf", "densecrf_tuned")]
-    assert len(densecrf) == 6
+    assert len(densecrf) == 2 * len(backbones)
     assert all(r.baseline is not None and r.pairing == "same weights" for r in densecrf)
     assert (out / "report" / "table.md").read_text().strip() in stdout
     assert (out / "report" / "qualitative.png").stat().st_size > 0
+
+
+def test_study_has_every_head_row_with_densecrf_paired(tiny_study):
+    out, stdout = tiny_study
+    check_rows(out, stdout, ["unet"])
+    # The plan's matched baselines and tuning ran too.
+    assert (out / "train" / "unet-none-output_stride4-s0" / "results.json").is_file()
+    assert (out / "train" / "unet-none-continued-s0" / "results.json").is_file()
+    assert (out / "tune" / "unet-none-s0" / "densecrf_tuned.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_study_has_every_backbone_head_row_with_densecrf_paired(tmp_path, data_dir):
+    stdout = run_paper_table(tmp_path, data_dir, "fcn,unet,pspnet", "fcn,pspnet")
+    check_rows(tmp_path, stdout, ["fcn", "unet", "pspnet"])
+    assert (tmp_path / "train" / "fcn-none-continued-s0" / "results.json").is_file()
+    assert (tmp_path / "train" / "pspnet-none-fine_skip-s0" / "results.json").is_file()
+    assert (tmp_path / "tune" / "pspnet-none-s0" / "densecrf_tuned.yaml").is_file()
 
 
 def test_notebook_runs_on_the_study(tiny_study):

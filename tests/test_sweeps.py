@@ -30,6 +30,20 @@ def cli(module: str, *args: str, cwd: Path, **kwargs) -> subprocess.Popen | subp
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def wait_for_file(root: Path, pattern: str, process: subprocess.Popen, timeout: float = 600) -> bool:
+    """Block until a file matching ``pattern`` exists under ``root``; False if ``process`` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(root.glob(pattern)):
+            return True
+        try:
+            process.wait(timeout=0.02)  # sleeps, but returns at once when the process ends
+            return any(root.glob(pattern))
+        except subprocess.TimeoutExpired:
+            continue
+    return False
+
+
 def job(sweep: Path, override: str) -> Path:
     """The job folder of a sweep whose name (the job's overrides, ``key-value`` joined by ``+``)
     holds ``override`` (``key=value``)."""
@@ -71,10 +85,8 @@ def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     args = ["-m", *BASE, "trainer.max_epochs=12", "seed=0,1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
     process = cli("segrefine.train", *args, cwd=tmp_path, background=True)
-    deadline = time.time() + 600
-    while not list(sweep.glob("*seed-1*/checkpoints/last.ckpt")) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint file finish writing
+    # Checkpoints are written atomically (temp file + rename), so once last.ckpt exists it is whole.
+    assert wait_for_file(sweep, "*seed-1*/checkpoints/last.ckpt", process), "the sweep ended before job 2 saved a checkpoint"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first, second = job(sweep, "seed=0"), job(sweep, "seed=1")
