@@ -1,7 +1,7 @@
 """segrefine: how much does each segmentation post-processing head buy, at what cost?"""
 
 __all__ = ["IGNORE_INDEX", "BackboneOutput"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (tool.setuptools.dynamic)
 
 
 def __getattr__(name: str):

@@ -1,17 +1,53 @@
-"""Where segrefine's Hydra configs are: the ``conf/`` folder of this checkout, or the one
-named by ``SEGREFINE_CONFIG_DIR``."""
+"""Where segrefine's Hydra configs are.
+
+They ship inside the package as ``segrefine.conf`` (the repository's top-level ``conf/``,
+mapped in pyproject.toml), so ``pip install .`` has them as well as ``pip install -e .``.
+``SEGREFINE_CONFIG_DIR`` replaces the whole folder; to *add* configs (a data source, a head),
+put them on Hydra's search path instead: ``--config-dir=DIR`` or ``hydra.searchpath=[file://DIR]``.
+"""
 
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
-CONFIG_DIR = os.environ.get("SEGREFINE_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+ENV_VAR = "SEGREFINE_CONFIG_DIR"
+
+
+def _checkout_config_dir() -> Path | None:
+    # Run from a source tree (<root>/src/segrefine): that tree's conf/, even where another
+    # install's segrefine.conf is importable (a worktree on PYTHONPATH over an editable install).
+    here = Path(__file__).resolve()
+    conf = here.parents[2] / "conf"
+    return conf if here.parents[1].name == "src" and (conf / "train.yaml").is_file() else None
+
+
+def _installed_config_dir() -> Path | None:
+    # find_spec locates the package without importing it (no __pycache__ in the config folder).
+    try:
+        spec = find_spec("segrefine.conf")
+    except ModuleNotFoundError:
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]).resolve() if locations else None
+
+
+def package_config_dir() -> Path:
+    """The configs segrefine ships (whatever ``SEGREFINE_CONFIG_DIR`` says): nothing a run
+    produces is written here."""
+    return _checkout_config_dir() or _installed_config_dir() or Path(__file__).resolve().parent / "conf"
+
+
+CONFIG_DIR = os.environ.get(ENV_VAR) or str(package_config_dir())
 
 
 def check_config_dir() -> None:
-    if not Path(CONFIG_DIR, "train.yaml").is_file():
-        raise SystemExit(
-            f"segrefine: no config at {CONFIG_DIR}/train.yaml; install from a checkout (pip install -e .) "
-            "or set SEGREFINE_CONFIG_DIR to the repository's conf/ folder"
-        )
+    if Path(CONFIG_DIR, "train.yaml").is_file():
+        return
+    if os.environ.get(ENV_VAR):
+        raise SystemExit(f"segrefine: {ENV_VAR}={CONFIG_DIR} holds no train.yaml; point it at a copy of segrefine's "
+                         f"conf/ folder, or unset it to use the configs installed with the package")
+    raise SystemExit(f"segrefine: no config at {CONFIG_DIR}/train.yaml: this install of segrefine lacks its conf/ "
+                     "package data; reinstall it (pip install . or pip install -e . from the repository), "
+                     f"or set {ENV_VAR} to a copy of the repository's conf/ folder")

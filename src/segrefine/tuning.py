@@ -205,18 +205,42 @@ def tuned_head_config(base: Path, best_params: dict[str, Any], name: str, trials
     return head
 
 
+def tuned_head_file(sweep_dir: str | Path, name: str, output: str | Path | None = None) -> Path:
+    """Where ``SaveTunedHead`` writes the tuned head: ``output``, else
+    ``<sweep dir>/conf/head/<name>.yaml``, a config folder of the sweep's own. Refused inside
+    the configs segrefine ships (an install is not a place for results, and a reinstall would
+    drop it): a folder of the user's, added with ``--config-dir``, holds a reusable copy."""
+    from segrefine.configs import package_config_dir
+
+    path = Path(output) if output else Path(sweep_dir) / "conf" / "head" / f"{name}.yaml"
+    shipped = package_config_dir().resolve()
+    if path.resolve().is_relative_to(shipped):
+        culprit = f"hydra.callbacks.save_tuned_head.output={output}" if output else f"hydra.sweep.dir={sweep_dir}"
+        raise ValueError(f"{culprit}: the tuned head would be written into segrefine's own configs ({shipped}); "
+                         f"write it to a folder of yours (e.g. output=<dir>/head/{name}.yaml) and add that folder "
+                         f"with --config-dir=<dir>")
+    return path
+
+
 class SaveTunedHead(Callback):
     """At the end of an Optuna multirun: print the best parameters and save them as
-    ``<sweep dir>/conf/head/<name>.yaml`` (or ``output``), with a copy in the sweep folder;
-    ``hydra.searchpath=[file://<sweep dir>/conf]`` then makes ``head=<name>`` usable."""
+    ``<sweep dir>/conf/head/<name>.yaml`` (or ``output``, e.g. ``<your conf>/head/<name>.yaml``),
+    with a copy in the sweep folder; ``--config-dir=<sweep dir>/conf`` (or
+    ``hydra.searchpath=[file://<sweep dir>/conf]``) then makes ``head=<name>`` usable. Never
+    writes into the package's configs (``tuned_head_file``)."""
 
     def __init__(self, base_head: str = "densecrf", name: str = "densecrf_tuned", output: str | None = None):
         self.base_head, self.name, self.output = base_head, name, output
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Refuse a destination inside the package before any trial runs, not after the sweep.
+        tuned_head_file(config.hydra.sweep.dir, self.name, self.output)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from segrefine.configs import CONFIG_DIR
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        output = tuned_head_file(sweep_dir, self.name, self.output)
         results_file = sweep_dir / "optimization_results.yaml"
         if not results_file.exists():
             print(f"[tune] no {results_file}: was the Optuna sweeper used?")
@@ -227,7 +251,6 @@ class SaveTunedHead(Callback):
                                  self.name, trials)
         header = f"# Tuned on the validation split by {sweep_dir} (best value {results.best_value:.4f}).\n"
         text = header + OmegaConf.to_yaml(head)
-        output = Path(self.output) if self.output else sweep_dir / "conf" / "head" / f"{self.name}.yaml"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)
         if output != sweep_dir / f"{self.name}.yaml":
