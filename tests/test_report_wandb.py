@@ -22,6 +22,7 @@ from segrefine.report import (
     main,
     numeric_record,
     run_value,
+    study_protocol,
     summarise,
     to_dataframe,
     to_markdown,
@@ -299,6 +300,20 @@ def test_duplicate_wandb_runs_are_listed_not_averaged(tmp_path, monkeypatch, cap
     fake_wandb_module(monkeypatch, FakeApi(runs))
     assert main(["--wandb", PROJECT, "--no-figures", "--out", str(tmp_path / "report")]) == 0
     assert f"- {PROJECT}/first: duplicate: same config and seed 0" in capsys.readouterr().out
+
+
+def test_the_metric_protocol_comes_from_the_summary_or_an_old_resolved_config(tmp_path):
+    run(tmp_path / "none", BASE)
+    run(tmp_path / "crf", BASE, head="crfrnn")
+    new, old = fake_run(tmp_path / "none", "n"), fake_run(tmp_path / "crf", "c", legacy=True)
+    new.summary["metrics_protocol"] = "unet_crfrnn"
+    old.config["metrics"] = {"protocol": "unet_crfrnn"}
+    study = load_wandb_study(PROJECT, api=FakeApi([new, old]), experiment="t")
+    assert [r.get("metrics_protocol") for r in study.runs] == ["unet_crfrnn", "unet_crfrnn"]
+    assert study_protocol(study.runs, None) == "unet_crfrnn"
+    del new.summary["metrics_protocol"]  # not recorded: the default, standard, which then differs
+    with pytest.raises(ValueError, match="different metric protocols"):
+        study_protocol(load_wandb_study(PROJECT, api=FakeApi([new, old]), experiment="t").runs, None)
 
 
 # -- the table as a data frame ------------------------------------------------------------------

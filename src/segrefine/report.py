@@ -1,7 +1,8 @@
 """Rebuild the results table from runs: ``segrefine-report DIR [DIR ...] [--metrics P] [--out DIR]``.
 
 Reads every ``results.json`` under the given folders (or, with ``--wandb ENTITY/PROJECT``,
-the runs of an online wandb project). One row per exact configuration: the resolved config
+the runs of one experiment of an online wandb project: ``--experiment``, ``--group``,
+``--job-type``, ``--tag`` select them). One row per exact configuration: the resolved config
 without the seed and run-only keys (``segrefine.runconfig.comparable_config``), labelled by
 what differs between rows; the seeds of a row are its replicates. Each head is paired with
 the ``none`` row whose config differs only in the head, seed with seed and image with
@@ -248,7 +249,10 @@ def load_wandb_study(project: str, api: Any = None, *, group: str | None = None,
             "wandb": {"id": run.id},
             "_path": name,
         }
-        protocol = run.summary.get("metrics_protocol") or (run.config.get("metrics") or {}).get("protocol")
+        # Curated configs drop metrics.protocol (a run-only key): read it where a run recorded it.
+        metrics_cfg = run.config.get("metrics")
+        protocol = run.summary.get("metrics_protocol") or (metrics_cfg.get("protocol") if isinstance(metrics_cfg, dict)
+                                                            else None)
         if isinstance(protocol, str):
             record["metrics_protocol"] = protocol
         if isinstance(extras.get("source"), dict):
@@ -880,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     selection.add_argument("--job-type", choices=["train", "eval"], help="only training or only evaluation runs")
     selection.add_argument("--experiment", help="only runs of this experiment (config `experiment`; older runs: "
                                                 "their group); needed when the project holds several")
-    selection.add_argument("--tag", action="append", default=[], help="only runs with this tag (repeatable: all must match)")
+    selection.add_argument("--tag", action="append", default=[],
+                           help="only runs with this tag (repeatable: all must match)")
     args = parser.parse_args(argv)
     if not args.dirs and not args.wandb:
         parser.error("give run folders or --wandb ENTITY/PROJECT")
@@ -913,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(written to {out_dir}: {', '.join(p.name for p in report.paths.values())})")
     if args.log_wandb:
         run_id = log_to_wandb(report, project=args.wandb_project, mode=args.wandb_mode, entity=args.wandb_entity,
-                              group=args.wandb_group, save_dir=out_dir, sources=[args.wandb] if args.wandb else args.dirs)
+                              group=args.wandb_group, save_dir=out_dir,
+                              sources=[args.wandb] if args.wandb else args.dirs)
         print(f"wandb run: {run_id}")
     return 0
 
