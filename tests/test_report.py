@@ -393,32 +393,9 @@ def test_table_logged_to_wandb_offline_with_numeric_columns(tmp_path):
     test = report.rows[1].stats["test/iou_image"]
     for stat in ("mean", "ci_low", "ci_high", "p", "p_holm"):
         assert record[f"delta_iou_{stat}"] == pytest.approx(test[stat])
+        assert isinstance(record[f"delta_iou_{stat}"], float)  # numbers, not formatted cells
     assert record["test/iou_image_mean"] == pytest.approx(np.mean(BASE) + np.mean(GAIN))
     assert list(media.glob("images/report/metrics_figure_*.png"))
-
-
-class FakeRun:
-    def __init__(self, run_id, head, iou, state="finished"):
-        self.id, self.state, self.job_type, self.group = run_id, state, "train", "t"
-        self.config = config(head=head)
-        self.summary = {"test/iou": iou, "test/dice": iou, "test/pixel_acc": 0.9, "test/boundary_f1": iou,
-                        "test/ms_per_image": 2.0, "params": 5} if state == "finished" else {}
-
-
-class FakeApi:
-    def runs(self, path):
-        assert path == "team/segrefine"
-        return [FakeRun("a", "none", 0.5), FakeRun("b", "crfrnn", 0.6), FakeRun("c", "crfrnn", 0.0, state="crashed")]
-
-
-def test_reads_runs_from_a_wandb_project():
-    from segrefine.report import load_wandb_study
-
-    study = load_wandb_study("team/segrefine", api=FakeApi())
-    rows, _ = summarise(study.runs)
-    assert [(r.head, r.value(next(iter(r.runs.values())), Column("test/iou", ""))) for r in rows] == [
-        ("none", 0.5), ("crfrnn", 0.6)]
-    assert study.incomplete == [("team/segrefine/c", "wandb state 'crashed'")]
 
 
 # -- a real tiny run: saved predictions agree with its per-image metrics -------------------------

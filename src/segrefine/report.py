@@ -1,7 +1,8 @@
 """Rebuild the results table from runs: ``segrefine-report DIR [DIR ...] [--metrics P] [--out DIR]``.
 
 Reads every ``results.json`` under the given folders (or, with ``--wandb ENTITY/PROJECT``,
-the runs of an online wandb project). One row per exact configuration: the resolved config
+the runs of one experiment of an online wandb project: ``--experiment``, ``--group``,
+``--job-type``, ``--tag`` select them). One row per exact configuration: the resolved config
 without the seed and run-only keys (``segrefine.runconfig.comparable_config``), labelled by
 what differs between rows; the seeds of a row are its replicates. Each head is paired with
 the ``none`` row whose config differs only in the head, seed with seed and image with
@@ -148,48 +149,145 @@ def load_study(paths: Iterable[str | Path]) -> Study:
     return study
 
 
-def load_wandb_study(project: str, api: Any = None) -> Study:
+WANDB_EXTRA_KEYS = ("experiment", "provenance", "split", "source")  # beside the curated config in a wandb run's config
+_NON_FINITE = {"nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def wandb_filters(group: str | None = None, job_type: str | None = None, experiment: str | None = None,
+                  tags: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The server-side query (MongoDB-style, as ``wandb.Api().runs(filters=...)`` takes it);
+    None when nothing is asked. Runs from before the ``experiment`` config key name their
+    experiment by their group, so ``experiment`` matches either."""
+    conditions: list[dict[str, Any]] = []
+    if group is not None:
+        conditions.append({"group": group})
+    if job_type is not None:
+        conditions.append({"jobType": job_type})
+    if experiment is not None:
+        conditions.append({"$or": [{"config.experiment": experiment},
+                                   {"$and": [{"config.experiment": {"$exists": False}}, {"group": experiment}]}]})
+    conditions += [{"tags": {"$in": [tag]}} for tag in tags]  # one condition per tag: all must be present
+    if not conditions:
+        return None
+    return conditions[0] if len(conditions) == 1 else {"$and": conditions}
+
+
+def _undefined_as_none(value: Any) -> Any:
+    """What results.json stores for a number that is not one (NaN, ±inf): null. wandb keeps
+    them as floats or as the strings ``NaN``/``Infinity``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
+        return None
+    return value
+
+
+def _summary_number(value: Any) -> tuple[bool, Any]:
+    """(is a metric, its value): numbers, and NaN/inf however wandb wrote them, as None."""
+    if isinstance(value, bool):
+        return False, None
+    if isinstance(value, (int, float)):
+        return True, _undefined_as_none(value)
+    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
+        return True, None
+    return False, None
+
+
+def load_wandb_study(project: str, api: Any = None, *, group: str | None = None, job_type: str | None = None,
+                     experiment: str | None = None, tags: Iterable[str] = ()) -> Study:
     """Runs of an online wandb project (``ENTITY/PROJECT``) as results.json-like dicts.
 
-    Per-image rows come from each run's ``test/per_image`` table when it was logged.
+    Filters (``group``, ``job_type``, ``experiment`` = the config's ``experiment``, or the
+    group of runs from before that key; ``tags``: all must be present) are sent to the server
+    and checked again here. Runs of more than one experiment are refused unless
+    ``experiment`` chooses one: different studies must not average together, nor pair a
+    head with another study's baseline. The config is the run's curated config without the
+    keys logged beside it (``WANDB_EXTRA_KEYS``); per-image rows come from each run's
+    ``test/per_image`` table, NaN as null (as in results.json). Tuning evaluations
+    (``split`` val) are listed as skipped.
     """
+    tags = tuple(tags)
     if api is None:
         import wandb
 
         api = wandb.Api()
+    filters = wandb_filters(group, job_type, experiment, tags)
     study = Study()
-    for run in api.runs(project):
+    experiments: dict[str, int] = {}
+    for run in api.runs(project, filters=filters):
         config = dict(run.config)
+        extras = {key: config.pop(key) for key in WANDB_EXTRA_KEYS if key in config}
+        run_experiment = extras.get("experiment") if "experiment" in extras else run.group
+        if not _wandb_run_matches(run, run_experiment, group, job_type, experiment, tags):
+            continue  # the server's filter let it through; the selection is what was asked for
+        experiments[str(run_experiment)] = experiments.get(str(run_experiment), 0) + 1
         name = f"{project}/{run.id}"
-        if run.state != "finished" or "test/iou" not in run.summary:
+        split = extras.get("split") or "test"
+        if run.state != "finished":
             study.incomplete.append((name, f"wandb state {run.state!r}"))
             continue
-        metrics = {k: v for k, v in dict(run.summary).items() if isinstance(v, (int, float))}
+        if split != "test":
+            study.skipped.append((name, f"split {split!r} (tuning evaluation), not a test result"))
+            continue
+        if "test/iou" not in run.summary:
+            study.incomplete.append((name, "finished without test metrics (no test/iou in its summary)"))
+            continue
+        metrics = {}
+        for key, value in dict(run.summary).items():
+            is_metric, number = _summary_number(value)
+            if is_metric:
+                metrics[key] = number
         record = {
             "status": "complete",
             "job_type": run.job_type,
-            "experiment": run.group,
+            "experiment": run_experiment,
             "seed": config.get("seed"),
-            "config": config,
+            "split": split,
+            "config": config,  # the curated config (older runs: the resolved one); rows compare it as for folders
             "metrics": metrics,
             "per_image": _wandb_per_image(run),
+            "wandb": {"id": run.id},
             "_path": name,
         }
+        # Curated configs drop metrics.protocol (a run-only key): read it where a run recorded it.
+        metrics_cfg = run.config.get("metrics")
+        protocol = run.summary.get("metrics_protocol") or (metrics_cfg.get("protocol") if isinstance(metrics_cfg, dict)
+                                                            else None)
+        if isinstance(protocol, str):
+            record["metrics_protocol"] = protocol
+        if isinstance(extras.get("source"), dict):
+            record["source"] = extras["source"]
         reason = check_run(record)
         if reason:
             study.incomplete.append((name, reason))
         else:
             study.runs.append(record)
+    if experiment is None and len(experiments) > 1:
+        listed = ", ".join(f"{e} ({n} run{'s' if n != 1 else ''})" for e, n in sorted(experiments.items()))
+        raise ValueError(
+            f"{project} holds runs of {len(experiments)} experiments: {listed}. Different studies must not "
+            "average together nor share baselines; choose one with --experiment NAME (experiment= in Python)"
+        )
     return study
+
+
+def _wandb_run_matches(run: Any, run_experiment: Any, group: str | None, job_type: str | None,
+                       experiment: str | None, tags: tuple[str, ...]) -> bool:
+    return ((group is None or run.group == group)
+            and (job_type is None or run.job_type == job_type)
+            and (experiment is None or run_experiment == experiment)
+            and set(tags) <= set(run.tags or ()))
 
 
 def _wandb_per_image(run: Any) -> list[dict[str, Any]]:
     entry = run.summary.get("test/per_image")
     if not entry or "path" not in entry:
         return []
-    with run.file(entry["path"]).download(replace=True, root=str(Path.home() / ".cache" / "segrefine")) as f:
-        table = json.load(f)
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
+    root = Path.home() / ".cache" / "segrefine" / "wandb" / str(run.id)
+    with run.file(entry["path"]).download(replace=True, root=str(root)) as f:
+        table = json.load(f)  # Python's json reads a bare NaN as float nan
+    return [{c: (v if c == "id" else _undefined_as_none(v)) for c, v in zip(table["columns"], row)}
+            for row in table["data"]]
 
 
 def study_protocol(runs: list[dict[str, Any]], requested: str | None) -> str:
@@ -361,6 +459,8 @@ def _pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
         # Compared without the seed on both sides, the seed separately, so either form of the record works.
         same = (comparable_config(source["run_config"], drop=("seed",)) == comparable_config(base["config"], drop=("seed",))
                 and source.get("seed", source["run_config"].get("seed")) == base["config"].get("seed"))
+    elif source.get("run_id") and (base.get("wandb") or {}).get("id"):  # read from wandb: the training run's id
+        same = source["run_id"] == base["wandb"]["id"]
     else:  # evaluations recorded before the source's config was stored
         same = source.get("head") == head_name(base) and base.get("job_type", "train") == "train"
     return "same weights" if same else "retrained"
@@ -652,6 +752,60 @@ def to_csv(rows: list[Row], protocol: str = "standard") -> str:
     return out.getvalue()
 
 
+def frame_records(rows: list[Row], protocol: str = "standard") -> list[dict[str, Any]]:
+    """One dict per row for a data frame: label, backbone, head, protocol, pairing and
+    baseline as text, ``n_seeds`` as an int, every other value a float (unscaled; NaN where
+    it does not apply). The same numbers as the CSV, without the per-seed lists."""
+    records = []
+    for row in rows:
+        numbers = numeric_record(row, protocol)
+        record: dict[str, Any] = {
+            "configuration": numbers.pop("configuration"),
+            "backbone": str((row.config.get("backbone") or {}).get("name", "")),
+            "head": numbers.pop("head"),
+            "protocol": protocol,
+            "pairing": numbers.pop("pairing") or ("baseline" if row.head == BASELINE_HEAD else ""),
+            "baseline": numbers.pop("baseline") or "",
+            "n_seeds": numbers.pop("n"),
+        }
+        del numbers["seeds"]
+        for key, value in numbers.items():
+            if key.endswith("_per_seed"):
+                continue
+            if key.endswith("_level"):  # "seeds" | "images": what the CI and p are over
+                record[key] = value or ""
+            else:
+                record[key] = math.nan if value is None else float(value)
+        records.append(record)
+    return records
+
+
+def to_dataframe(source: "Study | Report | list[Row]", protocol: str | None = None):
+    """The table as a ``pandas.DataFrame``, one row per exact configuration (see ``frame_records``).
+
+    ``source``: a ``Study`` (summarised here, under ``protocol`` or the one its runs were
+    made with), a ``Report`` (its rows and protocol) or rows from ``summarise``.
+    """
+    try:
+        import pandas as pd  # only notebooks need it: the report itself does not
+    except ImportError as e:
+        raise ImportError("segrefine.report.to_dataframe needs pandas: pip install pandas") from e
+    if isinstance(source, Report):
+        if protocol not in (None, source.protocol):
+            raise ValueError(f"protocol={protocol!r}, but the report was made with {source.protocol!r}: "
+                             "write the report again with that protocol")
+        rows, protocol = source.rows, source.protocol
+    elif isinstance(source, Study):
+        protocol = study_protocol(source.runs, protocol)
+        rows, _ = summarise(source.runs, protocol)
+    else:
+        rows, protocol = list(source), protocol or "standard"
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    columns = list(frame_records([Row(config={}, runs={0: {"metrics": {}}})], protocol)[0])  # also for no rows
+    return pd.DataFrame.from_records(frame_records(rows, protocol), columns=columns)
+
+
 # -- writing -----------------------------------------------------------------------------
 
 
@@ -691,12 +845,13 @@ def write_report(study: Study, out_dir: str | Path, figures: bool = True, protoc
 
 
 def log_to_wandb(report: Report, project: str = "segrefine", mode: str = "offline", entity: str | None = None,
-                 save_dir: str | Path = ".") -> str:
-    """The table (numeric columns) and figures as a wandb run of job_type=report; returns the run id."""
+                 save_dir: str | Path = ".", group: str | None = None, sources: Iterable[str] = ()) -> str:
+    """The table (numbers as numbers, unscaled) and figures as a wandb run of job_type=report
+    in ``group`` (e.g. the experiment's); returns the run id."""
     import wandb
 
-    run = wandb.init(project=project, entity=entity, job_type="report", mode=mode, dir=str(save_dir),
-                     config={"metrics_protocol": report.protocol})
+    run = wandb.init(project=project, entity=entity, group=group, job_type="report", mode=mode, dir=str(save_dir),
+                     config={"metrics_protocol": report.protocol, "sources": list(sources)})
     try:
         records = [numeric_record(r, report.protocol) for r in report.rows]
         columns = list(records[0]) if records else []
@@ -723,13 +878,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--wandb-project", default="segrefine")
     parser.add_argument("--wandb-entity", default=None)
+    parser.add_argument("--wandb-group", default=None, help="wandb group of the --log-wandb run (default: none)")
+    selection = parser.add_argument_group("selecting runs of --wandb ENTITY/PROJECT (server-side, checked again here)")
+    selection.add_argument("--group", help="only runs of this wandb group (backbone-head-data)")
+    selection.add_argument("--job-type", choices=["train", "eval"], help="only training or only evaluation runs")
+    selection.add_argument("--experiment", help="only runs of this experiment (config `experiment`; older runs: "
+                                                "their group); needed when the project holds several")
+    selection.add_argument("--tag", action="append", default=[],
+                           help="only runs with this tag (repeatable: all must match)")
     args = parser.parse_args(argv)
     if not args.dirs and not args.wandb:
         parser.error("give run folders or --wandb ENTITY/PROJECT")
+    filters = {"group": args.group, "job_type": args.job_type, "experiment": args.experiment, "tags": args.tag}
+    if not args.wandb and any(filters.values()):
+        given = [option for option, key in (("--group", "group"), ("--job-type", "job_type"),
+                                            ("--experiment", "experiment"), ("--tag", "tags")) if filters[key]]
+        parser.error(f"{', '.join(given)} select runs of a wandb project: add --wandb ENTITY/PROJECT "
+                     "(run folders are selected by naming them)")
     try:
-        study = load_wandb_study(args.wandb) if args.wandb else load_study(args.dirs)
+        study = load_wandb_study(args.wandb, **filters) if args.wandb else load_study(args.dirs)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
+        return 2
+    except ValueError as e:  # runs of several experiments
+        print(f"report: {e}", file=sys.stderr)
         return 2
     if not study.runs:
         print(f"report: no complete test runs under {', '.join(args.dirs or [args.wandb])}", file=sys.stderr)
@@ -746,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(written to {out_dir}: {', '.join(p.name for p in report.paths.values())})")
     if args.log_wandb:
         run_id = log_to_wandb(report, project=args.wandb_project, mode=args.wandb_mode, entity=args.wandb_entity,
-                              save_dir=out_dir)
+                              group=args.wandb_group, save_dir=out_dir,
+                              sources=[args.wandb] if args.wandb else args.dirs)
         print(f"wandb run: {run_id}")
     return 0
 
