@@ -121,29 +121,48 @@ def test_a_job_that_launched_nothing_leaves_the_environment_alone(launchers, mon
 
 # --- real runs on two CPU processes ----------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_multirun_of_two_jobs_on_two_ranks_runs_each_job_once(tmp_path, data_dir):
+def ddp_sweep(*launch: str, tmp_path: Path, data_dir: Path) -> tuple[subprocess.CompletedProcess, list[Path]]:
+    """A 2-job (seed=0,1) x 2-rank CPU multirun started by ``launch``; checks what every such
+    sweep must leave and returns the run and its two job folders (seed 0, seed 1)."""
     sweep = tmp_path / "logs" / "sweep"
-    proc = cli("segrefine.train", "-m", *BASE, *CPU_DDP, "logger=none", "seed=0,1", f"paths.data_dir={data_dir}",
-               f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = cli(*launch, "segrefine.train", "-m", *BASE, *CPU_DDP, "logger=none", "seed=0,1",
+               f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: "seed=1" in p.name.split(","))
     assert len(jobs) == 2 and ["seed=0" in jobs[0].name.split(","), "seed=1" in jobs[1].name.split(",")] == [True, True]
-    # A rank that reran the sweep would announce it on the shared stdout (into the same folders:
-    # Lightning's own command keeps hydra.sweep.dir), or leave another multirun.yaml or run folder.
-    assert proc.stdout.count("Launching 2 jobs locally") == 1, proc.stdout[-3000:]
+    # No other sweep or run folder anywhere (a rerun sweep would keep hydra.sweep.dir, hence the
+    # stdout checks in the callers).
     assert list(tmp_path.rglob("multirun.yaml")) == [sweep / "multirun.yaml"]
     assert sorted(p.parent for p in tmp_path.rglob("results.json")) == sorted(jobs)
+    assert sorted(p.parent for p in tmp_path.rglob(".hydra")) == sorted(jobs)
     for job, seed in zip(jobs, (0, 1)):
         results = json.loads((job / "results.json").read_text())
         assert results["status"] == "complete" and results["seed"] == seed
         assert sorted(r["id"] for r in results["per_image"]) == [f"test_{i:05d}" for i in range(8)]
         # 16 training images, batches of 8: one step per epoch on each of 2 ranks (2 on one).
         assert results["metrics"]["train/steps"] == 16 // (2 * 8)
-        # Rank 1 ran this job, in this folder, as a plain run (no .hydra/ of its own).
-        assert (job / "train_ddp_rank_1.log").is_file() and (job / ".hydra").is_dir()
-    assert sorted(p.name for p in tmp_path.rglob(".hydra")) == [".hydra", ".hydra"]
+    return proc, jobs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_multirun_of_two_jobs_on_two_ranks_runs_each_job_once(tmp_path, data_dir):
+    proc, jobs = ddp_sweep(tmp_path=tmp_path, data_dir=data_dir)
+    # Only rank 0 ran the sweep: a rank that reran it would announce it on the shared stdout.
+    assert proc.stdout.count("Launching 2 jobs locally") == 1, proc.stdout[-3000:]
+    for job in jobs:  # each job had its own rank 1, run in the job's folder as a plain run
+        assert (job / "train_ddp_rank_1.log").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_multirun_under_torchrun_needs_no_patch(tmp_path, data_dir):
+    # The supported alternative: torchrun starts both ranks, and each runs the sweep in step.
+    proc, jobs = ddp_sweep("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           tmp_path=tmp_path, data_dir=data_dir)
+    assert proc.stdout.count("Launching 2 jobs locally") == 2  # once per rank
+    assert not list(tmp_path.rglob("*_ddp_rank_*.log"))  # Lightning started no rank
 
 
 @pytest.mark.timeout(900)

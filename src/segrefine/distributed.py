@@ -3,36 +3,43 @@
 Why a patch. With ``strategy=ddp`` Lightning's launcher starts ranks 1..N-1 by re-running the
 command line; when Hydra is initialised it builds that command with its private
 ``_hydra_subprocess_cmd`` (``sys.argv`` plus ``hydra.run.dir=...``). Under a Hydra multirun
-``sys.argv`` is the whole sweep, so every extra rank would start the sweep again (new job
-folders, ranks of different jobs meeting in one process group, hangs).
-``use_job_command_for_ddp()`` replaces that function, in both Lightning packages (each holds
-its own reference), with one that re-runs only the current job: its config, its overrides and
-``hydra.run.dir=<this job's folder>``. Rank 1 logs to ``<job folder>/<job name>_ddp_rank_1.log``
-and writes no ``.hydra/`` folder; rank 0 alone writes ``results.json``.
+``sys.argv`` is the whole sweep, so every extra rank would start the sweep again and run its
+jobs in step with rank 0 only by luck. ``use_job_command_for_ddp()`` replaces that function, in
+both Lightning packages (each holds its own reference), with one that re-runs only the current
+job: its config, its overrides and ``hydra.run.dir=<this job's folder>``. Rank 1 logs to
+``<job folder>/<job name>_ddp_rank_1.log`` and writes no ``.hydra/``; rank 0 alone writes
+``results.json``.
+
+Between jobs. Lightning leaves the launch in the launching process: ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ``NODE_RANK`` and the process group (destroyed
+only at exit). The next job's Lightning would then take the ranks as started outside, start
+none, and wait for the exited ones. So each call (one per job) first destroys the previous
+job's process group and restores those variables, if that job launched ranks.
 
 What is checked. The function is private, so before replacing it ``use_job_command_for_ddp()``
 checks, in both ``lightning_fabric`` and ``pytorch_lightning``, that ``_hydra_subprocess_cmd``
-exists, takes ``(local_rank)`` (``inspect.signature``), and is still looked up by the launcher's
-``_SubprocessScriptLauncher._call_children_scripts``. If any of this changed in the installed
-Lightning, it raises ``LightningPatchError`` naming the Lightning version and the fix, rather
-than silently leaving the sweep-relaunching command in place. Tested with Lightning 2.6
-(``TESTED_LIGHTNING``).
+exists, takes ``(local_rank)`` (``inspect.signature``) and is still looked up by
+``_SubprocessScriptLauncher._call_children_scripts``. If not, it raises ``LightningPatchError``
+naming the installed Lightning version and the fix, rather than silently leaving the
+sweep-relaunching command in place. Tested with Lightning 2.6 (``TESTED_LIGHTNING``).
 
 The supported alternative: start the ranks outside Lightning. When ``LOCAL_RANK`` is set
-(torchrun, or a rank that Lightning started) or SLURM provides the ranks, Lightning's cluster
-environments detect the external processes and its launcher never re-runs the command, so the
-patch is not needed (it is skipped when ``LOCAL_RANK`` is set):
+(torchrun) or SLURM provides the ranks, Lightning's cluster environments detect the external
+processes and its launcher re-runs nothing; the patch is then not needed (and skipped when
+``LOCAL_RANK`` is set):
 
-- torchrun, one machine: ``torchrun --nproc_per_node=2 -m segrefine.train trainer=ddp
-  trainer.devices=2 hydra.run.dir=<folder>`` (a fixed ``hydra.run.dir``: the default contains a
-  timestamp, which the ranks could disagree on).
+- torchrun, one machine: ``torchrun --standalone --nproc_per_node=2 -m segrefine.train
+  trainer=ddp trainer.devices=2 hydra.run.dir=<folder>`` (fix ``hydra.run.dir``: the default has
+  a timestamp, which the ranks could disagree on). With ``-m`` every rank runs the whole sweep,
+  the jobs in the same order and folders (sweep folders have no timestamp), one process group
+  for all of them; with the basic launcher only (not joblib).
 - SLURM through submitit: ``-m hydra/launcher=slurm hydra.launcher.tasks_per_node=<gpus>
   hydra.launcher.gpus_per_node=<gpus> trainer=ddp`` (``SLURMEnvironment`` reads the ranks).
 
 Neither keeps a plain ``segrefine-train -m ... trainer=ddp`` working on one machine:
 ``submitit_local`` with ``tasks_per_node>1`` starts the tasks but sets only ``SUBMITIT_LOCAL_*``
-variables, which no Lightning environment reads, and ``strategy=ddp_spawn`` (no re-run) returns
-only the weights and logged metrics from its worker processes, so the per-image rows that the
+variables, which no Lightning environment reads, and ``strategy=ddp_spawn`` (no re-run) brings
+back only the weights and logged metrics from its worker processes, so the per-image rows the
 test step gathers on rank 0 would be lost. Hence the checked patch.
 """
 
