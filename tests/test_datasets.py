@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from segrefine.data import msd as msd_module
-from segrefine.data.common import DataError
+from segrefine.data.common import ArraySegmentationDataset, DataError
 from segrefine.data.folder import FolderDataModule
 from segrefine.data.msd import MSDDataModule, split_subjects
 from segrefine.data.transforms import Augment, build_augment, fit_to
@@ -182,6 +182,10 @@ def test_msd_split_is_by_subject_without_leakage(tmp_path):
     for split, ds in dm.datasets.items():  # every slice comes from a subject of its own split
         assert {re.sub(r"_z\d+$", "", i) for i in ds.ids} <= subjects[split]
     assert split_subjects(list(subjects["train"] | subjects["val"] | subjects["test"]), [0.6, 0.2, 0.2], 0) == dm.splits
+    # The subjects seed 0 picked before the sources shared one seeded split: unchanged.
+    h = lambda *ids: [f"hippocampus_{i:03d}" for i in ids]  # noqa: E731
+    assert dm.splits == {"train": h(0, 1, 3, 5, 8, 9), "val": h(4, 6), "test": h(2, 7)}
+    assert split_subjects(h(*range(10)), [0.6, 0.2, 0.2], 3) == {"train": h(1, 3, 4, 5, 7, 8), "val": h(6, 9), "test": h(0, 2)}
     assert split_subjects([f"hippocampus_{i:03d}" for i in range(10)], [0.6, 0.2, 0.2], 1) != dm.splits
     with pytest.raises(DataError, match="cannot be split"):
         split_subjects(["a", "b"], [0.6, 0.2, 0.2], 0)
@@ -354,6 +358,66 @@ def test_augment_is_deterministic_given_the_seed_and_jitters_intensity():
         Augment(hflip=2)
 
 
+def marked(h=9, w=12):
+    """A 2-channel image and mask, zero but for one marked pixel (image 5/6, label 3) at (2, 3)."""
+    image, mask = torch.zeros(2, h, w), torch.zeros(h, w, dtype=torch.int64)
+    image[0, 2, 3], image[1, 2, 3], mask[2, 3] = 5.0, 6.0, 3
+    return image, mask
+
+
+@pytest.mark.parametrize("hflip, vflip, where", [(1.0, 0.0, (2, 8)), (0.0, 1.0, (6, 3)), (1.0, 1.0, (6, 8))])
+def test_flips_move_a_marked_pixel_to_its_mirror_in_image_and_mask(hflip, vflip, where):
+    image, mask = marked()  # 9 x 12: (2, 3) mirrors to (2, 12-1-3) and (9-1-2, 3)
+    out_image, out_mask = Augment(hflip=hflip, vflip=vflip)(image, mask)
+    assert type(out_image) is torch.Tensor and type(out_mask) is torch.Tensor  # plain tensors, not tv_tensors
+    assert out_mask.dtype == torch.int64 and out_mask.shape == (9, 12)
+    assert torch.nonzero(out_mask).tolist() == [list(where)] and out_mask[where] == 3
+    assert torch.nonzero(out_image[0]).tolist() == [list(where)] and out_image[:, where[0], where[1]].tolist() == [5.0, 6.0]
+
+
+def test_rotation_keeps_mask_labels_nearest_even_with_bilinear_images():
+    # Labels 0, 7 and 200 side by side: any blending of the mask would make values in between.
+    mask = torch.zeros(24, 30, dtype=torch.int64)
+    mask[:, 10:20], mask[:, 20:] = 7, 200
+    image = mask.float()[None]
+    augment = Augment(hflip=0.0, rotation=40, scale=[0.8, 1.3], interpolation="bilinear")
+    torch.manual_seed(0)
+    values, blended = set(), False
+    for _ in range(8):
+        out_image, out_mask = augment(image, mask)
+        values |= set(out_mask.unique().tolist())
+        inner = out_image[0][out_mask != IGNORE_INDEX]
+        blended |= bool(((inner > 0) & (inner < 7)).any())  # the image is resampled bilinearly
+    assert values <= {0, 7, 200, IGNORE_INDEX} and IGNORE_INDEX in values and {0, 7, 200} <= values
+    assert blended
+
+
+def test_crop_pads_small_images_bottom_right_with_0_and_255():
+    image = torch.arange(1, 36, dtype=torch.float32).reshape(1, 5, 7)
+    mask = torch.ones(5, 7, dtype=torch.int64)
+    torch.manual_seed(0)
+    out_image, out_mask = Augment(hflip=0.0, crop_size=[8, 9])(image, mask)
+    assert out_image.shape == (1, 8, 9) and out_mask.shape == (8, 9)
+    assert torch.equal(out_image[:, :5, :7], image) and torch.equal(out_mask[:5, :7], mask)  # kept whole, in place
+    assert (out_image[:, 5:] == 0).all() and (out_image[:, :, 7:] == 0).all()
+    assert (out_mask[5:] == IGNORE_INDEX).all() and (out_mask[:, 7:] == IGNORE_INDEX).all()
+
+
+def test_crop_of_a_larger_image_is_a_random_window_of_image_and_mask_alike():
+    image = torch.arange(20 * 16, dtype=torch.float32).reshape(1, 20, 16)  # each value names its pixel
+    mask = torch.arange(20 * 16).reshape(20, 16) % 5
+    augment = Augment(hflip=0.0, crop_size=[6, 4])
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(10):
+        out_image, out_mask = augment(image, mask)
+        top, left = divmod(int(out_image[0, 0, 0]), 16)
+        assert torch.equal(out_image, image[:, top : top + 6, left : left + 4])
+        assert torch.equal(out_mask, mask[top : top + 6, left : left + 4])
+        corners.add((top, left))
+    assert len(corners) > 1
+
+
 def test_fit_to_pads_bottom_right_and_crops_centre():
     image, mask = label_image(5, 7)
     padded_image, padded_mask = fit_to(image, mask, (8, 9))
@@ -361,6 +425,39 @@ def test_fit_to_pads_bottom_right_and_crops_centre():
     assert (padded_mask[:, 7:] == IGNORE_INDEX).all() and (padded_image[:, 5:] == 0).all()
     cropped_image, cropped_mask = fit_to(image, mask, (3, 3))
     assert torch.equal(cropped_mask, mask[1:4, 2:5]) and torch.equal(cropped_image, image[:, 1:4, 2:5])
+
+
+def test_augmentation_draws_from_torch_rng_only_so_seeded_workers_reproduce_it():
+    import random
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    augment = Augment(hflip=0.5, vflip=0.5, rotation=20, scale=[0.8, 1.2], brightness=0.1, contrast=0.1, crop_size=[10, 10])
+    image, mask = label_image(12, 14)
+    torch.manual_seed(3)
+    np.random.seed(0)
+    random.seed(0)
+    first = augment(image, mask)
+    torch.manual_seed(3)
+    np.random.seed(1)  # other numpy / python seeds: the same draws
+    random.seed(1)
+    again = augment(image, mask)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+    # Workers: torch seeds each one from the main process's torch RNG, which seed_everything sets.
+    dataset = ArraySegmentationDataset(image[:1].repeat(8, 1, 1, 1).numpy(), mask.repeat(8, 1, 1).numpy(),
+                                       [str(i) for i in range(8)], transform=augment)
+
+    def epoch(seed):
+        pl.seed_everything(seed)
+        return [b["image"] for b in DataLoader(dataset, batch_size=2, num_workers=2)]
+
+    a, b, c = epoch(7), epoch(7), epoch(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    samples = torch.cat(a)  # the same input in every sample: the two workers draw differently
+    assert len({tuple(x.flatten().tolist()) for x in samples}) > 4
 
 
 def test_augmentation_only_on_the_train_split(tmp_path):
@@ -460,7 +557,8 @@ def test_voc_splits_classes_and_fixed_size_batches(tmp_path):
     assert dm.num_classes == 21 and dm.class_names == VOC_CLASSES and dm.in_channels == 3
     ids = {split: set(ds.ids) for split, ds in dm.datasets.items()}
     assert ids["test"] == {f"2008_{i:06d}" for i in range(3)}  # official val is the test split
-    assert len(ids["val"]) == 2 and ids["train"] | ids["val"] == {f"2007_{i:06d}" for i in range(6)}
+    assert ids["val"] == {"2007_000002", "2007_000003"}  # what seed 0 held out before the shared seeded split
+    assert ids["train"] | ids["val"] == {f"2007_{i:06d}" for i in range(6)}
     assert not ids["train"] & ids["val"]
     test_batch = next(iter(dm.test_dataloader()))
     assert test_batch["image"].shape == (3, 3, 64, 64) and test_batch["mask"].shape == (3, 64, 64)
@@ -469,9 +567,11 @@ def test_voc_splits_classes_and_fixed_size_batches(tmp_path):
     train_batch = next(iter(dm.train_dataloader()))
     assert train_batch["image"].shape == (4, 3, 32, 32)
     # also accepted: data.root pointing at VOCdevkit itself
-    other = VOCDataModule(root=str(root / "VOCdevkit"), val_fraction=0.34)
+    other = VOCDataModule(root=str(root / "VOCdevkit"), val_fraction=0.5, split_seed=7)
     other.setup()
     assert set(other.datasets["test"].ids) == ids["test"]
+    assert other.datasets["val"].ids == ["2007_000000", "2007_000002", "2007_000005"]  # as before, for seed 7
+    assert other.datasets["train"].transform is None and other.datasets["train"].size == other.size
 
 
 def test_voc_errors_name_the_file(tmp_path):
