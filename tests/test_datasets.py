@@ -28,6 +28,9 @@ from segrefine.module import SegmentationModule
 from segrefine.train import train
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
+# Tiny tensors and tiny training runs: one intra-op thread (more only adds synchronisation latency).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
 
 
@@ -616,7 +619,8 @@ def test_configs_build_the_datamodules(make_cfg, tmp_path):
     assert isinstance(folder, FolderDataModule) and folder.augment is not None
 
 
-TRAIN = ["backbone=fcn", "data.batch_size=8", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+# The smallest backbone (pspnet lite): these runs test the data wiring, not the model.
+TRAIN = ["backbone=pspnet", "data.batch_size=8", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
 
 
 def check_results(out: Path, ids_pattern: str) -> dict:
