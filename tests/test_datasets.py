@@ -606,13 +606,15 @@ def test_voc_errors_name_the_file(tmp_path):
 # -- configs and end-to-end training ----------------------------------------------------------
 
 
-def test_configs_build_the_datamodules(make_cfg, tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}").data)
+def test_configs_build_the_datamodules(make_cfg, tmp_path):  # building reads no data: no files needed
+    cfg = make_cfg("data=msd", f"data.root={tmp_path / 'T'}")
+    dm = instantiate(cfg.data)
     assert isinstance(dm, MSDDataModule) and isinstance(dm.augment, Augment) and dm.augment.hflip == 0.5
-    off = instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}", "data.augment.enabled=false").data)
-    assert off.augment is None
-    assert instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}", "data.augment=null").data).augment is None
+    off = cfg.copy()  # as data.augment.enabled=false on the command line (one Hydra compose is costly)
+    off.data.augment.enabled = False
+    assert instantiate(off.data).augment is None
+    off.data.augment = None  # data.augment=null
+    assert instantiate(off.data).augment is None
     voc = instantiate(make_cfg("data=voc", f"data.root={tmp_path}").data)
     assert isinstance(voc, VOCDataModule) and voc.pad_to == (512, 512) and voc.augment.crop_size == (320, 320)
     folder = instantiate(make_cfg("data=folder", f"data.root={tmp_path}").data)
