@@ -42,8 +42,10 @@ def _files(folder: Path) -> dict[str, Path]:
 
 def read_image(path: Path, channels: int) -> np.ndarray:
     """``(channels, H, W)`` float32: 8-bit / 255, 16-bit / 65535, float as stored."""
-    # 16/32-bit integer (mode I*) and float (F) grayscale are kept as stored, the rest converted.
-    keep_or_convert = lambda mode: None if mode.startswith("I") or mode == "F" else ("L" if channels == 1 else "RGB")  # noqa: E731
+
+    def keep_or_convert(mode: str) -> str | None:  # 16/32-bit integer (I*) and float (F) grayscale: as stored
+        return None if mode.startswith("I") or mode == "F" else ("L" if channels == 1 else "RGB")
+
     array = open_image(path, keep_or_convert)
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0
