@@ -81,6 +81,14 @@ def write_msd_task(root: Path, n=6, shapes=None, modalities=1, image_fn=None, ax
     return truth
 
 
+@pytest.fixture(scope="module")
+def task3(tmp_path_factory) -> Path:
+    """A 3-subject task shared by the tests that only read it (each keeps its own cache)."""
+    root = tmp_path_factory.mktemp("msd") / "T"
+    write_msd_task(root, n=3)
+    return root
+
+
 def msd(root, tmp_path, **kwargs) -> MSDDataModule:
     dm = MSDDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
     dm.prepare_data()
@@ -165,12 +173,11 @@ def test_msd_axis_and_modality_of_multimodal_volumes(tmp_path):
         msd(tmp_path / "T", tmp_path, modality=2)
 
 
-def test_msd_normalisation_per_volume(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
+def test_msd_normalisation_per_volume(task3, tmp_path):
     volume = lambda dm: np.load(next((dm.cache_dir).glob("hippocampus_000-*.image.npy")))  # noqa: E731
-    z = volume(msd(tmp_path / "T", tmp_path, normalise="zscore", split_fractions=[0.34, 0.33, 0.33]))
+    z = volume(msd(task3, tmp_path, normalise="zscore", split_fractions=[0.34, 0.33, 0.33]))
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
-    mm = volume(msd(tmp_path / "T", tmp_path, normalise="minmax", clip_percentiles=[1, 99], split_fractions=[0.34, 0.33, 0.33]))
+    mm = volume(msd(task3, tmp_path, normalise="minmax", clip_percentiles=[1, 99], split_fractions=[0.34, 0.33, 0.33]))
     assert mm.min() == 0 and mm.max() == pytest.approx(1)
     assert (mm == 1).mean() >= 0.005  # the top percent was clipped to the maximum
 
@@ -194,16 +201,15 @@ def test_msd_split_is_by_subject_without_leakage(tmp_path):
         split_subjects(["a", "b"], [0.6, 0.2, 0.2], 0)
 
 
-def test_msd_empty_slices_are_subsampled(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
+def test_msd_empty_slices_are_subsampled(task3, tmp_path):
     counts = {}
     for fraction in (0.0, 0.5, 1.0):
-        dm = msd(tmp_path / "T", tmp_path, empty_slice_fraction=fraction, split_fractions=[0.34, 0.33, 0.33])
+        dm = msd(task3, tmp_path, empty_slice_fraction=fraction, split_fractions=[0.34, 0.33, 0.33])
         counts[fraction] = len(dm.datasets["train"])
         if fraction == 0.0:
             assert all(((item["mask"] > 0) & (item["mask"] != IGNORE_INDEX)).any() for item in dm.datasets["train"])
     assert counts[0.0] == 12 and counts[1.0] == 35 and 12 < counts[0.5] < 35  # class boxes span z 11..22
-    again = msd(tmp_path / "T", tmp_path, empty_slice_fraction=0.5, split_fractions=[0.34, 0.33, 0.33])
+    again = msd(task3, tmp_path, empty_slice_fraction=0.5, split_fractions=[0.34, 0.33, 0.33])
     assert len(again.datasets["train"]) == counts[0.5]
 
 
@@ -255,14 +261,13 @@ def test_msd_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_msd_damaged_cache_is_rebuilt(tmp_path, damage):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+def test_msd_damaged_cache_is_rebuilt(task3, tmp_path, damage):
+    dm = msd(task3, tmp_path, split_fractions=[0.34, 0.33, 0.33])
     path = next(dm.cache_dir.glob("hippocampus_002-*.mask.npy"))
     intact = np.load(path)
     data = path.read_bytes()
     path.write_bytes(b"not numpy" if damage == "garbage" else data[: len(data) // 2])
-    again = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+    again = msd(task3, tmp_path, split_fractions=[0.34, 0.33, 0.33])
     np.testing.assert_array_equal(np.load(path), intact)  # decoded again from the NIfTI source
     assert len(list(again.cache_dir.glob("hippocampus_002-*"))) == 3 and not list(again.cache_dir.glob("*.tmp"))
     split = next(s for s, subjects in again.splits.items() if "hippocampus_002" in subjects)
@@ -463,10 +468,9 @@ def test_augmentation_draws_from_torch_rng_only_so_seeded_workers_reproduce_it()
     assert len({tuple(x.flatten().tolist()) for x in samples}) > 4
 
 
-def test_augmentation_only_on_the_train_split(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = msd(tmp_path / "T", tmp_path, augment={"hflip": 1.0}, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
-    plain = msd(tmp_path / "T", tmp_path, augment=None, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
+def test_augmentation_only_on_the_train_split(task3, tmp_path):
+    dm = msd(task3, tmp_path, augment={"hflip": 1.0}, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
+    plain = msd(task3, tmp_path, augment=None, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
     assert torch.equal(dm.datasets["train"][20]["mask"], plain.datasets["train"][20]["mask"].flip(-1))
     for split in ("val", "test"):
         assert dm.datasets[split].transform is None
