@@ -5,9 +5,10 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from segrefine.data.common import DataError
-from segrefine.data.folder import FolderDataModule
+from segrefine.data.common import DataError, seeded_split, split_transform
+from segrefine.data.folder import FolderDataModule, read_image
 from segrefine.data.synthetic import SyntheticDataModule
+from segrefine.data.transforms import Augment
 
 SMALL = dict(image_size=32, num_train=6, num_val=2, num_test=2)
 
@@ -138,3 +139,65 @@ def test_folder_corrupt_image_is_named(tmp_path):
     (tmp_path / "test" / "img" / "case1.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"case1\.png: cannot read image"):
         FolderDataModule(root=str(tmp_path), num_classes=2, mask_values={0: 0, 255: 1}).setup()
+
+
+# -- shared pieces: seeded split, per-split transform, image reading ----------------------
+# The expected splits below were computed with the code before the sources shared
+# seeded_split (folder, VOC and MSD each drew their own permutation): a seed must keep
+# picking the same items.
+
+
+def test_seeded_split_reproduces_the_splits_of_every_source():
+    assert seeded_split(10, [2, 2], 0) == [[0, 1, 3, 5, 8, 9], [4, 6], [2, 7]]  # MSD train/val/test
+    assert seeded_split(10, [2, 2], 3) == [[1, 3, 4, 5, 7, 8], [6, 9], [0, 2]]
+    assert seeded_split(7, [2], 5) == [[0, 2, 3, 5, 6], [1, 4]]  # folder train/val
+    assert seeded_split(6, [2], 2) == [[0, 1, 2, 4], [3, 5]]  # VOC train/val
+    assert seeded_split(6, [3], 7) == [[1, 3, 4], [0, 2, 5]]
+    assert seeded_split(4, [], 0) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("seed, n, fraction, val", [(0, 4, 0.2, ["case2"]), (1, 4, 0.2, ["case0"]),
+                                                     (5, 7, 0.3, ["case1", "case4"]),
+                                                     (3, 7, 0.5, ["case1", "case2", "case5", "case6"])])
+def test_folder_validation_split_is_unchanged_for_a_seed(tmp_path, seed, n, fraction, val):
+    dm = FolderDataModule(root=str(folder_tree(tmp_path, n=n)), num_classes=2, mask_values={0: 0, 255: 1},
+                          split_seed=seed, val_fraction=fraction)
+    dm.setup()
+    assert dm.datasets["val"].ids == val
+    assert dm.datasets["train"].ids == [f"case{i}" for i in range(n) if f"case{i}" not in val]
+
+
+def test_split_transform_augments_and_crops_the_train_split_only():
+    crop, plain = Augment(crop_size=[8, 6]), Augment()
+    assert split_transform("train", crop, (20, 30)) == (crop, (8, 6))
+    assert split_transform("train", plain, (20, 30)) == (plain, (20, 30))
+    assert split_transform("train", None, (20, 30)) == (None, (20, 30))
+    for split in ("val", "test"):
+        assert split_transform(split, crop, (20, 30)) == (None, (20, 30))
+        assert split_transform(split, crop, None) == (None, None)
+
+
+def test_read_image_scales_by_bit_depth_and_converts_to_the_channels(tmp_path):
+    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    Image.fromarray(gray16).save(tmp_path / "a.png")
+    np.testing.assert_allclose(read_image(tmp_path / "a.png", 1), gray16[None] / 65535.0, rtol=1e-6)
+    rgb = read_image(tmp_path / "a.png", 3)  # a 16-bit grayscale image as RGB: the channel repeated
+    assert rgb.shape == (3, 3, 4) and rgb.dtype == np.float32
+    np.testing.assert_allclose(rgb, np.repeat(gray16[None] / 65535.0, 3, axis=0), rtol=1e-6)
+
+    values = np.array([[-1.5, 0.25], [3.0, 1e4]], np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    assert np.array_equal(read_image(tmp_path / "f.tif", 1), values[None])  # float: as stored
+
+    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    palette = Image.frombytes("P", (3, 2), indices.tobytes())
+    palette.putpalette([40 * i for i in range(3) for _ in range(3)])  # index i: gray 40*i
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_allclose(read_image(tmp_path / "p.png", 1), (40.0 * indices)[None] / 255.0, rtol=1e-6)
+    colour = np.zeros((2, 3, 3), np.uint8)
+    colour[..., 0], colour[..., 2] = 255, 51
+    Image.fromarray(colour).save(tmp_path / "c.png")
+    assert np.array_equal(read_image(tmp_path / "c.png", 3)[:, 0, 0], np.array([1.0, 0.0, 0.2], np.float32))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"bad\.png: cannot read image"):
+        read_image(tmp_path / "bad.png", 1)

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from segrefine.data import msd as msd_module
-from segrefine.data.common import DataError
+from segrefine.data.common import ArraySegmentationDataset, DataError
 from segrefine.data.folder import FolderDataModule
 from segrefine.data.msd import MSDDataModule, split_subjects
 from segrefine.data.transforms import Augment, build_augment, fit_to
@@ -27,6 +27,9 @@ from segrefine.heads.none import NoHead
 from segrefine.module import SegmentationModule
 from segrefine.train import train
 from segrefine.types import IGNORE_INDEX, BackboneOutput
+
+# Tiny tensors and tiny training runs: one intra-op thread (more only adds synchronisation latency).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
 
@@ -76,6 +79,14 @@ def write_msd_task(root: Path, n=6, shapes=None, modalities=1, image_fn=None, ax
         meta["training"] = training
     (root / "dataset.json").write_text(json.dumps(meta))
     return truth
+
+
+@pytest.fixture(scope="module")
+def task3(tmp_path_factory) -> Path:
+    """A 3-subject task shared by the tests that only read it (each keeps its own cache)."""
+    root = tmp_path_factory.mktemp("msd") / "T"
+    write_msd_task(root, n=3)
+    return root
 
 
 def msd(root, tmp_path, **kwargs) -> MSDDataModule:
@@ -162,12 +173,11 @@ def test_msd_axis_and_modality_of_multimodal_volumes(tmp_path):
         msd(tmp_path / "T", tmp_path, modality=2)
 
 
-def test_msd_normalisation_per_volume(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
+def test_msd_normalisation_per_volume(task3, tmp_path):
     volume = lambda dm: np.load(next((dm.cache_dir).glob("hippocampus_000-*.image.npy")))  # noqa: E731
-    z = volume(msd(tmp_path / "T", tmp_path, normalise="zscore", split_fractions=[0.34, 0.33, 0.33]))
+    z = volume(msd(task3, tmp_path, normalise="zscore", split_fractions=[0.34, 0.33, 0.33]))
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
-    mm = volume(msd(tmp_path / "T", tmp_path, normalise="minmax", clip_percentiles=[1, 99], split_fractions=[0.34, 0.33, 0.33]))
+    mm = volume(msd(task3, tmp_path, normalise="minmax", clip_percentiles=[1, 99], split_fractions=[0.34, 0.33, 0.33]))
     assert mm.min() == 0 and mm.max() == pytest.approx(1)
     assert (mm == 1).mean() >= 0.005  # the top percent was clipped to the maximum
 
@@ -182,21 +192,24 @@ def test_msd_split_is_by_subject_without_leakage(tmp_path):
     for split, ds in dm.datasets.items():  # every slice comes from a subject of its own split
         assert {re.sub(r"_z\d+$", "", i) for i in ds.ids} <= subjects[split]
     assert split_subjects(list(subjects["train"] | subjects["val"] | subjects["test"]), [0.6, 0.2, 0.2], 0) == dm.splits
+    # The subjects seed 0 picked before the sources shared one seeded split: unchanged.
+    h = lambda *ids: [f"hippocampus_{i:03d}" for i in ids]  # noqa: E731
+    assert dm.splits == {"train": h(0, 1, 3, 5, 8, 9), "val": h(4, 6), "test": h(2, 7)}
+    assert split_subjects(h(*range(10)), [0.6, 0.2, 0.2], 3) == {"train": h(1, 3, 4, 5, 7, 8), "val": h(6, 9), "test": h(0, 2)}
     assert split_subjects([f"hippocampus_{i:03d}" for i in range(10)], [0.6, 0.2, 0.2], 1) != dm.splits
     with pytest.raises(DataError, match="cannot be split"):
         split_subjects(["a", "b"], [0.6, 0.2, 0.2], 0)
 
 
-def test_msd_empty_slices_are_subsampled(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
+def test_msd_empty_slices_are_subsampled(task3, tmp_path):
     counts = {}
     for fraction in (0.0, 0.5, 1.0):
-        dm = msd(tmp_path / "T", tmp_path, empty_slice_fraction=fraction, split_fractions=[0.34, 0.33, 0.33])
+        dm = msd(task3, tmp_path, empty_slice_fraction=fraction, split_fractions=[0.34, 0.33, 0.33])
         counts[fraction] = len(dm.datasets["train"])
         if fraction == 0.0:
             assert all(((item["mask"] > 0) & (item["mask"] != IGNORE_INDEX)).any() for item in dm.datasets["train"])
     assert counts[0.0] == 12 and counts[1.0] == 35 and 12 < counts[0.5] < 35  # class boxes span z 11..22
-    again = msd(tmp_path / "T", tmp_path, empty_slice_fraction=0.5, split_fractions=[0.34, 0.33, 0.33])
+    again = msd(task3, tmp_path, empty_slice_fraction=0.5, split_fractions=[0.34, 0.33, 0.33])
     assert len(again.datasets["train"]) == counts[0.5]
 
 
@@ -248,14 +261,13 @@ def test_msd_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_msd_damaged_cache_is_rebuilt(tmp_path, damage):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+def test_msd_damaged_cache_is_rebuilt(task3, tmp_path, damage):
+    dm = msd(task3, tmp_path, split_fractions=[0.34, 0.33, 0.33])
     path = next(dm.cache_dir.glob("hippocampus_002-*.mask.npy"))
     intact = np.load(path)
     data = path.read_bytes()
     path.write_bytes(b"not numpy" if damage == "garbage" else data[: len(data) // 2])
-    again = msd(tmp_path / "T", tmp_path, split_fractions=[0.34, 0.33, 0.33])
+    again = msd(task3, tmp_path, split_fractions=[0.34, 0.33, 0.33])
     np.testing.assert_array_equal(np.load(path), intact)  # decoded again from the NIfTI source
     assert len(list(again.cache_dir.glob("hippocampus_002-*"))) == 3 and not list(again.cache_dir.glob("*.tmp"))
     split = next(s for s, subjects in again.splits.items() if "hippocampus_002" in subjects)
@@ -354,6 +366,66 @@ def test_augment_is_deterministic_given_the_seed_and_jitters_intensity():
         Augment(hflip=2)
 
 
+def marked(h=9, w=12):
+    """A 2-channel image and mask, zero but for one marked pixel (image 5/6, label 3) at (2, 3)."""
+    image, mask = torch.zeros(2, h, w), torch.zeros(h, w, dtype=torch.int64)
+    image[0, 2, 3], image[1, 2, 3], mask[2, 3] = 5.0, 6.0, 3
+    return image, mask
+
+
+@pytest.mark.parametrize("hflip, vflip, where", [(1.0, 0.0, (2, 8)), (0.0, 1.0, (6, 3)), (1.0, 1.0, (6, 8))])
+def test_flips_move_a_marked_pixel_to_its_mirror_in_image_and_mask(hflip, vflip, where):
+    image, mask = marked()  # 9 x 12: (2, 3) mirrors to (2, 12-1-3) and (9-1-2, 3)
+    out_image, out_mask = Augment(hflip=hflip, vflip=vflip)(image, mask)
+    assert type(out_image) is torch.Tensor and type(out_mask) is torch.Tensor  # plain tensors, not tv_tensors
+    assert out_mask.dtype == torch.int64 and out_mask.shape == (9, 12)
+    assert torch.nonzero(out_mask).tolist() == [list(where)] and out_mask[where] == 3
+    assert torch.nonzero(out_image[0]).tolist() == [list(where)] and out_image[:, where[0], where[1]].tolist() == [5.0, 6.0]
+
+
+def test_rotation_keeps_mask_labels_nearest_even_with_bilinear_images():
+    # Labels 0, 7 and 200 side by side: any blending of the mask would make values in between.
+    mask = torch.zeros(24, 30, dtype=torch.int64)
+    mask[:, 10:20], mask[:, 20:] = 7, 200
+    image = mask.float()[None]
+    augment = Augment(hflip=0.0, rotation=40, scale=[0.8, 1.3], interpolation="bilinear")
+    torch.manual_seed(0)
+    values, blended = set(), False
+    for _ in range(8):
+        out_image, out_mask = augment(image, mask)
+        values |= set(out_mask.unique().tolist())
+        inner = out_image[0][out_mask != IGNORE_INDEX]
+        blended |= bool(((inner > 0) & (inner < 7)).any())  # the image is resampled bilinearly
+    assert values <= {0, 7, 200, IGNORE_INDEX} and IGNORE_INDEX in values and {0, 7, 200} <= values
+    assert blended
+
+
+def test_crop_pads_small_images_bottom_right_with_0_and_255():
+    image = torch.arange(1, 36, dtype=torch.float32).reshape(1, 5, 7)
+    mask = torch.ones(5, 7, dtype=torch.int64)
+    torch.manual_seed(0)
+    out_image, out_mask = Augment(hflip=0.0, crop_size=[8, 9])(image, mask)
+    assert out_image.shape == (1, 8, 9) and out_mask.shape == (8, 9)
+    assert torch.equal(out_image[:, :5, :7], image) and torch.equal(out_mask[:5, :7], mask)  # kept whole, in place
+    assert (out_image[:, 5:] == 0).all() and (out_image[:, :, 7:] == 0).all()
+    assert (out_mask[5:] == IGNORE_INDEX).all() and (out_mask[:, 7:] == IGNORE_INDEX).all()
+
+
+def test_crop_of_a_larger_image_is_a_random_window_of_image_and_mask_alike():
+    image = torch.arange(20 * 16, dtype=torch.float32).reshape(1, 20, 16)  # each value names its pixel
+    mask = torch.arange(20 * 16).reshape(20, 16) % 5
+    augment = Augment(hflip=0.0, crop_size=[6, 4])
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(10):
+        out_image, out_mask = augment(image, mask)
+        top, left = divmod(int(out_image[0, 0, 0]), 16)
+        assert torch.equal(out_image, image[:, top : top + 6, left : left + 4])
+        assert torch.equal(out_mask, mask[top : top + 6, left : left + 4])
+        corners.add((top, left))
+    assert len(corners) > 1
+
+
 def test_fit_to_pads_bottom_right_and_crops_centre():
     image, mask = label_image(5, 7)
     padded_image, padded_mask = fit_to(image, mask, (8, 9))
@@ -363,10 +435,42 @@ def test_fit_to_pads_bottom_right_and_crops_centre():
     assert torch.equal(cropped_mask, mask[1:4, 2:5]) and torch.equal(cropped_image, image[:, 1:4, 2:5])
 
 
-def test_augmentation_only_on_the_train_split(tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = msd(tmp_path / "T", tmp_path, augment={"hflip": 1.0}, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
-    plain = msd(tmp_path / "T", tmp_path, augment=None, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
+def test_augmentation_draws_from_torch_rng_only_so_seeded_workers_reproduce_it():
+    import random
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    augment = Augment(hflip=0.5, vflip=0.5, rotation=20, scale=[0.8, 1.2], brightness=0.1, contrast=0.1, crop_size=[10, 10])
+    image, mask = label_image(12, 14)
+    torch.manual_seed(3)
+    np.random.seed(0)
+    random.seed(0)
+    first = augment(image, mask)
+    torch.manual_seed(3)
+    np.random.seed(1)  # other numpy / python seeds: the same draws
+    random.seed(1)
+    again = augment(image, mask)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+    # Workers: torch seeds each one from the main process's torch RNG, which seed_everything sets.
+    dataset = ArraySegmentationDataset(image[:1].repeat(8, 1, 1, 1).numpy(), mask.repeat(8, 1, 1).numpy(),
+                                       [str(i) for i in range(8)], transform=augment)
+
+    def epoch(seed):
+        pl.seed_everything(seed)
+        return [b["image"] for b in DataLoader(dataset, batch_size=2, num_workers=2)]
+
+    a, b, c = epoch(7), epoch(7), epoch(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    samples = torch.cat(a)  # the same input in every sample: the two workers draw differently
+    assert len({tuple(x.flatten().tolist()) for x in samples}) > 4
+
+
+def test_augmentation_only_on_the_train_split(task3, tmp_path):
+    dm = msd(task3, tmp_path, augment={"hflip": 1.0}, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
+    plain = msd(task3, tmp_path, augment=None, empty_slice_fraction=1.0, split_fractions=[0.34, 0.33, 0.33])
     assert torch.equal(dm.datasets["train"][20]["mask"], plain.datasets["train"][20]["mask"].flip(-1))
     for split in ("val", "test"):
         assert dm.datasets[split].transform is None
@@ -460,7 +564,8 @@ def test_voc_splits_classes_and_fixed_size_batches(tmp_path):
     assert dm.num_classes == 21 and dm.class_names == VOC_CLASSES and dm.in_channels == 3
     ids = {split: set(ds.ids) for split, ds in dm.datasets.items()}
     assert ids["test"] == {f"2008_{i:06d}" for i in range(3)}  # official val is the test split
-    assert len(ids["val"]) == 2 and ids["train"] | ids["val"] == {f"2007_{i:06d}" for i in range(6)}
+    assert ids["val"] == {"2007_000002", "2007_000003"}  # what seed 0 held out before the shared seeded split
+    assert ids["train"] | ids["val"] == {f"2007_{i:06d}" for i in range(6)}
     assert not ids["train"] & ids["val"]
     test_batch = next(iter(dm.test_dataloader()))
     assert test_batch["image"].shape == (3, 3, 64, 64) and test_batch["mask"].shape == (3, 64, 64)
@@ -469,9 +574,11 @@ def test_voc_splits_classes_and_fixed_size_batches(tmp_path):
     train_batch = next(iter(dm.train_dataloader()))
     assert train_batch["image"].shape == (4, 3, 32, 32)
     # also accepted: data.root pointing at VOCdevkit itself
-    other = VOCDataModule(root=str(root / "VOCdevkit"), val_fraction=0.34)
+    other = VOCDataModule(root=str(root / "VOCdevkit"), val_fraction=0.5, split_seed=7)
     other.setup()
     assert set(other.datasets["test"].ids) == ids["test"]
+    assert other.datasets["val"].ids == ["2007_000000", "2007_000002", "2007_000005"]  # as before, for seed 7
+    assert other.datasets["train"].transform is None and other.datasets["train"].size == other.size
 
 
 def test_voc_errors_name_the_file(tmp_path):
@@ -503,20 +610,23 @@ def test_voc_errors_name_the_file(tmp_path):
 # -- configs and end-to-end training ----------------------------------------------------------
 
 
-def test_configs_build_the_datamodules(make_cfg, tmp_path):
-    write_msd_task(tmp_path / "T", n=3)
-    dm = instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}").data)
+def test_configs_build_the_datamodules(make_cfg, tmp_path):  # building reads no data: no files needed
+    cfg = make_cfg("data=msd", f"data.root={tmp_path / 'T'}")
+    dm = instantiate(cfg.data)
     assert isinstance(dm, MSDDataModule) and isinstance(dm.augment, Augment) and dm.augment.hflip == 0.5
-    off = instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}", "data.augment.enabled=false").data)
-    assert off.augment is None
-    assert instantiate(make_cfg("data=msd", f"data.root={tmp_path / 'T'}", "data.augment=null").data).augment is None
+    off = cfg.copy()  # as data.augment.enabled=false on the command line (one Hydra compose is costly)
+    off.data.augment.enabled = False
+    assert instantiate(off.data).augment is None
+    off.data.augment = None  # data.augment=null
+    assert instantiate(off.data).augment is None
     voc = instantiate(make_cfg("data=voc", f"data.root={tmp_path}").data)
     assert isinstance(voc, VOCDataModule) and voc.pad_to == (512, 512) and voc.augment.crop_size == (320, 320)
     folder = instantiate(make_cfg("data=folder", f"data.root={tmp_path}").data)
     assert isinstance(folder, FolderDataModule) and folder.augment is not None
 
 
-TRAIN = ["backbone=fcn", "data.batch_size=8", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+# The smallest backbone (pspnet lite): these runs test the data wiring, not the model.
+TRAIN = ["backbone=pspnet", "data.batch_size=8", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
 
 
 def check_results(out: Path, ids_pattern: str) -> dict:

@@ -56,14 +56,13 @@ def test_multirun_one_job_per_backbone_each_with_results_and_own_wandb_run(tmp_p
     assert [(r.label, len(r.runs)) for r in rows] == [("fcn-8s", 1), ("pspnet-lite", 1), ("unet", 1)]
 
 
-def test_train_returns_metrics_and_writes_results_atomically(make_cfg, tmp_path, capsys):
+def test_train_returns_metrics_and_writes_results(make_cfg, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = train(make_cfg("backbone=pspnet", "print_config=true", output_dir=out))
     assert "backbone:" in capsys.readouterr().out  # print_config shows the composed config
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["test/iou"] == pytest.approx(metrics["test/iou"])
     assert saved["config"]["backbone"]["name"] == "pspnet"
-    assert not list(out.glob(".results-*"))  # no temp file left behind
     per_image_mean_acc = sum(r["pixel_acc"] for r in saved["per_image"]) / len(saved["per_image"])
     assert 0 < per_image_mean_acc <= 1
 

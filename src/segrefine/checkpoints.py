@@ -8,10 +8,8 @@ are segrefine's own or in ``ALLOWED_TARGETS``.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +19,7 @@ from hydra.utils import get_object
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from segrefine.atomic import atomic_open
 from segrefine.results import FILENAME, read_results
 
 
@@ -117,15 +116,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     then renamed. A full disk or a kill leaves the previous checkpoint, never a partial one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from segrefine.atomic import atomic_open
 
 SCHEMA = 1
 FILENAME = "results.json"
@@ -31,17 +31,8 @@ def write_results(output_dir: str | Path, payload: dict[str, Any]) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     document = {"schema": SCHEMA, "status": "complete", **payload}
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".results-", suffix=".json.tmp")
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(document), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output_dir / FILENAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(output_dir / FILENAME, "w") as f:
+        json.dump(_clean(document), f, indent=2, allow_nan=False)
     return output_dir / FILENAME
 
 

@@ -1,6 +1,9 @@
-"""What every data source shares: the sample checks and a tensor-backed dataset."""
+"""What every data source shares: image reading, sample checks, the seeded held-out split,
+the per-split transform, and a tensor-backed dataset."""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -8,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from segrefine.data.transforms import fit_to
+from segrefine.data.transforms import Augment, fit_to
 from segrefine.types import IGNORE_INDEX
 
 
@@ -16,11 +19,15 @@ class DataError(ValueError):
     """Bad input data; the message names the file or sample at fault."""
 
 
-def open_image(path, mode: str | None = None) -> np.ndarray:
-    """An image file as an array (converted to PIL ``mode`` if given); DataError naming the file."""
+def open_image(path, mode: str | Callable[[str], str | None] | None = None) -> np.ndarray:
+    """An image file as an array; DataError naming the file.
+
+    ``mode``: the PIL mode to convert to, or a function of the file's own mode giving it
+    (``None``: as stored)."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert(mode) if mode else img)
+            target = mode(img.mode) if callable(mode) else mode
+            return np.array(img.convert(target) if target else img)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from e
 
@@ -42,6 +49,29 @@ def check_sample(image: np.ndarray, mask: np.ndarray, num_classes: int, where: s
             f"{where}: label values {bad.tolist()} outside [0, {num_classes}) "
             f"(only {IGNORE_INDEX} may mark ignored pixels)"
         )
+
+
+def seeded_split(n: int, held_out: Sequence[int], seed: int) -> list[list[int]]:
+    """Indices ``0..n-1`` split by one permutation drawn from ``seed``: ``[rest, part_1, ...]``,
+    where part k takes the next ``held_out[k]`` positions of the permutation and ``rest`` the
+    remaining ones; each list sorted.
+
+    Every source holds out its validation (and MSD its test) split through this one function,
+    so a seed picks the same items whichever source asks."""
+    order = np.random.default_rng(seed).permutation(n)
+    parts, start = [], 0
+    for size in held_out:
+        parts.append(sorted(order[start : start + size].tolist()))
+        start += size
+    return [sorted(order[start:].tolist()), *parts]
+
+
+def split_transform(split: str, augment: Augment | None, size):
+    """``(transform, size)`` for a split's samples: train is augmented and, when ``augment``
+    crops, cropped to ``augment.crop_size``; val/test get no transform and keep ``size``."""
+    if split != "train" or augment is None:
+        return None, size
+    return augment, augment.crop_size or size
 
 
 def sample(image: torch.Tensor, mask: torch.Tensor, sample_id: str, transform=None, size=None) -> dict:

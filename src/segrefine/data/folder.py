@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample, open_image
+from segrefine.data.common import (ArraySegmentationDataset, DataError, SplitDataModule, check_sample, open_image,
+                                   seeded_split, split_transform)
 from segrefine.data.transforms import build_augment, fit_to, parse_size
 from segrefine.types import IGNORE_INDEX
 
@@ -42,18 +42,19 @@ def _files(folder: Path) -> dict[str, Path]:
 
 def read_image(path: Path, channels: int) -> np.ndarray:
     """``(channels, H, W)`` float32: 8-bit / 255, 16-bit / 65535, float as stored."""
-    try:
-        with Image.open(path) as img:
-            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grayscale
-                array = np.array(img).astype(np.float32)
-                if img.mode.startswith("I"):
-                    array /= 65535.0
-                array = array[None] if channels == 1 else np.repeat(array[None], 3, axis=0)
-            else:
-                array = np.array(img.convert("L" if channels == 1 else "RGB")).astype(np.float32) / 255.0
-                array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
+
+    def keep_or_convert(mode: str) -> str | None:  # 16/32-bit integer (I*) and float (F) grayscale: as stored
+        return None if mode.startswith("I") or mode == "F" else ("L" if channels == 1 else "RGB")
+
+    array = open_image(path, keep_or_convert)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    else:
+        if np.issubdtype(array.dtype, np.integer):
+            array = array.astype(np.float32) / 65535.0
+        array = array.astype(np.float32)[None]
+        array = array if channels == 1 else np.repeat(array, 3, axis=0)
     return np.ascontiguousarray(array)
 
 
@@ -146,13 +147,12 @@ class FolderDataModule(SplitDataModule):
 
     def _dataset(self, split: str, pairs, samples, size: tuple[int, int]) -> ArraySegmentationDataset:
         padded = [fit_to(torch.from_numpy(image), torch.from_numpy(mask), size) for image, mask in samples]
-        train = split == "train"
-        crop = self.augment.crop_size if train and self.augment and self.augment.crop_size else None
+        transform, crop = split_transform(split, self.augment, None)  # already padded to ``size``
         return ArraySegmentationDataset(
             torch.stack([p[0] for p in padded]).numpy(),
             torch.stack([p[1] for p in padded]).numpy(),
             [stem for stem, _, _ in pairs],
-            transform=self.augment if train else None,
+            transform=transform,
             size=crop,
         )
 
@@ -168,10 +168,9 @@ class FolderDataModule(SplitDataModule):
             if len(train) < 2:
                 raise DataError(f"{self.root / 'train'} holds {len(train)} pair(s): too few to split off a validation set "
                                 f"(add {self.root / 'val'}/{{img,gt}}/)")
-            order = np.random.default_rng(self.split_seed).permutation(len(train))
             n_val = min(len(train) - 1, max(1, round(self.val_fraction * len(train))))
-            val = [train[i] for i in sorted(order[:n_val])]
-            train = [train[i] for i in sorted(order[n_val:])]
+            keep, held_out = seeded_split(len(train), [n_val], self.split_seed)
+            train, val = [train[i] for i in keep], [train[i] for i in held_out]
         splits = {"train": train, "val": val, "test": self._pairs("test")}
         samples = {split: self._read(split, pairs) for split, pairs in splits.items()}
         self._check_not_binary_255(samples)

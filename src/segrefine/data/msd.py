@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from segrefine.data.common import DataError, SplitDataModule, sample
+from segrefine.atomic import atomic_open, atomic_write_text
+from segrefine.data.common import DataError, SplitDataModule, sample, seeded_split, split_transform
 from segrefine.data.transforms import build_augment, parse_size
 
 log = logging.getLogger(__name__)
@@ -215,24 +214,6 @@ def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray,
     return image, mask
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _check_cached(paths: dict[str, Path], shape: list[int]) -> None:
     """Raise unless both cached arrays open (header and full length) with the shapes of their entry."""
     for key, expected in (("image.npy", shape), ("mask.npy", [shape[0], *shape[2:]])):
@@ -290,9 +271,8 @@ def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: in
     n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 else 0
     if n - n_val - n_test < 1:
         raise DataError(f"{n} subject(s) cannot be split into train/val/test with data.split_fractions={fractions}")
-    order = np.random.default_rng(seed).permutation(n)
-    pick = lambda idx: sorted(subjects[i] for i in idx)  # noqa: E731
-    return {"train": pick(order[n_val + n_test :]), "val": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test])}
+    parts = seeded_split(n, [n_val, n_test], seed)
+    return {split: [subjects[i] for i in part] for split, part in zip(SPLITS, parts)}
 
 
 class MSDDataModule(SplitDataModule):
@@ -374,7 +354,7 @@ class MSDDataModule(SplitDataModule):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             settings_file = self.cache_dir / "settings.json"
             if not settings_file.exists():
-                _atomic_write_text(settings_file, json.dumps({**self.settings, "root": str(self.root.resolve())}, indent=2))
+                atomic_write_text(settings_file, json.dumps({**self.settings, "root": str(self.root.resolve())}, indent=2))
             for case, paths in tqdm(todo, desc=f"caching {self.name}/{self.root.name} slices", unit="volume", leave=False):
                 entries[case.subject] = {**self._write(case, paths), "paths": paths, "case": case}
         return entries
@@ -385,8 +365,9 @@ class MSDDataModule(SplitDataModule):
         for old in self.cache_dir.glob(f"{case.subject}-{'[0-9a-f]' * 12}.*"):
             if old not in paths.values():
                 old.unlink(missing_ok=True)
-        _atomic_save(paths["image.npy"], image)
-        _atomic_save(paths["mask.npy"], mask)
+        for key, array in (("image.npy", image), ("mask.npy", mask)):
+            with atomic_open(paths[key], "wb") as f:
+                np.save(f, array)
         entry = {
             "subject": case.subject,
             "image": str(case.image),
@@ -395,7 +376,7 @@ class MSDDataModule(SplitDataModule):
             "foreground": [bool(m.any()) for m in mask],
             "label_values": [int(v) for v in np.unique(mask)],
         }
-        _atomic_write_text(paths["json"], json.dumps(entry))  # last: its presence marks a complete entry
+        atomic_write_text(paths["json"], json.dumps(entry))  # last: its presence marks a complete entry
         return entry
 
     # -- LightningDataModule -----------------------------------------------------------
@@ -434,9 +415,8 @@ class MSDDataModule(SplitDataModule):
             if not index:
                 raise DataError(f"split {split!r} of {self.root} has no slices "
                                 f"(subjects {subjects}; raise data.empty_slice_fraction?)")
-            train = split == "train"
-            size = (self.augment.crop_size if train and self.augment and self.augment.crop_size else self.size)
-            dataset = SliceDataset(files, index, ids, transform=self.augment if train else None, size=size)
+            transform, size = split_transform(split, self.augment, self.size)
+            dataset = SliceDataset(files, index, ids, transform=transform, size=size)
             for volume in range(len(files)):  # fail now, naming the file, if the cache is damaged
                 images, masks = dataset.arrays(volume)
                 expected = entries[subjects[volume]]["shape"]

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.data.common import ArraySegmentationDataset, DataError, SplitDataModule, check_sample
 
 SPLITS = ("train", "val", "test")
@@ -163,7 +162,7 @@ class SyntheticDataModule(SplitDataModule):
         if not missing:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        (self.cache_dir / "settings.json").write_text(json.dumps(self.settings, indent=2))
+        atomic_write_text(self.cache_dir / "settings.json", json.dumps(self.settings, indent=2))
         for split in missing:
             self._generate(split)
 
@@ -175,12 +174,8 @@ class SyntheticDataModule(SplitDataModule):
         images = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs])
         ids = np.array([f"{split}_{i:05d}" for i in range(count)])
-        # Written under a temporary name and renamed, so an interrupted run never leaves a half file.
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npz.tmp")
-        os.close(fd)
-        with open(tmp, "wb") as f:
+        with atomic_open(self.split_path(split), "wb") as f:  # an interrupted run never leaves a half file
             np.savez(f, images=images, masks=masks, ids=ids)
-        os.replace(tmp, self.split_path(split))
 
     def _load(self, split: str) -> ArraySegmentationDataset:
         path = self.split_path(split)

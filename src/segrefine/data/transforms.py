@@ -1,11 +1,13 @@
 """Training-time augmentation and fixed-size batching, applied to an image and its mask together.
 
 ``Augment`` runs in a Dataset's ``__getitem__`` for the train split only (val/test get no
-augmentation). Geometry is shared by image and mask: the image is resampled bilinearly
-(or nearest), the mask always nearest, and pixels that come from outside the image are
-0 in the image and ``IGNORE_INDEX`` (255) in the mask, so they are never trained on.
-Randomness comes from torch's global RNG (seeded by ``pl.seed_everything``; DataLoader
-workers get derived seeds), so a run is reproducible given its seed.
+augmentation). Geometry (``torchvision.transforms.v2`` on a ``tv_tensors.Image`` and its
+``tv_tensors.Mask``) is shared by image and mask: the image is resampled bilinearly (or
+nearest), the mask always nearest, and pixels that come from outside the image are 0 in
+the image and ``IGNORE_INDEX`` (255) in the mask, so they are never trained on.
+Randomness comes from torch's global RNG only (v2 draws its parameters with torch, as does
+the intensity jitter here; seeded by ``pl.seed_everything``, and DataLoader workers get
+derived torch seeds), so a run is reproducible given its seed.
 
 ``fit_to`` pads (bottom/right, 0 / 255) or centre-crops a sample to a fixed size, so the
 samples of a batch share one size.
@@ -13,11 +15,12 @@ samples of a batch share one size.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from segrefine.types import IGNORE_INDEX
 
@@ -59,6 +62,17 @@ def _uniform(low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(()))
 
 
+# Where geometry brings in pixels from outside the image: image 0, mask ignored.
+_FILL = {tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX}
+_INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "nearest": v2.InterpolationMode.NEAREST}
+
+
+def _apply(step: v2.Transform, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A v2 transform on an image and its mask together (one parameter draw for both)."""
+    image, mask = step(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
 class Augment:
     """Random intensity jitter, flips, rotation/scale and crop for one ``(K,H,W)`` image + ``(H,W)`` mask.
 
@@ -69,8 +83,8 @@ class Augment:
         scale: ``[low, high]`` zoom factor range (>1 zooms in), about the image centre.
         brightness: maximum additive shift of the image intensities (in image units).
         contrast: maximum relative contrast change (factor in ``[1-c, 1+c]`` about the image mean).
-        crop_size: ``[H, W]`` random crop (padded with 0 / 255 where the image is smaller);
-            ``None`` keeps the size.
+        crop_size: ``[H, W]`` random crop; where the image is smaller it is first padded at the
+            bottom/right (0 / 255), so it is kept whole; ``None`` keeps the size.
         interpolation: image resampling for rotation/scale: ``bilinear`` or ``nearest``.
     """
 
@@ -92,7 +106,7 @@ class Augment:
         scale = tuple(float(s) for s in scale)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
             raise ValueError(f"augment.scale must be [low, high] with 0 < low <= high, got {list(scale)}")
-        if interpolation not in ("bilinear", "nearest"):
+        if interpolation not in _INTERPOLATION:
             raise ValueError(f"augment.interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
         if rotation < 0 or brightness < 0 or not 0 <= contrast < 1:
             raise ValueError("augment.rotation and augment.brightness must be >= 0 and augment.contrast in [0, 1)")
@@ -101,6 +115,17 @@ class Augment:
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.crop_size = parse_size(crop_size, "augment.crop_size")
         self.interpolation = interpolation
+        # Only the steps that can change something: an inactive one would still draw random numbers.
+        steps: list[v2.Transform] = []
+        if self.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(self.hflip))
+        if self.vflip > 0:
+            steps.append(v2.RandomVerticalFlip(self.vflip))
+        if self.rotation > 0 or self.scale != (1.0, 1.0):
+            steps.append(v2.RandomAffine(degrees=self.rotation, scale=self.scale,
+                                         interpolation=_INTERPOLATION[interpolation], fill=_FILL))
+        self._geometry = v2.Compose(steps) if steps else None
+        self._crop = v2.RandomCrop(self.crop_size) if self.crop_size is not None else None
 
     def __repr__(self) -> str:
         fields = ("enabled", "hflip", "vflip", "rotation", "scale", "brightness", "contrast", "crop_size", "interpolation")
@@ -110,9 +135,13 @@ class Augment:
         if not self.enabled:
             return image, mask
         image = self._intensity(image)
-        image, mask = self._geometry(image, mask)
-        if self.crop_size is not None:
-            image, mask = self._crop(image, mask)
+        if self._geometry is not None:
+            image, mask = _apply(self._geometry, image, mask)
+        if self._crop is not None:
+            # Pad bottom/right (0 / 255) where smaller than the crop: a small image is kept whole.
+            h, w = mask.shape[-2:]
+            image, mask = fit_to(image, mask, (max(h, self.crop_size[0]), max(w, self.crop_size[1])))
+            image, mask = _apply(self._crop, image, mask)
         return image, mask
 
     def _intensity(self, image: torch.Tensor) -> torch.Tensor:
@@ -122,40 +151,6 @@ class Augment:
         if self.brightness > 0:
             image = image + _uniform(-self.brightness, self.brightness)
         return image
-
-    def _geometry(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flip_x = self.hflip > 0 and float(torch.rand(())) < self.hflip
-        flip_y = self.vflip > 0 and float(torch.rand(())) < self.vflip
-        angle = math.radians(_uniform(-self.rotation, self.rotation)) if self.rotation > 0 else 0.0
-        zoom = _uniform(*self.scale) if self.scale[0] != self.scale[1] else self.scale[0]
-        if angle == 0.0 and zoom == 1.0:  # flips only: exact, no resampling
-            dims = [d for d, on in ((-1, flip_x), (-2, flip_y)) if on]
-            return (image.flip(dims), mask.flip(dims)) if dims else (image, mask)
-        # Output pixel (normalised coords, align_corners=False) -> input pixel: flip o rotate o 1/zoom,
-        # in pixel units so the rotation is a true rotation on non-square images.
-        h, w = mask.shape[-2:]
-        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        sx, sy = (-1.0 if flip_x else 1.0), (-1.0 if flip_y else 1.0)
-        theta = torch.tensor(
-            [[sx * cos, -sy * sin * h / w, 0.0], [sx * sin * w / h, sy * cos, 0.0]], dtype=torch.float32
-        )
-        grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
-        out = F.grid_sample(image[None].float(), grid, mode=self.interpolation, padding_mode="zeros", align_corners=False)[0]
-        # Mask values shifted by one so that 0 marks "outside the image" after zero padding.
-        shifted = (mask.to(torch.float32) + 1)[None, None]
-        sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
-        sampled = sampled.round().to(mask.dtype)
-        new_mask = torch.where(sampled == 0, torch.full_like(sampled, IGNORE_INDEX), sampled - 1)
-        return out.to(image.dtype), new_mask
-
-    def _crop(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ch, cw = self.crop_size  # type: ignore[misc]
-        h, w = mask.shape[-2:]
-        image, mask = fit_to(image, mask, (max(h, ch), max(w, cw)))  # pad where smaller
-        h, w = mask.shape[-2:]
-        top = int(torch.randint(0, h - ch + 1, ()))
-        left = int(torch.randint(0, w - cw + 1, ()))
-        return image[..., top : top + ch, left : left + cw], mask[..., top : top + ch, left : left + cw]
 
 
 def build_augment(augment) -> Augment | None:

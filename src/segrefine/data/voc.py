@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from segrefine.data.common import DataError, SplitDataModule, check_sample, open_image, sample
+from segrefine.data.common import DataError, SplitDataModule, check_sample, open_image, sample, seeded_split, split_transform
 from segrefine.data.transforms import build_augment, parse_size
 
 VOC_CLASSES = [
@@ -166,21 +166,16 @@ class VOCDataModule(SplitDataModule):
             return
         train_images, train_masks, train_ids = self._official("train")
         test_images, test_masks, test_ids = self._official("val")
-        order = np.random.default_rng(self.split_seed).permutation(len(train_ids))
         n_val = max(1, round(self.val_fraction * len(train_ids)))
         if n_val >= len(train_ids):
             raise DataError(f"VOC train lists {len(train_ids)} image(s): too few to hold out data.val_fraction={self.val_fraction}")
-        pick = lambda idx, seq: [seq[i] for i in sorted(idx)]  # noqa: E731
-        splits = {
-            "train": (pick(order[n_val:], train_images), pick(order[n_val:], train_masks), pick(order[n_val:], train_ids)),
-            "val": (pick(order[:n_val], train_images), pick(order[:n_val], train_masks), pick(order[:n_val], train_ids)),
-            "test": (test_images, test_masks, test_ids),
-        }
+        keep, held_out = seeded_split(len(train_ids), [n_val], self.split_seed)
+        pick = lambda idx: tuple([seq[i] for i in idx] for seq in (train_images, train_masks, train_ids))  # noqa: E731
+        splits = {"train": pick(keep), "val": pick(held_out), "test": (test_images, test_masks, test_ids)}
         sizes = {split: self._check(split, images, masks) for split, (images, masks, _) in splits.items()}
         every = [s for split_sizes in sizes.values() for s in split_sizes]
         self.size = self.pad_to or (max(h for h, _ in every), max(w for _, w in every))
         for split, (images, masks, ids) in splits.items():
-            train = split == "train"
-            size = self.augment.crop_size if train and self.augment and self.augment.crop_size else self.size
+            transform, size = split_transform(split, self.augment, self.size)
             self.datasets[split] = VOCFiles(images, masks, ids, self.mean, self.std, self.num_classes,
-                                            transform=self.augment if train else None, size=size)
+                                            transform=transform, size=size)
