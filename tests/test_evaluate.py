@@ -10,7 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONFIG_DIR
-from segrefine.evaluate import CheckpointError, evaluate
+from segrefine.checkpoints import CheckpointError
+from segrefine.evaluate import evaluate
 from segrefine.heads.densecrf import DenseCRFHead
 from segrefine.train import train
 from segrefine.types import BackboneOutput
