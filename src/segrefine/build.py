@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
+from segrefine.provenance import provenance
+from segrefine.runconfig import curated_config
 from segrefine.tracking import RunInfo
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,21 @@ def initialise_from(module, source: str, head_target: str) -> None:
     log.info("initialised from %s (%s)", path, "backbone and head" if same_head else "backbone")
 
 
-def run_info(cfg: DictConfig, job_type: str, resume: bool = False) -> RunInfo:
+def run_info(cfg: DictConfig, job_type: str, resume: bool = False, extra_config: dict | None = None) -> RunInfo:
+    """How the tracker files a run. Group ``backbone-head-data``, so wandb's grouped runs table
+    has one row per compared model (seeds, experiments and job types inside it); the
+    experiment is a tag ``experiment:<name>`` and the config key ``experiment``. Config: the
+    curated run config (no run-only keys, no machine paths), the code's provenance and
+    ``extra_config`` (an evaluation's split and source)."""
     return RunInfo(
         output_dir=cfg.paths.output_dir,
         experiment=cfg.name,
         job_type=job_type,
         run_name=f"{cfg.backbone.name}-{cfg.head.name}-s{cfg.seed}",
-        tags=[cfg.data.name, cfg.backbone.name, cfg.head.name],
-        config=OmegaConf.to_container(cfg, resolve=True),
+        group=f"{cfg.backbone.name}-{cfg.head.name}-{cfg.data.name}",
+        tags=[cfg.data.name, cfg.backbone.name, cfg.head.name, f"experiment:{cfg.name}"],
+        config={**curated_config(OmegaConf.to_container(cfg, resolve=True)), "experiment": cfg.name,
+                "provenance": provenance(), **(extra_config or {})},
         resume=resume,
     )
 

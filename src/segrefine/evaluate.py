@@ -130,6 +130,23 @@ def training_wandb_id(ckpt_file: Path) -> str | None:
         return None
 
 
+def wandb_source(cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) -> dict[str, Any]:
+    """What an evaluation's wandb config says besides the run config: the split, and which
+    training run's checkpoint it evaluated (the checkpoint relative to that run's folder and
+    its wandb id), so a densecrf row leads back to its ``none`` run."""
+    run_folder = ckpt_file.parent.parent if ckpt_file.parent.name == "checkpoints" else ckpt_file.parent
+    return {
+        "split": cfg.split,
+        "source": {
+            "checkpoint": os.path.relpath(ckpt_file, run_folder),
+            "run_id": training_wandb_id(ckpt_file),
+            "head": train_cfg.head.name,
+            "experiment": train_cfg.name,
+            "seed": train_cfg.seed,
+        },
+    }
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test (or validate) a checkpoint; write results.json; return the metrics."""
     if cfg.split not in SPLITS:
@@ -141,7 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
-    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
+    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary, parameter_counts
 
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
@@ -163,13 +180,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if HydraConfig.initialized():
         use_job_command_for_ddp()
     try:
-        logger = build_logger(run_cfg, run_info(run_cfg, "eval"))
+        logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file)))
         trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
         trainer.test(module, dataloaders=loader, verbose=False)
-        metrics = {**module.test_results, "params": module.parameter_count()}
+        params = parameter_counts(module)
+        metrics = {**module.test_results, **params}
         if not trainer.is_global_zero:
             return metrics
+        log_summary(logger, params)
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
         wandb_info = close_wandb(logger)
         write_results(

@@ -37,7 +37,10 @@ class SegmentationModule(pl.LightningModule):
     ):
         super().__init__()
         # The resolved run config travels in every checkpoint so `evaluate` can rebuild the model.
-        self.save_hyperparameters({"config": config or {}, "num_classes": num_classes, "class_names": list(class_names)})
+        # Not sent to the logger: the run's tracker config is the curated one (build.run_info),
+        # and logging this too would show every key twice, run-only keys and paths included.
+        self.save_hyperparameters({"config": config or {}, "num_classes": num_classes, "class_names": list(class_names)},
+                                  logger=False)
         self.backbone, self.head = backbone, head
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

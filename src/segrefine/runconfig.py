@@ -4,7 +4,8 @@ A resolved run config holds settings that never change a result (output paths, t
 resume/force flags, thread counts, progress bars). ``comparable_config`` drops them and
 replaces machine paths by placeholders, so two configs compare equal exactly when they ask
 for the same computation, wherever the runs' folders are. Resume checks, sweep reruns and
-the report's rows all use it.
+the report's rows all use it. ``curated_config`` is the same view for people (the wandb run
+config, results.json's ``run_config``): it keeps the values a tuning protocol chose.
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def _drop(config: dict[str, Any], dotted: str) -> None:
         node.pop(leaf, None)
 
 
+def _settings(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``config`` without run-only keys (and ``drop``), machine paths as placeholders."""
+    result = _replace_paths(dict(config), _path_prefixes(config))
+    for dotted in (*RUN_ONLY_KEYS, *drop):
+        _drop(result, dotted)
+    return result
+
+
+def curated_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run shows as its settings (its wandb config, results.json's ``run_config``):
+    the resolved config without run-only keys, machine paths as ``<paths.key>/rest``.
+
+    Unlike ``comparable_config`` it keeps what the run really used: tuned head values and
+    ``init_from`` stay as they are, since a results table wants the values themselves."""
+    return _settings(config)
+
+
 def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved config without run-only keys (and ``drop``), machine paths as placeholders.
 
@@ -76,9 +94,7 @@ def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> 
     ``"<tuned>"``, so models tuned by the same protocol form one configuration. With ``seed``
     in ``drop`` (rows across seeds), ``init_from`` compares as "<a run of the same seed>".
     """
-    result = _replace_paths(dict(config), _path_prefixes(config))
-    for dotted in (*RUN_ONLY_KEYS, *drop):
-        _drop(result, dotted)
+    result = _settings(config, drop)
     if "seed" in drop and result.get("init_from"):
         # Each seed fine-tunes its own seed's checkpoint, so across seeds the path differs by
         # construction; what stays comparable is that the run started from a trained run.

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
-from segrefine.runconfig import RUN_ONLY_KEYS, comparable_config, config_differences
+from segrefine.runconfig import RUN_ONLY_KEYS, comparable_config, config_differences, curated_config
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,11 @@ def check_resume(cfg: DictConfig, ckpt_path: str, automatic: bool) -> None:
 
 # -- what results.json says besides the metrics ------------------------------------------
 def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
-    """The identifying fields of a results.json."""
+    """The identifying fields of a results.json: ``config`` (the resolved config, as run),
+    ``run_config`` (the curated one the wandb run shows) and ``provenance`` (the code)."""
+    from segrefine.provenance import provenance
+
+    config = OmegaConf.to_container(cfg, resolve=True)
     return {
         "job_type": job_type,
         "experiment": cfg.name,
@@ -143,7 +147,9 @@ def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
         "seed": cfg.seed,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
+        "run_config": curated_config(config),
+        "provenance": provenance(),
     }
 
 

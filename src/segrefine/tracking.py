@@ -29,6 +29,7 @@ class RunInfo:
     experiment: str
     job_type: str  # "train" | "eval"
     run_name: str
+    group: str  # the wandb group: runs that form one row of the results table
     tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     resume: bool = False  # continuing an interrupted run in the same output dir
@@ -46,8 +47,12 @@ def make_wandb_logger(
     project: str = "segrefine",
     entity: str | None = None,
     mode: str = "offline",
+    log_model: bool | str = False,
 ) -> WandbLogger:
-    """Lightning's WandbLogger, writing into the job's output dir; offline unless ``mode=online``."""
+    """Lightning's WandbLogger, writing into the job's output dir; offline unless ``mode=online``.
+
+    ``log_model``: True logs the checkpoints as a ``model`` artifact when training ends,
+    "all" as each is written (offline too: ``wandb sync`` uploads them)."""
     mode = {"dryrun": "offline"}.get(mode, mode)  # old wandb spelling, still set by some tools
     if mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
@@ -59,10 +64,11 @@ def make_wandb_logger(
         project=project,
         entity=entity,
         mode=mode,  # not Lightning's `offline=True`: that rewrites WANDB_MODE for later jobs
-        group=run.experiment,
+        group=run.group,
         job_type=run.job_type,
         tags=run.tags,
         config=run.config,
+        log_model=log_model,
     )
 
 
@@ -75,8 +81,25 @@ def wandb_run_info(logger: Any) -> dict[str, str] | None:
     if not isinstance(logger, WandbLogger):
         return None
     run = logger.experiment
-    mode = "disabled" if run.settings.mode == "disabled" else "offline" if run.settings._offline else "online"
+    mode = run.settings.mode  # public; "dryrun" is the old spelling of offline, "run"/"shared" are online
+    mode = mode if mode in ("disabled", "offline") else "offline" if mode == "dryrun" else "online"
     return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
+
+
+def parameter_counts(module: Any) -> dict[str, int]:
+    """``params`` (backbone + head, the report's column) and ``params/trainable``."""
+    parts = (module.backbone, module.head)
+    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
+    return {"params": module.parameter_count(), "params/trainable": trainable}
+
+
+def log_summary(logger: Any, values: dict[str, Any]) -> None:
+    """Values that describe the whole run (parameter counts, fit time, steps, best epoch)
+    into the wandb run's summary, so they are columns of the runs table (no-op for other
+    loggers; results.json records them either way). None values are left out."""
+    if not isinstance(logger, WandbLogger):
+        return
+    logger.experiment.summary.update({k: v for k, v in values.items() if v is not None})
 
 
 def finish_wandb(error: BaseException | None = None) -> None:

@@ -34,6 +34,8 @@ from segrefine.runs import (
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
+# Whole-run values of results.json's metrics that also go to the wandb run's summary.
+SUMMARY_KEYS = ("params", "params/trainable", "train/fit_seconds", "train/steps", "train/best_epoch")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -59,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from segrefine.checkpoints import AtomicCheckpointIO
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
-    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table
+    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary, parameter_counts
 
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
@@ -96,12 +98,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False, weights_only=True)
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
-        metrics["params"] = module.parameter_count()
+        metrics.update(parameter_counts(module))
         # Training cost of this invocation (validation included; a resumed run counts its own part).
         metrics["train/fit_seconds"] = fit_seconds
         metrics["train/steps"] = trainer.global_step
+        metrics["train/best_epoch"] = _best_epoch(trainer)
         if not trainer.is_global_zero:
             return metrics  # one results.json per job, written by rank 0
+        # The same values as wandb summary columns (the runs table), under the same keys.
+        log_summary(logger, {k: metrics[k] for k in SUMMARY_KEYS})
         wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
@@ -118,6 +123,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
+
+
+def _best_epoch(trainer) -> int | None:
+    """The epoch of the best checkpoint (by the checkpoint callback's monitor, ``val/iou``),
+    as Lightning stored it in the file, so a resumed run reports it too; None without one."""
+    callback = trainer.checkpoint_callback
+    if callback is None or not callback.best_model_path:
+        return None
+    import torch
+
+    return int(torch.load(callback.best_model_path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
 
 
 def _best_checkpoint(trainer) -> str | None:
