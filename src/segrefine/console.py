@@ -20,7 +20,6 @@ KNOWN_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's pytree helper on torch >= 2.5
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # tiny presets
     r"The '\w+_dataloader' does not have many workers",  # the in-memory datasets need none
-    r"The anonymous setting has no effect",  # WandbLogger passes wandb's deprecated argument
 )
 # Loggers whose INFO lines are banners (hardware probes, tips, seeds, checkpoint restores).
 BANNER_LOGGERS = (

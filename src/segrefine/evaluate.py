@@ -212,7 +212,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "wandb": wandb_info,
             },
         )
-        log.info("results written to %s", output_dir / FILENAME)
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed

@@ -106,7 +106,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bo
         return (str(last), True) if automatic else (None, False)
     if requested == "last":
         if not last.is_file():
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoint at {last} (ckpt_path=last looks in this run's "
+            raise FileNotFoundError(f"ckpt_path='last': no checkpoint at {last} (ckpt_path=last looks in this run's "
                                     "output dir: rerun with hydra.run.dir=<old run dir>)")
         return str(last), False
     return str(resolve_checkpoint_file(requested)), False

@@ -119,7 +119,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "wandb": wandb_info,
             },
         )
-        log.info("results written to %s", output_dir / "results.json")
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
