@@ -106,7 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not trainer.is_global_zero:
             return metrics  # one results.json per job, written by rank 0
         # The same values as wandb summary columns (the runs table), under the same keys.
-        log_summary(logger, {k: metrics[k] for k in SUMMARY_KEYS})
+        # metrics_protocol: the report's default columns (the curated config drops metrics.protocol).
+        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol})
         wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
