@@ -272,7 +272,7 @@ class PermutohedralLattice:
 
     Args:
         features: ``(B, N, d)`` or ``(N, d)`` features already divided by
-            their bandwidths (e.g. ``(x/θα, y/θα, r/θβ, g/θβ, b/θβ)``). They
+            their widths (e.g. ``(x/sxy, y/sxy, r/schan, g/schan, b/schan)``). They
             are detached and the geometry is computed in float32 (as
             densecrf does), whatever their dtype. Images of the batch are
             independent.
