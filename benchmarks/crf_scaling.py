@@ -3,7 +3,8 @@
 Square images 128² → 2048² (``--sizes``) with ``--classes`` classes, plus 1024×2048 with 19
 classes (Cityscapes-size, ``--extra``), 5 mean-field iterations, pydensecrf's README kernels
 (``segrefine.crf.PYDENSECRF_KERNELS``), natural-looking synthetic images
-(``crf_speed.synthetic_image``). Each (size, implementation) runs in a fresh child process, so that its peak memory is its own:
+(``crf_speed.synthetic_image``). Each (size, implementation) runs in a fresh child process,
+so that its peak memory is its own:
 
 * time: median of ``--repeats`` calls after one warm-up (every lattice built in the call,
   spatial cache cleared: what pydensecrf does);

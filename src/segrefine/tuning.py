@@ -146,7 +146,8 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     none_value = _val_iou(None, cache, num_classes)
 
     def objective(trial: optuna.Trial) -> float:
-        head.kernels = CRFKernels(**{k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()})
+        values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
+        head.kernels = CRFKernels(**values)
         return _val_iou(head, cache, num_classes)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

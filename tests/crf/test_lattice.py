@@ -262,7 +262,8 @@ def test_normalised_filter_averages_separated_clusters(d):
     out = lat.filter(v) / lat.filter(torch.ones(60, 1, dtype=torch.float64))
     means = torch.stack([v[cluster == c].mean(0) for c in range(3)])
     torch.testing.assert_close(out, means[cluster], atol=1e-6, rtol=0)
-    exact = exact_gaussian_filter(f.double(), v) / exact_gaussian_filter(f.double(), torch.ones(60, 1, dtype=torch.float64))
+    ones = torch.ones(60, 1, dtype=torch.float64)
+    exact = exact_gaussian_filter(f.double(), v) / exact_gaussian_filter(f.double(), ones)
     torch.testing.assert_close(exact, means[cluster])
 
 

@@ -41,8 +41,8 @@ def test_hydra_builds_the_head_with_the_configured_kernels(head):
 @pytest.mark.parametrize("head", ["densecrf", "crfrnn"])
 def test_a_bad_kernel_value_is_named_as_its_config_key(head):
     cfg = _head_config(head)
-    with pytest.raises(InstantiationException, match=r"head\.gaussian_sxy=-1\.0: a kernel width must be a positive finite number "
-                                         r"\(default 1\.0\)"):
+    message = r"head\.gaussian_sxy=-1\.0: a kernel width must be a positive finite number \(default 1\.0\)"
+    with pytest.raises(InstantiationException, match=message):
         instantiate(cfg, num_classes=2, gaussian_sxy=-1.0)
 
 

@@ -34,7 +34,6 @@ Potts model (they differ by a per-pixel constant).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -290,9 +289,9 @@ def check_layer_args(num_classes: int, kernels: CRFKernels, normalization: str, 
 def layer_kernels(layer: nn.Module, image: Tensor, batch: int, device: torch.device) -> tuple:
     """A layer's normalised (spatial, bilateral) kernels for ``image``: the spatial one from the
     process-wide cache, the bilateral one built for this forward."""
-    k = layer.kernels
+    k, (height, width) = layer.kernels, image.shape[2:]
     return _build_kernels(
-        lambda: _spatial_filter(batch, image.shape[2], image.shape[3], k.gaussian_sxy, layer.normalization, device, True),
+        lambda: _spatial_filter(batch, height, width, k.gaussian_sxy, layer.normalization, device, True),
         lambda: _normalized(
             PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan)), layer.normalization
         ),
