@@ -1,9 +1,10 @@
 """How ``dense_crf``'s time and memory grow with image size, against ``pydensecrf`` (not a test).
 
 Square images 128² → 2048² (``--sizes``) with ``--classes`` classes, plus 1024×2048 with 19
-classes (Cityscapes-size, ``--extra``), 5 mean-field iterations, θα 80, θβ 13, θγ 3, weights
-10/3, natural-looking synthetic images (``crf_speed.synthetic_image``). Each (size,
-implementation) runs in a fresh child process, so that its peak memory is its own:
+classes (Cityscapes-size, ``--extra``), 5 mean-field iterations, pydensecrf's README kernels
+(``segrefine.crf.PYDENSECRF_KERNELS``), natural-looking synthetic images
+(``crf_speed.synthetic_image``). Each (size, implementation) runs in a fresh child process,
+so that its peak memory is its own:
 
 * time: median of ``--repeats`` calls after one warm-up (every lattice built in the call,
   spatial cache cleared: what pydensecrf does);
@@ -46,7 +47,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
           clock=time.perf_counter) -> dict:
     """One implementation on one size, in this (fresh) process."""
     sys.path.insert(0, str(HERE))
-    from crf_speed import PARAMS, synthetic_image, synthetic_probs
+    from crf_speed import KERNELS, synthetic_image, synthetic_probs
 
     img = synthetic_image(height, width, 3, seed=width + height)
     probs = synthetic_probs(height, width, classes, seed=classes)
@@ -70,9 +71,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
 
         def run():
             clear_spatial_cache()
-            dense_crf(t_p, t_img, gaussian_sxy=PARAMS["theta_gamma"], gaussian_compat=PARAMS["spatial_weight"],
-                      bilateral_sxy=PARAMS["theta_alpha"], bilateral_srgb=PARAMS["theta_beta"],
-                      bilateral_compat=PARAMS["bilateral_weight"], iterations=5)
+            dense_crf(t_p, t_img, kernels=KERNELS, iterations=5)
     base = rss_bytes()
     times = []
     for i in range(repeats + 1):

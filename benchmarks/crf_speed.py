@@ -1,7 +1,8 @@
 """Speed of ``segrefine.crf`` against ``pydensecrf`` and the official CRF-as-RNN layer (not a test).
 
 Cases (``WxH:C``; default ``320x320:2`` and ``500x375:21``), 5 mean-field iterations,
-θα 80, θβ 13, θγ 3, weights 10 (bilateral) / 3 (spatial), for each torch thread count:
+pydensecrf's README kernels (``segrefine.crf.PYDENSECRF_KERNELS``: gaussian sxy 3, compat 3;
+bilateral sxy 80, schan (pydensecrf's srgb) 13, compat 10), for each torch thread count:
 
 * ``dense_crf`` ms/image, every lattice built in the call (``cold``, what pydensecrf does)
   and with the spatial lattice cached (``cached``, dense_crf's default for a stream of
@@ -43,13 +44,12 @@ import torch
 
 from segrefine import hardware
 from segrefine import crf as segrefine_crf
+from segrefine.crf import PYDENSECRF_KERNELS as KERNELS
 
 try:
     import pydensecrf.densecrf as dcrf
 except ImportError:  # pragma: no cover
     dcrf = None
-
-PARAMS = dict(theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, bilateral_weight=10.0, spatial_weight=3.0)
 
 
 def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0, noise: bool = False) -> np.ndarray:
@@ -57,7 +57,7 @@ def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0, n
 
     Shaded background, ten flat-coloured ellipses/rectangles (sharp edges),
     multi-scale smooth texture and mild pixel noise. Its bilateral lattice
-    (θα=80, θβ=13) has ~1-2 % of N(d+1) points, like real photographs.
+    (bilateral_sxy 80, bilateral_schan 13) has ~1-2 % of N(d+1) points, like real photographs.
     """
     rng = np.random.default_rng(seed)
     if noise:
@@ -100,9 +100,9 @@ def run_pydensecrf(probs: np.ndarray, img: np.ndarray, iterations: int) -> np.nd
     C, H, W = probs.shape
     d = dcrf.DenseCRF2D(W, H, C)
     d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(C, -1)))
-    d.addPairwiseGaussian(sxy=PARAMS["theta_gamma"], compat=PARAMS["spatial_weight"])
-    d.addPairwiseBilateral(sxy=PARAMS["theta_alpha"], srgb=PARAMS["theta_beta"], rgbim=np.ascontiguousarray(img),
-                           compat=PARAMS["bilateral_weight"])
+    d.addPairwiseGaussian(sxy=KERNELS.gaussian_sxy, compat=KERNELS.gaussian_compat)
+    d.addPairwiseBilateral(sxy=KERNELS.bilateral_sxy, srgb=KERNELS.bilateral_schan, rgbim=np.ascontiguousarray(img),
+                           compat=KERNELS.bilateral_compat)
     return np.array(d.inference(iterations))
 
 
@@ -132,9 +132,9 @@ def load_crfasrnn(path: str | None):
         return None
 
     def make(num_classes: int, iterations: int):
-        params = DenseCRFParams(alpha=PARAMS["theta_alpha"], beta=PARAMS["theta_beta"], gamma=PARAMS["theta_gamma"],
-                                spatial_ker_weight=PARAMS["spatial_weight"],
-                                bilateral_ker_weight=PARAMS["bilateral_weight"])
+        params = DenseCRFParams(alpha=KERNELS.bilateral_sxy, beta=KERNELS.bilateral_schan, gamma=KERNELS.gaussian_sxy,
+                                spatial_ker_weight=KERNELS.gaussian_compat,
+                                bilateral_ker_weight=KERNELS.bilateral_compat)
         return CrfRnn(num_classes, num_iterations=iterations, crf_init_params=params)
 
     return make
@@ -158,15 +158,29 @@ def timeit_interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_count
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def kernel_args(crf, layer: bool = False) -> dict:
+    """:data:`KERNELS` as keyword arguments of ``crf.dense_crf`` / ``crf.MeanFieldCRF``, also for
+    a ``--baseline-src`` version from before ``CRFKernels`` (flat, differently named arguments)."""
+    if hasattr(crf, "CRFKernels"):
+        return {"kernels": crf.CRFKernels(**KERNELS.as_dict())}
+    k = KERNELS
+    if layer:
+        return dict(theta_alpha=k.bilateral_sxy, theta_beta=k.bilateral_schan, theta_gamma=k.gaussian_sxy,
+                    spatial_weight=k.gaussian_compat, bilateral_weight=k.bilateral_compat)
+    return dict(gaussian_sxy=k.gaussian_sxy, gaussian_compat=k.gaussian_compat, bilateral_sxy=k.bilateral_sxy,
+                bilateral_srgb=k.bilateral_schan, bilateral_compat=k.bilateral_compat)
+
+
 def dense_crf_fns(crf, tag: str, p: torch.Tensor, img: torch.Tensor, iterations: int) -> dict:
     """``crf.dense_crf`` with every lattice built in the call (spatial cache cleared first)
     and with the spatial lattice cached."""
+    kw = kernel_args(crf)
 
     def cold():
         crf.clear_spatial_cache()
-        crf.dense_crf(p, img, iterations=iterations)
+        crf.dense_crf(p, img, iterations=iterations, **kw)
 
-    return {f"{tag} cold": cold, f"{tag} cached": lambda: crf.dense_crf(p, img, iterations=iterations)}
+    return {f"{tag} cold": cold, f"{tag} cached": lambda: crf.dense_crf(p, img, iterations=iterations, **kw)}
 
 
 def layer_fn(layer, logits: torch.Tensor, img: torch.Tensor, grad: torch.Tensor, official: bool):
@@ -225,8 +239,7 @@ def main() -> None:
     official = None if args.no_layer else load_crfasrnn(args.crfasrnn)
 
     print(f"{hardware.summary(device, threads=False)} (torch threads per row); pydensecrf: {dcrf is not None}; official CRF-as-RNN: {official is not None}; "
-          f"{args.iterations} iterations, θα {PARAMS['theta_alpha']:g}, θβ {PARAMS['theta_beta']:g}, "
-          f"θγ {PARAMS['theta_gamma']:g}, weights {PARAMS['bilateral_weight']:g}/{PARAMS['spatial_weight']:g}; "
+          f"{args.iterations} iterations, kernels {KERNELS}; "
           f"median of {args.repeats}, implementations interleaved; "
           f"{'noise' if args.noise else 'natural-looking'} images; ms per image, "
           f"{'wall time' if args.clock == 'wall' else 'CPU time of the process (not wall time)'}")
@@ -259,7 +272,8 @@ def main() -> None:
             grad = torch.randn_like(logits)
             fns = {}
             for tag, crf in versions.items():
-                layer = crf.MeanFieldCRF(c, compatibility="learned", iterations=args.iterations, **PARAMS).to(device)
+                layer = crf.MeanFieldCRF(c, compatibility="learned", iterations=args.iterations,
+                                         **kernel_args(crf, layer=True)).to(device)
                 fns[tag] = layer_fn(layer, logits, t_img, grad, official=False)
             if official is not None and device.type == "cpu":
                 layer = official(c, args.iterations)

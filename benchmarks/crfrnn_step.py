@@ -68,8 +68,8 @@ def main() -> None:
     mask = torch.from_numpy(np.stack([p[1] for p in pairs])).long().to(device)
     torch.manual_seed(0)
     backbone = UNet(1, 3).train().to(device)
-    # The conf/head/crfrnn.yaml defaults (narrow kernels: the larger lattice, the slower case).
-    crfrnn_head = CRFRNNHead(3, gaussian_sxy=1.0, bilateral_sxy=5.0, bilateral_compat=3.0).train().to(device)
+    # The conf/head/crfrnn.yaml kernels, which are the head's defaults (narrow: the larger lattice, the slower case).
+    crfrnn_head = CRFRNNHead(3).train().to(device)
     steps = {"none": make_step(backbone, NoHead(3).train().to(device), image, mask),
              "crfrnn": make_step(backbone, crfrnn_head, image, mask)}
     t = step_times(steps, args.repeats, sync)

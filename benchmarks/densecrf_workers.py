@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/densecrf_workers.py --size 320 --images 16 --workers 1 2
 
-Images come from the built-in synthetic generator; probabilities are a noisy version of
+pydensecrf's README kernels (``segrefine.crf.PYDENSECRF_KERNELS``). Images come from the
+built-in synthetic generator; probabilities are a noisy version of
 the true labels. The worker pool is warmed up before timing (its start is not counted).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from segrefine.data.synthetic import generate_sample
+from segrefine.crf import PYDENSECRF_KERNELS
 from segrefine.heads.densecrf import DenseCRFHead
 
 
@@ -43,7 +45,7 @@ def main() -> None:
     baseline = None
     reference = None
     for workers in args.workers:
-        head = DenseCRFHead(args.classes, num_workers=workers)
+        head = DenseCRFHead(args.classes, num_workers=workers, **PYDENSECRF_KERNELS.as_dict())
         head.refine(probs[: max(workers, 1)], image[: max(workers, 1)])  # start the pool
         best = float("inf")
         for _ in range(args.repeats):

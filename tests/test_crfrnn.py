@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from segrefine.crf import CRFKernels
 from segrefine.heads.crfrnn import CRFRNNHead
 from segrefine.heads.densecrf import DenseCRFHead
 from segrefine.build import build_data, build_module, initialise_from
 from segrefine.train import train
 from segrefine.types import BackboneOutput
 
-PARAMS = dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=5.0, bilateral_schan=13.0, bilateral_compat=3.0)
+PARAMS = CRFKernels().as_dict()  # conf/head/{crfrnn,densecrf}.yaml's kernels
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -76,4 +79,18 @@ def test_init_from_a_none_run_loads_the_backbone(make_cfg, tmp_path):
     saved = torch.load(source / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for key, value in module.backbone.state_dict().items():
         assert torch.equal(value, saved[f"backbone.{key}"]), key
-    assert float(module.head.crf.spatial_weight) == 3.0  # the CRF keeps its own initialisation
+    assert float(module.head.crf.spatial_weight.detach()) == 3.0  # the CRF keeps its own initialisation
+
+
+@pytest.mark.parametrize("parametrisation", ["potts", "zheng"])
+def test_extra_metrics_are_the_learned_values_without_warnings(parametrisation):
+    head = CRFRNNHead(3, parametrisation=parametrisation, gaussian_compat=2.0, bilateral_compat=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float() of a tensor that requires grad warns
+        metrics = head.extra_metrics()
+    if parametrisation == "potts":  # compatibility initialised to Potts: 0 on the diagonal, 1 off it
+        assert metrics == {"spatial_weight": 2.0, "bilateral_weight": 4.0, "compat_diag_mean": 0.0,
+                           "compat_offdiag_mean": 1.0}
+    else:  # weights initialised w * I, compatibility I
+        assert metrics == {"spatial_weights_diag_mean": 2.0, "bilateral_weights_diag_mean": 4.0,
+                           "compat_diag_mean": 1.0, "compat_asymmetry": 0.0}

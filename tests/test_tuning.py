@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONFIG_DIR
+from segrefine.crf import PYDENSECRF_KERNELS, CRFKernels
 from segrefine.evaluate import evaluate
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.tuning import ENQUEUED, NO_CRF, SEARCH_SPACE, TUNED_FILE, tune_densecrf, tuned_overrides
@@ -22,6 +23,8 @@ def eval_cfg(run, out, *overrides):
 
 
 def test_search_space_holds_a_crf_too_weak_to_matter_and_the_enqueued_points():
+    assert SEARCH_SPACE.keys() == CRFKernels().as_dict().keys()  # the head's kernel keys
+    assert ENQUEUED["pydensecrf"] == PYDENSECRF_KERNELS.as_dict() and ENQUEUED["segrefine"] == CRFKernels().as_dict()
     for name, point in ENQUEUED.items():
         assert point.keys() == SEARCH_SPACE.keys()
         assert all(SEARCH_SPACE[k][0] <= v <= SEARCH_SPACE[k][1] for k, v in point.items()), name
@@ -83,7 +86,7 @@ def test_when_no_trial_beats_no_crf_the_tuned_crf_is_the_identity(trained_run, t
 
     def every_crf_hurts(head, cache, num_classes):
         value = real(head, cache, num_classes)
-        crf_on = head is not None and (head.params["gaussian_compat"] or head.params["bilateral_compat"])
+        crf_on = head is not None and (head.kernels.gaussian_compat or head.kernels.bilateral_compat)
         return value - 0.5 if crf_on else value
 
     monkeypatch.setattr(tuning, "_val_iou", every_crf_hurts)

@@ -20,10 +20,13 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from segrefine.crf.params import PYDENSECRF_KERNELS, CRFKernels
+
 # Log-scale ranges. The weights reach ~0, so a CRF too weak to change most predictions is in the
 # space (and enqueued). Even 1e-3 can flip a pixel whose class margin is tiny, so when no trial
 # beats no CRF on the validation split the tuned CRF is the identity (both weights 0, NO_CRF):
-# the tuned CRF is never worse than no CRF on the validation split.
+# the tuned CRF is never worse than no CRF on the validation split. Keys: the CRFKernels fields
+# (= the head's config keys).
 SEARCH_SPACE = {
     "gaussian_sxy": (0.5, 10.0),
     "gaussian_compat": (1e-3, 20.0),
@@ -31,17 +34,13 @@ SEARCH_SPACE = {
     "bilateral_schan": (1.0, 100.0),
     "bilateral_compat": (1e-3, 20.0),
 }
-# Tried first, in this order: pydensecrf's README values, segrefine's defaults (conf/head/densecrf.yaml),
-# and the weakest corner of the space (practically no CRF).
-ENQUEUED = {
-    "pydensecrf": {"gaussian_sxy": 3.0, "gaussian_compat": 3.0, "bilateral_sxy": 80.0, "bilateral_schan": 13.0,
-                   "bilateral_compat": 10.0},
-    "segrefine": {"gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
-                  "bilateral_compat": 3.0},
-    "weakest": {"gaussian_sxy": 1.0, "gaussian_compat": 1e-3, "bilateral_sxy": 5.0, "bilateral_schan": 13.0,
-                "bilateral_compat": 1e-3},
-}
-NO_CRF = {**ENQUEUED["weakest"], "gaussian_compat": 0.0, "bilateral_compat": 0.0}
+_WEAKEST = CRFKernels().replace(gaussian_compat=1e-3, bilateral_compat=1e-3)
+# Tried first, in this order: pydensecrf's README values, segrefine's defaults (CRFKernels(), the
+# values of conf/head/densecrf.yaml), and the weakest corner of the space (practically no CRF).
+# Plain dicts: they are Optuna trial parameters and JSON.
+ENQUEUED = {"pydensecrf": PYDENSECRF_KERNELS.as_dict(), "segrefine": CRFKernels().as_dict(),
+            "weakest": _WEAKEST.as_dict()}
+NO_CRF = _WEAKEST.replace(gaussian_compat=0.0, bilateral_compat=0.0).as_dict()
 TUNED_FILE = "densecrf_tuned.yaml"
 
 
@@ -147,7 +146,8 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     none_value = _val_iou(None, cache, num_classes)
 
     def objective(trial: optuna.Trial) -> float:
-        head.params = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
+        values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
+        head.kernels = CRFKernels(**values)
         return _val_iou(head, cache, num_classes)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -164,7 +164,7 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
     no_crf = best_value <= none_value
     if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
-        head.params = dict(NO_CRF)
+        head.kernels = CRFKernels(**NO_CRF)
         best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():

@@ -1,4 +1,5 @@
-"""MeanFieldCRF / dense_crf: gradients, conventions, batching, training."""
+"""MeanFieldCRF / dense_crf: against a brute-force dense CRF, gradients, conventions, batching,
+training."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from segrefine.crf import MeanFieldCRF, dense_crf
+from segrefine.crf import PROB_FLOOR, PYDENSECRF_KERNELS, CRFKernels, MeanFieldCRF, dense_crf, exact_mean_field
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,12 +26,46 @@ def _logits(batch: int, classes: int, height: int, width: int, seed: int = 0, dt
     return (torch.randn(batch, classes, height, width, generator=g) * 2).to(dtype)
 
 
+# Kernels under which the lattice CRF is exact, so a brute-force dense CRF is its reference:
+# position widths so large that every position is ~0 (the spatial kernel joins all pixels),
+# and an intensity width that separates the flat regions of _regions' images completely (their
+# values differ by >= 40 widths). All pixels of a region then have identical features: the
+# lattice and the exact Gaussian filter give each region's kernel as c 1 1^T (different c), and
+# every normalisation but "none" cancels c: a normalised kernel averages over the region.
+EXACT_KERNELS = CRFKernels(gaussian_sxy=1e30, gaussian_compat=3.0, bilateral_sxy=1e30, bilateral_schan=1.0,
+                           bilateral_compat=5.0)
+
+
+def _regions(batch: int, channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """(B, K, H, W) images of three flat regions of scattered pixels, values 40 apart or more."""
+    g = torch.Generator().manual_seed(seed + 2)
+    labels = torch.randint(0, 3, (batch, height, width), generator=g)
+    values = torch.tensor([[40.0], [120.0], [200.0]]) + 7.0 * torch.arange(channels)
+    return values[labels].permute(0, 3, 1, 2).contiguous()
+
+
+def _assert_matches_brute_force(out: torch.Tensor, unary: torch.Tensor, image: torch.Tensor, **kw) -> None:
+    reference = exact_mean_field(unary, image, EXACT_KERNELS, **kw)
+    torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=0)
+    # not a vacuous comparison: the CRF moved the log-probabilities
+    assert (reference - torch.log_softmax(unary.double(), 1)).abs().max() > 0.5
+
+
 def test_output_is_log_probabilities():
     crf = MeanFieldCRF(4)
     out = crf(_logits(2, 4, 9, 11), _image(2, 3, 9, 11))
     assert out.shape == (2, 4, 9, 11) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
     torch.testing.assert_close(out.logsumexp(1), torch.zeros(2, 9, 11), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("compatibility", ["potts", "learned", "matrix"])
+def test_equals_brute_force_dense_crf(compatibility):
+    u, im = _logits(2, 4, 6, 8, seed=4), _regions(2, 3, 6, 8, seed=4)
+    matrix = torch.randn(4, 4, generator=torch.Generator().manual_seed(9))
+    init = {"potts": "potts", "learned": "learned", "matrix": matrix}[compatibility]
+    reference_matrix = {"potts": None, "learned": 1 - torch.eye(4), "matrix": matrix}[compatibility]
+    crf = MeanFieldCRF(4, kernels=EXACT_KERNELS, compatibility=init, iterations=5)
+    _assert_matches_brute_force(crf(u, im), u, im, iterations=5, compatibility=reference_matrix)
 
 
 def test_zero_iterations_is_log_softmax_of_unary():
@@ -79,8 +114,8 @@ def test_parameters_and_buffers():
 @pytest.mark.parametrize("compatibility", ["potts", "learned"])
 def test_gradcheck_unary_and_parameters(compatibility):
     torch.manual_seed(0)
-    crf = MeanFieldCRF(3, theta_alpha=3.0, theta_beta=40.0, theta_gamma=1.5, compatibility=compatibility,
-                       iterations=2).double()
+    kernels = CRFKernels(gaussian_sxy=1.5, bilateral_sxy=3.0, bilateral_schan=40.0)
+    crf = MeanFieldCRF(3, kernels=kernels, compatibility=compatibility, iterations=2).double()
     names = [n for n, _ in crf.named_parameters()]
     params = [p.detach().clone().requires_grad_() for _, p in crf.named_parameters()]
     if compatibility == "learned":  # move away from the symmetric Potts init
@@ -94,13 +129,17 @@ def test_gradcheck_unary_and_parameters(compatibility):
     assert torch.autograd.gradcheck(fn, (u, *params))
 
 
-def test_gradient_does_not_need_image_grad():
-    crf = MeanFieldCRF(3)
-    im = _image(1, 3, 6, 6).requires_grad_()
+def test_gradient_equals_brute_force_and_does_not_need_image_grad():
+    crf = MeanFieldCRF(3, kernels=EXACT_KERNELS, compatibility="learned")
+    im = _regions(1, 3, 6, 6).requires_grad_()
     u = _logits(1, 3, 6, 6).requires_grad_()
-    crf(u, im).sum().backward()
-    assert u.grad is not None and torch.isfinite(u.grad).all()
+    weights = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    (crf(u, im) * weights).sum().backward()
     assert im.grad is None
+    u64 = u.detach().double().requires_grad_()
+    (exact_mean_field(u64, im.detach(), EXACT_KERNELS, iterations=5, compatibility=1 - torch.eye(3))
+     * weights).sum().backward()
+    torch.testing.assert_close(u.grad.double(), u64.grad, atol=5e-5, rtol=0)
 
 
 def test_batch_independence():
@@ -123,16 +162,20 @@ def test_spatial_cache_follows_size_and_batch():
 
 @pytest.mark.parametrize("channels", [1, 2, 4])
 def test_any_number_of_image_channels(channels):
-    crf = MeanFieldCRF(3)
-    out = crf(_logits(2, 3, 7, 8), _image(2, channels, 7, 8))
-    assert torch.isfinite(out).all()
+    u, im = _logits(2, 3, 7, 8), _regions(2, channels, 7, 8, seed=channels)
+    crf = MeanFieldCRF(3, kernels=EXACT_KERNELS)
+    _assert_matches_brute_force(crf(u, im), u, im, iterations=5)
 
 
-@pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none"])
-def test_normalization_modes_run(normalization):
-    crf = MeanFieldCRF(3, normalization=normalization, spatial_weight=0.1, bilateral_weight=0.1)
-    out = crf(_logits(1, 3, 6, 9), _image(1, 3, 6, 9))
-    assert torch.isfinite(out).all()
+# Each mode normalises its kernel here as the brute-force CRF does. On these images D = K 1 is
+# constant within a region, so the three modes coincide and "none" keeps the kernels' scale,
+# which the lattice does not share with the exact filter: what tells the modes apart is checked
+# against pydensecrf (tests/crf/test_parity_pydensecrf.py).
+@pytest.mark.parametrize("normalization", ["symmetric", "before", "after"])
+def test_normalization_modes_equal_brute_force(normalization):
+    u, im = _logits(1, 3, 6, 9, seed=2), _regions(1, 3, 6, 9, seed=2)
+    crf = MeanFieldCRF(3, kernels=EXACT_KERNELS, normalization=normalization)
+    _assert_matches_brute_force(crf(u, im), u, im, iterations=5, normalization=normalization)
 
 
 def test_smoothing_pulls_towards_image_regions():
@@ -144,7 +187,8 @@ def test_smoothing_pulls_towards_image_regions():
     flip = torch.rand(H, W, generator=g) < 0.2
     noisy = torch.where(flip, 1 - truth, truth)
     u = torch.nn.functional.one_hot(noisy, 2).permute(2, 0, 1)[None].float() * 1.0
-    crf = MeanFieldCRF(2, theta_alpha=10.0, theta_beta=20.0, spatial_weight=3.0, bilateral_weight=5.0)
+    crf = MeanFieldCRF(2, kernels=CRFKernels(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=10.0,
+                                             bilateral_schan=20.0, bilateral_compat=5.0))
     pred = crf(u, im, iterations=5).argmax(1)[0]
     assert (pred == truth).float().mean() > (noisy == truth).float().mean() + 0.1
 
@@ -155,7 +199,9 @@ def test_training_steps_reduce_loss_and_stay_finite():
     im = _image(2, 3, H, W)
     target = (torch.arange(W) >= W // 2).long().expand(2, H, W)
     u = (torch.nn.functional.one_hot(target, C).permute(0, 3, 1, 2).float() + torch.randn(2, C, H, W))
-    crf = MeanFieldCRF(C, theta_alpha=8.0, theta_beta=20.0, compatibility="learned")
+    kernels = CRFKernels(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=8.0, bilateral_schan=20.0,
+                         bilateral_compat=10.0)
+    crf = MeanFieldCRF(C, kernels=kernels, compatibility="learned")
     opt = torch.optim.Adam(crf.parameters(), lr=0.05)
     losses = []
     for _ in range(15):
@@ -185,17 +231,26 @@ def test_dense_crf_returns_probabilities():
     p[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])  # hard zeros are fine
     q = dense_crf(p, _image(2, 3, 10, 12))
     assert q.shape == p.shape and q.dtype == torch.float32
-    assert torch.isfinite(q).all() and (q >= 0).all()
+    assert (q >= 0).all()
     torch.testing.assert_close(q.sum(1), torch.ones(2, 10, 12))
     torch.testing.assert_close(dense_crf(p, _image(2, 3, 10, 12), iterations=0), p, atol=1e-6, rtol=1e-5)
+
+
+def test_dense_crf_equals_brute_force_with_the_probability_floor():
+    p = torch.softmax(_logits(2, 4, 6, 8, seed=6), 1)
+    p[0, :, :2, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])[:, None, None]  # saturated: exact zeros
+    im = _regions(2, 3, 6, 8, seed=6)
+    q = dense_crf(p, im, kernels=EXACT_KERNELS)
+    unary = torch.log(p.double().clamp_min(PROB_FLOOR))
+    _assert_matches_brute_force(q.log(), unary, im, iterations=5)
 
 
 def test_dense_crf_equals_module_with_same_parameters():
     p = torch.softmax(_logits(2, 4, 9, 13), 1)
     im = _image(2, 3, 9, 13)
-    crf = MeanFieldCRF(4, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, spatial_weight=3.0,
-                       bilateral_weight=10.0)
-    torch.testing.assert_close(dense_crf(p, im), crf(torch.log(p), im).exp(), atol=1e-6, rtol=1e-5)
+    crf = MeanFieldCRF(4, kernels=PYDENSECRF_KERNELS)
+    torch.testing.assert_close(dense_crf(p, im, kernels=PYDENSECRF_KERNELS), crf(torch.log(p), im).exp(), atol=1e-6,
+                               rtol=1e-5)
 
 
 def test_input_validation():
@@ -212,8 +267,14 @@ def test_input_validation():
         MeanFieldCRF(3, compatibility=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="normalization"):
         MeanFieldCRF(3, normalization="sideways")
-    with pytest.raises(ValueError, match="theta_beta"):
-        MeanFieldCRF(3, theta_beta=0.0)
+    with pytest.raises(ValueError, match="bilateral_schan=0.0: a kernel width must be a positive"):
+        MeanFieldCRF(3, kernels=CRFKernels(bilateral_schan=0.0))
+    with pytest.raises(ValueError, match="gaussian_compat=nan: a kernel weight must be a finite"):
+        CRFKernels(gaussian_compat=float("nan"))
+    with pytest.raises(TypeError, match="kernels must be a segrefine.crf.CRFKernels, got dict"):
+        MeanFieldCRF(3, kernels={"gaussian_sxy": 1.0})
+    with pytest.raises(TypeError, match="kernels must be a segrefine.crf.CRFKernels"):
+        dense_crf(torch.ones(1, 2, 3, 3) / 2, torch.zeros(1, 1, 3, 3), kernels=PYDENSECRF_KERNELS.as_dict())
 
 
 @pytest.mark.cuda

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from segrefine.crf import MeanFieldCRF, dense_crf
+from segrefine.crf import CRFRNN_PAPER_KERNELS, PYDENSECRF_KERNELS, CRFKernels, MeanFieldCRF, dense_crf
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
 
@@ -102,7 +102,7 @@ def test_dense_crf_matches_pydensecrf(classes, channels):
     probs = _probs(classes, H, W, seed=classes)
     ref = _reference(probs, img, use_2d=channels == 3)
     p, im = _torch(img, probs)
-    q = dense_crf(p, im)[0].numpy()
+    q = dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy()
     _assert_parity(q, ref)
 
 
@@ -113,8 +113,9 @@ def test_dense_crf_matches_pydensecrf_custom_parameters():
     kw = dict(gsxy=1.7, gcompat=2.0, bsxy=30.0, bsrgb=7.5, bcompat=4.0, iterations=8)
     ref = _reference(probs, img, **kw)
     p, im = _torch(img, probs)
-    q = dense_crf(p, im, gaussian_sxy=1.7, gaussian_compat=2.0, bilateral_sxy=30.0, bilateral_srgb=7.5,
-                  bilateral_compat=4.0, iterations=8)[0].numpy()
+    kernels = CRFKernels(gaussian_sxy=1.7, gaussian_compat=2.0, bilateral_sxy=30.0, bilateral_schan=7.5,
+                         bilateral_compat=4.0)
+    q = dense_crf(p, im, kernels=kernels, iterations=8)[0].numpy()
     _assert_parity(q, ref)
 
 
@@ -124,7 +125,7 @@ def test_dense_crf_batch_matches_pydensecrf_per_image():
     probs = [_probs(C, H, W, seed=s) for s in range(3)]
     p = torch.from_numpy(np.stack(probs))
     im = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-    q = dense_crf(p, im).numpy()
+    q = dense_crf(p, im, kernels=PYDENSECRF_KERNELS).numpy()
     for b in range(3):
         _assert_parity(q[b], _reference(probs[b], imgs[b]))
 
@@ -151,8 +152,8 @@ def test_meanfield_normalization_modes_match_pydensecrf(normalization):
     # unnormalised kernels are large: use small weights to stay in a sane regime
     scale = 0.02 if normalization == "none" else 1.0
     ref = _reference(probs, img, gcompat=3.0 * scale, bcompat=10.0 * scale, normalization=const)
-    crf = MeanFieldCRF(C, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, spatial_weight=3.0 * scale,
-                       bilateral_weight=10.0 * scale, normalization=normalization)
+    kernels = PYDENSECRF_KERNELS.replace(gaussian_compat=3.0 * scale, bilateral_compat=10.0 * scale)
+    crf = MeanFieldCRF(C, kernels=kernels, normalization=normalization)
     p, im = _torch(img, probs)
     with torch.no_grad():
         q = crf(torch.log(p), im).exp()[0].numpy()
@@ -169,8 +170,8 @@ def test_meanfield_learned_compatibility_matches_pydensecrf_matrix(channels):
     ws, wb = 2.5, 6.0
     ref = _reference(probs, img, gcompat=np.ascontiguousarray(ws * M), bcompat=np.ascontiguousarray(wb * M),
                      use_2d=channels == 3)
-    crf = MeanFieldCRF(C, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, spatial_weight=ws,
-                       bilateral_weight=wb, compatibility=torch.from_numpy(M))
+    kernels = PYDENSECRF_KERNELS.replace(gaussian_compat=ws, bilateral_compat=wb)
+    crf = MeanFieldCRF(C, kernels=kernels, compatibility=torch.from_numpy(M))
     p, im = _torch(img, probs)
     with torch.no_grad():
         q = crf(torch.log(p), im).exp()[0].numpy()
@@ -183,11 +184,10 @@ def test_meanfield_module_default_init_equals_pydensecrf():
     H, W, C = 31, 26, 3
     img = _image(H, W, 3, seed=9)
     probs = _probs(C, H, W, seed=9)
-    params = dict(theta_alpha=160.0, theta_beta=3.0, theta_gamma=3.0, spatial_weight=3.0, bilateral_weight=5.0)
     ref = _reference(probs, img, gsxy=3.0, gcompat=3.0, bsxy=160.0, bsrgb=3.0, bcompat=5.0, iterations=10)
     p, im = _torch(img, probs)
     for comp in ("potts", "learned"):
-        crf = MeanFieldCRF(C, compatibility=comp, iterations=5, eval_iterations=10, **params).eval()
+        crf = MeanFieldCRF(C, kernels=CRFRNN_PAPER_KERNELS, compatibility=comp, iterations=5, eval_iterations=10).eval()
         with torch.no_grad():
             q = crf(torch.log(p), im).exp()[0].numpy()
         _assert_parity(q, ref)
@@ -198,7 +198,7 @@ def test_dense_crf_matches_pydensecrf_medium():
     img = _image(H, W, 3, seed=classes)
     probs = _probs(classes, H, W, seed=classes)
     p, im = _torch(img, probs)
-    _assert_parity(dense_crf(p, im)[0].numpy(), _reference(probs, img))
+    _assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
 
 
 @pytest.mark.parametrize("classes", [2, 21])
@@ -207,7 +207,7 @@ def test_dense_crf_matches_pydensecrf_voc_size(classes):
     img = _image(H, W, 3, seed=classes)
     probs = _probs(classes, H, W, seed=classes)
     p, im = _torch(img, probs)
-    _assert_parity(dense_crf(p, im)[0].numpy(), _reference(probs, img))
+    _assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
 
 
 def test_densecrf_phantom_padding_is_what_makes_parity():
@@ -235,3 +235,25 @@ def test_densecrf_phantom_padding_is_what_makes_parity():
         results[padding] = torch.softmax(S, 1).t().reshape(C, H, W).numpy()
     assert np.abs(results[True] - ref).max() <= 1e-5
     assert np.abs(results[False] - ref).max() > 1e-4
+
+
+# Strong weights (the top of segrefine.tuning's search space): their messages (up to 40) exceed
+# the unary gap of a floored probability (-log 1e-8 = 18.4) but not that of a smaller floor
+# (float32's tiny gives 87), so the saturated pixels' results depend on the floor.
+@pytest.mark.parametrize("kernels", [PYDENSECRF_KERNELS, CRFKernels()], ids=["pydensecrf", "segrefine"])
+def test_saturated_softmax_backends_agree(kernels):
+    """Both backends of the densecrf head floor the probabilities the same way before the log,
+    so a softmax saturated to exact 0 and 1 (a confident network) gives the same CRF."""
+    from segrefine.heads.densecrf import pydensecrf_refine
+
+    kernels = kernels.replace(gaussian_compat=20.0, bilateral_compat=20.0)
+    H, W, C = 30, 36, 3
+    img = _image(H, W, 3, seed=11)
+    probs = _probs(C, H, W, seed=11)
+    rng = np.random.default_rng(0)
+    labels = np.argmax(probs, 0)
+    labels = np.where(rng.random(labels.shape) < 0.1, rng.integers(0, C, labels.shape), labels)  # salt
+    probs[:, : H // 2] = np.eye(C, dtype=np.float32)[labels[: H // 2]].transpose(2, 0, 1)  # exact 0s and 1s
+    p, im = _torch(img, probs)
+    q = dense_crf(p, im, kernels=kernels)[0].numpy()
+    _assert_parity(q, pydensecrf_refine(probs, img.transpose(2, 0, 1).astype(np.float32), 5, kernels))

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from segrefine.crf import MeanFieldCRF, ZhengMeanFieldCRF
+from segrefine.crf import CRFKernels, MeanFieldCRF, ZhengMeanFieldCRF
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-THETAS = dict(theta_alpha=5.0, theta_beta=20.0, theta_gamma=2.0)
+# Zheng et al.'s initial weights (3 spatial, 5 bilateral) with narrower widths for tiny images.
+KERNELS = CRFKernels(gaussian_sxy=2.0, gaussian_compat=3.0, bilateral_sxy=5.0, bilateral_schan=20.0,
+                     bilateral_compat=5.0)
 
 
 def _inputs(batch=1, classes=3, height=9, width=11, seed=0, dtype=torch.float32):
@@ -27,16 +29,16 @@ def _pydensecrf(unary, image, spatial_compat, bilateral_compat, iterations=5):
     _, classes, height, width = unary.shape
     d = dcrf.DenseCRF2D(width, height, classes)
     d.setUnaryEnergy(np.ascontiguousarray(-unary[0].reshape(classes, -1).numpy().astype(np.float32)))
-    d.addPairwiseGaussian(sxy=THETAS["theta_gamma"], compat=spatial_compat, kernel=dcrf.DIAG_KERNEL,
+    d.addPairwiseGaussian(sxy=KERNELS.gaussian_sxy, compat=spatial_compat, kernel=dcrf.DIAG_KERNEL,
                           normalization=dcrf.NORMALIZE_AFTER)
     rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
-    d.addPairwiseBilateral(sxy=THETAS["theta_alpha"], srgb=THETAS["theta_beta"], rgbim=rgb, compat=bilateral_compat,
+    d.addPairwiseBilateral(sxy=KERNELS.bilateral_sxy, srgb=KERNELS.bilateral_schan, rgbim=rgb, compat=bilateral_compat,
                            kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
     return torch.from_numpy(np.array(d.inference(iterations)).reshape(classes, height, width))
 
 
 def test_initialised_as_the_official_code():
-    crf = ZhengMeanFieldCRF(4, spatial_weight=3.0, bilateral_weight=5.0)
+    crf = ZhengMeanFieldCRF(4, kernels=KERNELS)
     assert torch.equal(crf.spatial_weights.detach(), 3.0 * torch.eye(4))
     assert torch.equal(crf.bilateral_weights.detach(), 5.0 * torch.eye(4))
     assert torch.equal(crf.compatibility.detach(), torch.eye(4))
@@ -46,11 +48,12 @@ def test_initialised_as_the_official_code():
 
 def test_potts_values_reproduce_pydensecrf_potts_with_after_normalisation():
     unary, image = _inputs()
-    crf = ZhengMeanFieldCRF(3, spatial_weight=1.0, bilateral_weight=2.0, iterations=5, **THETAS)
+    kernels = KERNELS.replace(gaussian_compat=1.0, bilateral_compat=2.0)
+    crf = ZhengMeanFieldCRF(3, kernels=kernels, iterations=5)
     q = crf(unary, image).exp()[0]
     expected = _pydensecrf(unary, image, 1.0, 2.0)
     torch.testing.assert_close(q, expected, atol=2e-5, rtol=0)
-    potts = MeanFieldCRF(3, spatial_weight=1.0, bilateral_weight=2.0, normalization="after", **THETAS)
+    potts = MeanFieldCRF(3, kernels=kernels, normalization="after")
     torch.testing.assert_close(crf(unary, image), potts(unary, image), atol=1e-5, rtol=0)
 
 
@@ -60,7 +63,7 @@ def test_symmetric_kernel_matrices_equal_pydensecrf_matrix_compatibilities():
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(3, 3, generator=g), torch.randn(3, 3, generator=g)
     ws, wb = a + a.t(), b + b.t()
-    crf = ZhengMeanFieldCRF(3, iterations=4, **THETAS)
+    crf = ZhengMeanFieldCRF(3, kernels=KERNELS, iterations=4)
     with torch.no_grad():
         crf.spatial_weights.copy_(ws)
         crf.bilateral_weights.copy_(wb)
@@ -74,7 +77,7 @@ def test_compatibility_is_not_symmetrised():
     m = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [0.5, 0.0, 1.0]])
     outputs = []
     for matrix in (m, 0.5 * (m + m.t())):
-        crf = ZhengMeanFieldCRF(3, **THETAS)
+        crf = ZhengMeanFieldCRF(3, kernels=KERNELS)
         with torch.no_grad():
             crf.compatibility.copy_(matrix)
         outputs.append(crf(unary, image))
@@ -83,7 +86,8 @@ def test_compatibility_is_not_symmetrised():
 
 def test_gradcheck_unary_and_all_matrices():
     torch.manual_seed(0)
-    crf = ZhengMeanFieldCRF(3, theta_alpha=3.0, theta_beta=40.0, theta_gamma=1.5, iterations=2).double()
+    crf = ZhengMeanFieldCRF(3, kernels=CRFKernels(gaussian_sxy=1.5, bilateral_sxy=3.0, bilateral_schan=40.0),
+                            iterations=2).double()
     names = [n for n, _ in crf.named_parameters()]
     # Away from the identity initialisation, asymmetric: every entry's gradient is checked.
     params = [(p.detach() + 0.3 * torch.randn_like(p)).requires_grad_() for _, p in crf.named_parameters()]
@@ -98,7 +102,7 @@ def test_gradcheck_unary_and_all_matrices():
 
 def test_batched_equals_one_by_one_and_eval_iterations():
     unary, image = _inputs(3, 4, 7, 8, seed=5)
-    crf = ZhengMeanFieldCRF(4, iterations=2, eval_iterations=6, **THETAS)
+    crf = ZhengMeanFieldCRF(4, kernels=KERNELS, iterations=2, eval_iterations=6)
     with torch.no_grad():
         crf.compatibility.add_(0.2 * torch.randn(4, 4))
     batched = crf(unary, image)
@@ -116,10 +120,10 @@ def test_cuda_matches_cpu_and_iterations_do_not_synchronise():
     from segrefine.crf.zheng import zheng_mean_field
 
     unary, image = _inputs(2, 4, 21, 17, seed=2)
-    crf = ZhengMeanFieldCRF(4, **THETAS)
+    crf = ZhengMeanFieldCRF(4, kernels=KERNELS)
     with torch.no_grad():
         crf.compatibility.add_(0.3 * torch.randn(4, 4))
-    gpu = ZhengMeanFieldCRF(4, **THETAS).cuda()
+    gpu = ZhengMeanFieldCRF(4, kernels=KERNELS).cuda()
     gpu.load_state_dict(crf.state_dict())
     out_cpu, out_gpu = crf(unary, image), gpu(unary.cuda(), image.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=1e-5, rtol=1e-5)

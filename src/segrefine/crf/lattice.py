@@ -263,6 +263,289 @@ def _elevate(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------
+# Build steps 6-10 (all pixels at once). Hot paths use index_select / scatter_
+# / cumsum rather than advanced indexing or boolean masks, which are several
+# times slower on CPU. Callers drop each step's inputs once it returns.
+# --------------------------------------------------------------------------
+
+
+def _elevate_pixels(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-5 (:func:`_elevate`) for all pixels ``f (BN, d)``, in chunks of ``_CHUNK``
+    pixels (bounded temporaries): ``q (d, BN)``, ``code (BN,)``, ``bary (BN, d+1)``."""
+    BN, dev = f.shape[0], f.device
+    q = torch.empty(d, BN, dtype=torch.float32, device=dev)
+    code = torch.empty(BN, dtype=torch.int64, device=dev)
+    bary = torch.empty(BN, d + 1, dtype=torch.float32, device=dev)
+    for a in range(0, BN, _CHUNK):
+        qc, cc, bc = _elevate(f[a : a + _CHUNK], d)
+        q[:, a : a + _CHUNK] = qc
+        code[a : a + _CHUNK] = cc
+        bary[a : a + _CHUNK] = bc
+        del qc, cc, bc
+    return q, code, bary
+
+
+@dataclass
+class _KeyBox:
+    """The int64 packing of lattice keys: mixed radix over the box of vertex coordinates
+    (coordinate 0 least significant), the batch index most significant.
+
+    Vertex coordinate ``i`` lies in ``[(d+1) qlo_i - d, (d+1) qhi_i + d]``; the radix has
+    ``d`` more values of margin so that a packed difference equal to a blur step implies
+    that coordinate difference (step 10)."""
+
+    qlo: list[int]
+    vstrides: list[int]
+    size: int  # one image's key range: prod(vradix)
+    batch: int
+
+    @classmethod
+    def around(cls, q: Tensor, batch: int) -> "_KeyBox":
+        d = q.shape[0]
+        d1 = d + 1
+        qlo = [int(x) for x in q.amin(1).tolist()]  # build-time sync
+        qhi = [int(x) for x in q.amax(1).tolist()]
+        vradix = [d1 * (h - l) + 3 * d + 1 for l, h in zip(qlo, qhi)]
+        vstrides = []
+        size = 1
+        for r in vradix:
+            vstrides.append(size)
+            size *= r
+        if size * batch >= 2**62:
+            raise OverflowError(
+                "lattice key range too large for int64 packing "
+                f"(vertex coordinate ranges {vradix}, batch {batch}); use larger bandwidths "
+                "or filter fewer images at once"
+            )
+        return cls(qlo, vstrides, size, batch)
+
+    @property
+    def dim(self) -> int:
+        return len(self.vstrides)
+
+    @property
+    def ones(self) -> int:
+        """The packed ``(1, ..., 1)``."""
+        return sum(self.vstrides)
+
+    @property
+    def code_radix(self) -> int:
+        """Permutation codes (``pos[:d]`` in base ``d+1``) lie in ``[0, code_radix)``."""
+        return (self.dim + 1) ** self.dim
+
+
+def _vertex0_keys(q: Tensor, box: _KeyBox, Np: int) -> Tensor:
+    """Step 6a: the packed key of each pixel's simplex vertex 0 (``key_i - lo_i = (d+1)(q_i -
+    qlo_i) + d``), the image index (pixels ``b * Np ...``) most significant: ``(BN,)`` int64."""
+    d, BN = q.shape
+    d1 = d + 1
+    vkey = torch.zeros(BN, dtype=torch.int64, device=q.device)
+    for i in range(d):
+        vkey.add_(q[i].to(torch.int64), alpha=d1 * box.vstrides[i])
+    vkey -= sum(d1 * box.vstrides[i] * box.qlo[i] for i in range(d))
+    if box.batch > 1:
+        vkey.add_(torch.arange(box.batch, device=q.device).repeat_interleave(Np), alpha=box.size)
+    return vkey
+
+
+def _sort_by_simplex(vkey: Tensor, code: Tensor, box: _KeyBox) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Step 6b: simplexes. ``(rem0[:d] / (d+1), rank[:d])`` identify the d+1 vertices: sort
+    the pixels by simplex, by vertex 0's key then by the permutation ``code``.
+
+    Returns ``perm_pix`` (pixels in simplex order), ``sid_sorted`` (simplex of each pixel in
+    that order), ``sid`` (simplex of each pixel), and per simplex ``vbase`` (vertex 0's key)
+    and ``code_rep`` (its code). Overwrites ``vkey``."""
+    BN, dev = vkey.numel(), vkey.device
+    code_radix = box.code_radix
+    if box.size * box.batch * code_radix < _SINGLE_KEY_LIMIT:  # one key: (vertex 0, code)
+        skey = vkey.mul_(code_radix).add_(code)
+        skey_sorted, perm_pix = torch.sort(skey, stable=True)
+        del skey
+        s_new = torch.ones(BN, dtype=torch.bool, device=dev)
+        torch.ne(skey_sorted[1:], skey_sorted[:-1], out=s_new[1:])
+        s_first = s_new.nonzero().squeeze(1)  # (S,) first sorted position; sync
+        skey_rep = skey_sorted.index_select(0, s_first)
+        del skey_sorted
+        vbase = torch.div(skey_rep, code_radix, rounding_mode="floor")
+        code_rep = skey_rep.remainder_(code_radix)
+    else:  # high d: lexicographic (vertex 0, code) by two stable sorts
+        code_sorted, perm_pix = torch.sort(code, stable=True)
+        vkey_sorted, perm2 = torch.sort(vkey.index_select(0, perm_pix), stable=True)
+        perm_pix = perm_pix.index_select(0, perm2)
+        code_sorted = code_sorted.index_select(0, perm2)
+        del perm2
+        s_new = torch.ones(BN, dtype=torch.bool, device=dev)
+        torch.ne(vkey_sorted[1:], vkey_sorted[:-1], out=s_new[1:])
+        s_new[1:] |= code_sorted[1:] != code_sorted[:-1]
+        s_first = s_new.nonzero().squeeze(1)
+        vbase = vkey_sorted.index_select(0, s_first)
+        code_rep = code_sorted.index_select(0, s_first)
+        del vkey_sorted, code_sorted
+    del s_first
+    sdt = torch.int32 if BN < 2**31 else torch.int64  # simplex ids: S <= BN
+    sid_sorted = torch.cumsum(s_new, 0, dtype=sdt).sub_(1)  # simplex of each pixel, simplex order
+    del s_new
+    sid = torch.empty(BN, dtype=sdt, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
+    return perm_pix, sid_sorted, sid, vbase, code_rep
+
+
+def _simplex_vertex_keys(vbase: Tensor, code_rep: Tensor, box: _KeyBox) -> Tensor:
+    """Step 7: the packed keys of each simplex's vertices, ``(d+1, S)`` r-major:
+    ``key^r = key^0 + r (1,...,1) - (d+1) sum_{i: pos_i < r} e_i``. Overwrites ``vbase``."""
+    d, S, dev = box.dim, vbase.numel(), vbase.device
+    d1, ones = d + 1, box.ones
+    vbase += d * ones
+    posr = torch.empty(d, S, dtype=torch.int64, device=dev)
+    for i in range(d):
+        torch.remainder(code_rep, d1, out=posr[i])
+        code_rep = torch.div(code_rep, d1, rounding_mode="floor")
+    del code_rep
+    s_sorted = torch.zeros(d1, S, dtype=torch.int64, device=dev)  # stride of the coordinate at sorted position p
+    s_sorted.scatter_(0, posr, torch.tensor(box.vstrides, dtype=torch.int64, device=dev).unsqueeze(1).expand(d, S))
+    del posr
+    keys = torch.empty(d1, S, dtype=torch.int64, device=dev)
+    keys[0] = vbase
+    run = torch.zeros(S, dtype=torch.int64, device=dev)
+    for r in range(1, d1):
+        run += s_sorted[r - 1]
+        torch.add(vbase, run, alpha=-d1, out=keys[r])
+        keys[r] += r * ones
+    return keys
+
+
+@dataclass
+class _LatticePoints:
+    """Step 8's result. Entry ``e = r * S + s`` is vertex ``r`` of simplex ``s``; entries are
+    sorted by key, so those of one lattice point are contiguous."""
+
+    num_points: int  # M
+    num_simplexes: int  # S
+    unique_keys: Tensor  # (M,) int64 packed keys, ascending
+    perm_e: Tensor  # (SE,) idt: the entry at each sorted position
+    first_e: Tensor  # (M,) int64: the first sorted position of each point
+    point_of_e: Tensor | None  # (SE,) idt: the point at each sorted position (index backend only)
+    idt: torch.dtype
+
+
+def _lattice_points(keys: Tensor, idt: torch.dtype, keep_point_of_entry: bool) -> tuple[_LatticePoints, Tensor]:
+    """Step 8: deduplicate the simplex vertices ``keys (d+1, S)`` into lattice points (one
+    sort), and the point of each vertex, ``(d+1, S)``. ``idt``: the index dtype, widened to
+    int64 if the points need it."""
+    d1, S = keys.shape
+    SE, dev = d1 * S, keys.device
+    keys_sorted, perm_e = torch.sort(keys.view(-1), stable=True)
+    v_new = torch.ones(SE, dtype=torch.bool, device=dev)
+    torch.ne(keys_sorted[1:], keys_sorted[:-1], out=v_new[1:])
+    point_of_e = torch.cumsum(v_new, 0) - 1  # sorted entry -> lattice point
+    M = int(point_of_e[-1].item()) + 1  # sync
+    first_e = v_new.nonzero().squeeze(1)  # (M,) first sorted entry of each point
+    del v_new
+    unique_keys = torch.empty(M, dtype=torch.int64, device=dev).scatter_(0, point_of_e, keys_sorted)
+    del keys_sorted
+    idt = idt if M < 2**31 else torch.int64
+    svid = torch.empty(SE, dtype=idt, device=dev).scatter_(0, perm_e, point_of_e.to(idt))  # entry -> point
+    # keep only what the later steps need, in idt (the int64 copies are the build's largest arrays)
+    points = _LatticePoints(M, S, unique_keys, perm_e.to(idt), first_e,
+                            point_of_e.to(idt) if keep_point_of_entry else None, idt)
+    return points, svid.view(d1, S)
+
+
+def _drop_phantoms(vid: Tensor, bary: Tensor, perm_pix: Tensor, sid_sorted: Tensor, B: int, Np: int, N: int):
+    """Step 9: drop the phantom pixels (the last ``Np - N`` of each image); their lattice
+    points stay. Pixel ``b * Np + i`` becomes ``b * N + i``."""
+    d1 = vid.shape[1]
+    vid = vid.view(B, Np, d1)[:, :N]
+    bary = bary.view(B, Np, d1)[:, :N]
+    real = (perm_pix.remainder(Np) < N).nonzero().squeeze(1)
+    perm_pix = perm_pix.index_select(0, real)
+    sid_sorted = sid_sorted.index_select(0, real)
+    perm_pix -= torch.div(perm_pix, Np, rounding_mode="floor") * (Np - N)
+    return vid, bary, perm_pix, sid_sorted
+
+
+@dataclass
+class _SplatRows:
+    """Per lattice point, the (pixel, weight) pairs that splat onto it, as CSR rows."""
+
+    pixels: Tensor
+    offsets: Tensor
+    weights: Tensor
+    rows: Tensor | None  # the point of each pair (index backend only)
+
+
+def _splat_rows(points: _LatticePoints, perm_pix: Tensor, sid_sorted: Tensor, bary: Tensor) -> _SplatRows:
+    """Step 9: the splat rows (point -> the pixels that touch it, with their barycentric
+    weights ``bary``, flat pixel-major). No sort: walking the sorted entries (point-major)
+    and expanding each entry (r, s) into the pixels of simplex s (contiguous in simplex
+    order, ``perm_pix``) lists every (pixel, r) pair grouped by point."""
+    idt, S, dev = points.idt, points.num_simplexes, perm_pix.device
+    total = bary.numel()
+    d1 = total // perm_pix.numel()
+    # all index arithmetic below in idt (int32 when sizes allow: half the memory traffic)
+    cnt = torch.bincount(sid_sorted, minlength=S).to(idt)  # real pixels per simplex
+    e_s = points.perm_e.remainder(S)  # simplex of each sorted entry
+    lens = cnt.index_select(0, e_s)
+    out_start = torch.cumsum(lens, 0, dtype=idt).sub_(lens)  # first pair of each sorted entry
+    # pair q of sorted entry k is pixel perm_pix[start(s_k) + q - out_start_k]
+    shift = torch.cumsum(cnt, 0, dtype=idt).sub_(cnt).index_select(0, e_s).sub_(out_start)
+    del cnt, e_s
+    rep = torch.repeat_interleave(lens, output_size=total)  # sorted entry of each pair
+    del lens
+    src = torch.arange(total, dtype=idt, device=dev).add_(shift.index_select(0, rep))
+    del shift
+    sp_pix = perm_pix.to(idt).index_select(0, src)
+    del src
+    sp_r = torch.div(points.perm_e, S, rounding_mode="floor").index_select(0, rep)  # vertex r of each pair
+    sp_w = bary.index_select(0, sp_r.add_(sp_pix * d1))
+    del sp_r
+    sp_off = torch.cat([out_start.index_select(0, points.first_e), out_start.new_full((1,), total)])
+    sp_rows = None if points.point_of_e is None else points.point_of_e.index_select(0, rep)
+    return _SplatRows(sp_pix, sp_off, sp_w, sp_rows)
+
+
+def _blur_bags(unique_keys: Tensor, box: _KeyBox) -> list[_Bags]:
+    """Step 10: the blur along each axis ``j`` as fixed-width bags (self, n1, n2) with
+    weights (1, 1/2, 1/2). ``u`` and ``u'`` are neighbours iff ``P(u') - P(u) = delta_j``
+    (the packing is injective on the key box). Sorting by ``(P mod |delta|, P div |delta|)``
+    makes every line of the axis contiguous, so neighbours are adjacent in that order. A
+    missing neighbour points at the point itself with weight 0, which keeps the matrix
+    exactly symmetric."""
+    d, M, dev = box.dim, unique_keys.numel(), unique_keys.device
+    d1, ones = d + 1, box.ones
+    deltas = [d1 * box.vstrides[j] - ones for j in range(d)] + [-ones]
+    pmax = int(unique_keys[-1].item())
+    comp = torch.empty(d1, M, dtype=torch.int64, device=dev)
+    for j, dj in enumerate(deltas):
+        a = abs(dj)
+        qmax = pmax // a + 2
+        if a * qmax >= 2**62:
+            raise OverflowError("lattice key range too large for int64 packing")
+        torch.remainder(unique_keys, a, out=comp[j])
+        comp[j] *= qmax
+        comp[j] += torch.div(unique_keys, a, rounding_mode="floor")
+    comp_sorted, order = torch.sort(comp, dim=1)
+    del comp
+    adjacent = (comp_sorted[:, 1:] - comp_sorted[:, :-1]) == 1  # (d1, M-1)
+    del comp_sorted
+    blur = []
+    ar = torch.arange(M, device=dev)
+    blur_off = torch.arange(0, 3 * M + 1, 3, dtype=torch.int32 if 3 * M < 2**31 else torch.int64, device=dev)
+    for j in range(d1):
+        pairs = adjacent[j].nonzero().squeeze(1)
+        a_idx = order[j].index_select(0, pairs)
+        b_idx = order[j].index_select(0, pairs + 1)
+        nb = ar.unsqueeze(1).repeat(1, 3)
+        w = torch.zeros(M, 3, dtype=torch.float32, device=dev)
+        w[:, 0] = 1.0
+        nb[:, 1].index_copy_(0, a_idx, b_idx)
+        w[:, 1].index_fill_(0, a_idx, 0.5)
+        nb[:, 2].index_copy_(0, b_idx, a_idx)
+        w[:, 2].index_fill_(0, b_idx, 0.5)
+        blur.append(_Bags(nb.view(-1).to(blur_off.dtype), blur_off, w.view(-1), None, M, M, 3))
+    return blur
+
+
+# --------------------------------------------------------------------------
 # Lattice
 # --------------------------------------------------------------------------
 
@@ -272,7 +555,7 @@ class PermutohedralLattice:
 
     Args:
         features: ``(B, N, d)`` or ``(N, d)`` features already divided by
-            their bandwidths (e.g. ``(x/θα, y/θα, r/θβ, g/θβ, b/θβ)``). They
+            their widths (e.g. ``(x/sxy, y/sxy, r/schan, g/schan, b/schan)``). They
             are detached and the geometry is computed in float32 (as
             densecrf does), whatever their dtype. Images of the batch are
             independent.
@@ -336,226 +619,54 @@ class PermutohedralLattice:
 
     # ------------------------------------------------------------------
     def _build(self, f: Tensor, Np: int) -> None:
-        # f: (B * Np, d) float32; Np >= N includes the phantom padding pixels.
-        # Hot paths use index_select / scatter_ / cumsum rather than advanced
-        # indexing or boolean masks, which are several times slower on CPU.
+        """The build, densecrf's steps in order, on ``f (B * Np, d)`` float32 (``Np >= N``
+        includes the phantom padding pixels). Each step's temporaries are dropped as soon as
+        no later step needs them: the build's peak memory is several times the lattice's."""
         B, N, d = self.batch, self.num_pixels, self.dim
-        d1 = d + 1
-        BN = B * Np
-        dev = f.device
-        i64, i32, f32 = torch.int64, torch.int32, torch.float32
-        # 1-5 per pixel, in chunks of pixels (bounded temporaries)
-        q = torch.empty(d, BN, dtype=f32, device=dev)
-        code = torch.empty(BN, dtype=i64, device=dev)
-        bary = torch.empty(BN, d1, dtype=f32, device=dev)
-        for a in range(0, BN, _CHUNK):
-            qc, cc, bc = _elevate(f[a : a + _CHUNK], d)
-            q[:, a : a + _CHUNK] = qc
-            code[a : a + _CHUNK] = cc
-            bary[a : a + _CHUNK] = bc
-            del qc, cc, bc
+        q, code, bary = _elevate_pixels(f, d)  # 1-5
         del f
-
-        # 6. simplexes: (rem0[:d] / (d+1), rank[:d]) identify the d+1
-        #    vertices. Sort the pixels by simplex: by the packed key of vertex
-        #    0 (mixed radix over the vertex-key box, batch most significant),
-        #    then by pos[:d] (the permutation, in base d+1).
-        qlo_l = [int(x) for x in q.amin(1).tolist()]  # build-time sync
-        qhi_l = [int(x) for x in q.amax(1).tolist()]
-        # vertex coordinate i lies in [(d+1) qlo_i - d, (d+1) qhi_i + d]; the
-        # radix has d more values of margin so that a packed difference equal
-        # to a blur step implies that coordinate difference (step 10)
-        vradix = [d1 * (h - l) + 3 * d + 1 for l, h in zip(qlo_l, qhi_l)]
-        vstrides = []
-        acc = 1
-        for r in vradix:
-            vstrides.append(acc)
-            acc *= r
-        Ssum = sum(vstrides)
-        code_radix = d1**d
-        if acc * B >= 2**62:
-            raise OverflowError(
-                "lattice key range too large for int64 packing "
-                f"(vertex coordinate ranges {vradix}, batch {B}); use larger bandwidths "
-                "or filter fewer images at once"
-            )
-        # vertex 0: key_i - lo_i = (d+1)(q_i - qlo_i) + d
-        vkey = torch.zeros(BN, dtype=i64, device=dev)
-        for i in range(d):
-            vkey.add_(q[i].to(i64), alpha=d1 * vstrides[i])
-        vkey -= sum(d1 * vstrides[i] * qlo_l[i] for i in range(d))
+        box = _KeyBox.around(q, B)
+        vkey = _vertex0_keys(q, box, Np)  # 6
         del q
-        if B > 1:
-            vkey.add_(torch.arange(B, device=dev).repeat_interleave(Np), alpha=acc)
-        if acc * B * code_radix < _SINGLE_KEY_LIMIT:  # one key: (vertex 0, code)
-            skey = vkey.mul_(code_radix).add_(code)
-            del code
-            skey_sorted, perm_pix = torch.sort(skey, stable=True)
-            del skey
-            s_new = torch.ones(BN, dtype=torch.bool, device=dev)
-            torch.ne(skey_sorted[1:], skey_sorted[:-1], out=s_new[1:])
-            s_first = s_new.nonzero().squeeze(1)  # (S,) first sorted position; sync
-            skey_rep = skey_sorted.index_select(0, s_first)
-            del skey_sorted
-            vbase = torch.div(skey_rep, code_radix, rounding_mode="floor")
-            code_rep = skey_rep.remainder_(code_radix)
-        else:  # high d: lexicographic (vertex 0, code) by two stable sorts
-            code_sorted, perm_pix = torch.sort(code, stable=True)
-            vkey_sorted, perm2 = torch.sort(vkey.index_select(0, perm_pix), stable=True)
-            perm_pix = perm_pix.index_select(0, perm2)
-            code_sorted = code_sorted.index_select(0, perm2)
-            del code, vkey, perm2
-            s_new = torch.ones(BN, dtype=torch.bool, device=dev)
-            torch.ne(vkey_sorted[1:], vkey_sorted[:-1], out=s_new[1:])
-            s_new[1:] |= code_sorted[1:] != code_sorted[:-1]
-            s_first = s_new.nonzero().squeeze(1)
-            vbase = vkey_sorted.index_select(0, s_first)
-            code_rep = code_sorted.index_select(0, s_first)
-            del vkey_sorted, code_sorted
-        S = s_first.numel()
-        del s_first
-        sdt = i32 if BN < 2**31 else i64  # simplex ids: S <= BN
-        sid_sorted = torch.cumsum(s_new, 0, dtype=sdt).sub_(1)  # simplex of each pixel, simplex order
-        del s_new
-        sid = torch.empty(BN, dtype=sdt, device=dev).scatter_(0, perm_pix, sid_sorted)  # simplex of each pixel
-
-        # 7. vertex keys of each simplex, (d1, S) r-major:
-        #    key^r = key^0 + r (1,...,1) - (d+1) sum_{i: pos_i < r} e_i
-        vbase += d * Ssum
-        posr = torch.empty(d, S, dtype=i64, device=dev)
-        for i in range(d):
-            torch.remainder(code_rep, d1, out=posr[i])
-            code_rep = torch.div(code_rep, d1, rounding_mode="floor")
-        del code_rep
-        s_sorted = torch.zeros(d1, S, dtype=i64, device=dev)  # stride of the coordinate at sorted position p
-        s_sorted.scatter_(0, posr, torch.tensor(vstrides, dtype=i64, device=dev).unsqueeze(1).expand(d, S))
-        del posr
-        keys = torch.empty(d1, S, dtype=i64, device=dev)
-        keys[0] = vbase
-        run = torch.zeros(S, dtype=i64, device=dev)
-        for r in range(1, d1):
-            run += s_sorted[r - 1]
-            torch.add(vbase, run, alpha=-d1, out=keys[r])
-            keys[r] += r * Ssum
-        del s_sorted, run, vbase
-
-        # 8. deduplicate vertices -> lattice points (sorted packed keys);
-        #    entry e = r * S + s is vertex r of simplex s
-        SE = d1 * S
-        keys_sorted, perm_e = torch.sort(keys.view(-1), stable=True)
+        perm_pix, sid_sorted, sid, vbase, code_rep = _sort_by_simplex(vkey, code, box)
+        del vkey, code
+        keys = _simplex_vertex_keys(vbase, code_rep, box)  # 7
+        del vbase, code_rep
+        idt = torch.int32 if B * N * (d + 1) < 2**31 else torch.int64  # index dtype (capped by M below)
+        points, svid = _lattice_points(keys, idt, keep_point_of_entry=self.backend == "index")  # 8
         del keys
-        v_new = torch.ones(SE, dtype=torch.bool, device=dev)
-        torch.ne(keys_sorted[1:], keys_sorted[:-1], out=v_new[1:])
-        point_of_e = torch.cumsum(v_new, 0) - 1  # sorted entry -> lattice point
-        M = int(point_of_e[-1].item()) + 1  # sync
-        first_e = v_new.nonzero().squeeze(1)  # (M,) first sorted entry of each point
-        del v_new
-        unique_keys = torch.empty(M, dtype=i64, device=dev).scatter_(0, point_of_e, keys_sorted)
-        del keys_sorted
-        idt = i32 if M < 2**31 and B * N * d1 < 2**31 else i64  # index dtype
-        svid = torch.empty(SE, dtype=idt, device=dev).scatter_(0, perm_e, point_of_e.to(idt))  # entry -> point
-        # keep only what step 9 needs, in idt (the int64 copies are the build's largest arrays)
-        perm_e = perm_e.to(idt)
-        point_of_e = point_of_e.to(idt) if self.backend == "index" else None
-        self.num_points = M
-        self.unique_keys = unique_keys
-
-        # 9. drop the phantom pixels (their lattice points stay); slice rows
-        #    (pixel -> its d+1 points) and splat rows (point -> the pixels
-        #    that touch it). The splat rows need no sort: walking the sorted
-        #    entries (point-major) and expanding each entry (r, s) into the
-        #    pixels of simplex s (contiguous in simplex order) lists every
-        #    (pixel, r) pair grouped by point.
-        vid = svid.view(d1, S).t().contiguous().index_select(0, sid)  # (BN, d1) point of (pixel, r)
+        self.num_points = points.num_points
+        self.unique_keys = points.unique_keys
+        vid = svid.t().contiguous().index_select(0, sid)  # 9: slice rows, the point of (pixel, r)
         del svid, sid
         if Np != N:
-            vid = vid.view(B, Np, d1)[:, :N]
-            bary = bary.view(B, Np, d1)[:, :N]
-            real = (perm_pix.remainder(Np) < N).nonzero().squeeze(1)
-            perm_pix = perm_pix.index_select(0, real)
-            sid_sorted = sid_sorted.index_select(0, real)
-            perm_pix -= torch.div(perm_pix, Np, rounding_mode="floor") * (Np - N)  # b*Np+i -> b*N+i
-            del real
-            BN = B * N
+            vid, bary, perm_pix, sid_sorted = _drop_phantoms(vid, bary, perm_pix, sid_sorted, B, Np, N)
         vid = vid.reshape(-1)
         bary = bary.reshape(-1).contiguous()
-        total = BN * d1
-        # all index arithmetic below in idt (int32 when sizes allow: half the memory traffic)
-        cnt = torch.bincount(sid_sorted, minlength=S).to(idt)  # real pixels per simplex
-        del sid_sorted
-        e_s = perm_e.remainder(S)  # simplex of each sorted entry
-        lens = cnt.index_select(0, e_s)
-        out_start = torch.cumsum(lens, 0, dtype=idt).sub_(lens)  # first pair of each sorted entry
-        # pair q of sorted entry k is pixel perm_pix[start(s_k) + q - out_start_k]
-        shift = torch.cumsum(cnt, 0, dtype=idt).sub_(cnt).index_select(0, e_s).sub_(out_start)
-        del cnt, e_s
-        rep = torch.repeat_interleave(lens, output_size=total)  # sorted entry of each pair
-        del lens
-        src = torch.arange(total, dtype=idt, device=dev).add_(shift.index_select(0, rep))
-        del shift
-        sp_pix = perm_pix.to(idt).index_select(0, src)
-        del src, perm_pix
-        sp_r = torch.div(perm_e, S, rounding_mode="floor").index_select(0, rep)  # vertex r of each pair
-        sp_w = bary.index_select(0, sp_r.add_(sp_pix * d1))
-        del sp_r
-        sp_off = torch.cat([out_start.index_select(0, first_e), out_start.new_full((1,), total)])
-        sp_rows = None
-        if self.backend == "index":
-            sp_rows = point_of_e.index_select(0, rep)
-        del rep, out_start, first_e, perm_e, point_of_e
+        splat = _splat_rows(points, perm_pix, sid_sorted, bary)
+        del perm_pix, sid_sorted, points
+        self._set_splat_slice(vid, bary, splat)
+        del vid, bary, splat
+        self._blur = _blur_bags(self.unique_keys, box)  # 10
 
-
-        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
+    def _set_splat_slice(self, vid: Tensor, bary: Tensor, splat: "_SplatRows") -> None:
+        """The splat and slice products (forward and, with ``transposes``, transposed) from the
+        pixel-major rows (``vid``, ``bary``: each pixel's d+1 points and weights) and the
+        point-major rows ``splat``. Slicing scales by ``alpha = 1 / (1 + 2^-d)``, as densecrf."""
+        d1 = self.dim + 1
+        BN, M = self.batch * self.num_pixels, self.num_points
+        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-self.dim)))
         self.alpha = alpha
-        pix_off = torch.arange(0, total + 1, d1, dtype=i64, device=dev)
+        pix_off = torch.arange(0, BN * d1 + 1, d1, dtype=torch.int64, device=vid.device)
         pix = _Bags(vid, pix_off, bary, None, BN, M, d1).compact()  # splat^T
-        pts = _Bags(sp_pix, sp_off, sp_w, sp_rows, M, BN).compact()  # splat
+        pts = _Bags(splat.pixels, splat.offsets, splat.weights, splat.rows, M, BN).compact()  # splat
         # (forward, transposed) bags of each stage
         if self.transposes:
             self._splat_f, self._splat_b = pts, pix
-            self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(sp_w * alpha)
+            self._slice_f, self._slice_b = pix.reweighted(bary * alpha), pts.reweighted(splat.weights * alpha)
         else:  # forward products only: no copies of the weights
             self._splat_f, self._splat_b = pts, None
             self._slice_f, self._slice_b = pix.reweighted(bary.mul_(alpha)), None
-
-        # 10. blur neighbours along each axis j: u and u' are neighbours iff
-        #     P(u') - P(u) = delta_j (the packing is injective on the key
-        #     box). Sorting by (P mod |delta|, P div |delta|) makes every line
-        #     of the axis contiguous, so neighbours are adjacent in that order.
-        deltas = [d1 * vstrides[j] - Ssum for j in range(d)] + [-Ssum]
-        pmax = int(unique_keys[-1].item())
-        comp = torch.empty(d1, M, dtype=i64, device=dev)
-        for j, dj in enumerate(deltas):
-            a = abs(dj)
-            qmax = pmax // a + 2
-            if a * qmax >= 2**62:
-                raise OverflowError("lattice key range too large for int64 packing")
-            torch.remainder(unique_keys, a, out=comp[j])
-            comp[j] *= qmax
-            comp[j] += torch.div(unique_keys, a, rounding_mode="floor")
-        comp_sorted, order = torch.sort(comp, dim=1)
-        del comp
-        adjacent = (comp_sorted[:, 1:] - comp_sorted[:, :-1]) == 1  # (d1, M-1)
-        del comp_sorted
-        # Blur along axis j as fixed-width bags (self, n1, n2) with weights
-        # (1, 1/2, 1/2); a missing neighbour points at the point itself with
-        # weight 0, which keeps the matrix exactly symmetric.
-        self._blur = []
-        ar = torch.arange(M, device=dev)
-        blur_off = torch.arange(0, 3 * M + 1, 3, dtype=i32 if 3 * M < 2**31 else i64, device=dev)
-        for j in range(d1):
-            pairs = adjacent[j].nonzero().squeeze(1)
-            a_idx = order[j].index_select(0, pairs)
-            b_idx = order[j].index_select(0, pairs + 1)
-            nb = ar.unsqueeze(1).repeat(1, 3)
-            w = torch.zeros(M, 3, dtype=f32, device=dev)
-            w[:, 0] = 1.0
-            nb[:, 1].index_copy_(0, a_idx, b_idx)
-            w[:, 1].index_fill_(0, a_idx, 0.5)
-            nb[:, 2].index_copy_(0, b_idx, a_idx)
-            w[:, 2].index_fill_(0, b_idx, 0.5)
-            self._blur.append(_Bags(nb.view(-1).to(blur_off.dtype), blur_off, w.view(-1), None, M, M, 3))
-        del order, adjacent
 
     # ------------------------------------------------------------------
     def _stages(self) -> list[_Bags]:

@@ -11,13 +11,15 @@ extends it to a trainable CRF-as-RNN layer (Zheng et al. 2015):
           or L - ((M + M^T)/2) m        learned compatibility matrix M
         Q <- softmax(S)
 
-Kernels (features as in ``DenseCRF2D``: ``x`` = column index, ``y`` = row
-index, order ``(x, y, channels...)``):
+Kernels (widths and weights: :class:`~segrefine.crf.params.CRFKernels`;
+features as in ``DenseCRF2D``: ``x`` = column index, ``y`` = row index, order
+``(x, y, channels...)``):
 
-* spatial ("Gaussian"): ``(x/θγ, y/θγ)``;
-* bilateral: ``(x/θα, y/θα, I_1/θβ, ..., I_K/θβ)`` for an image with any
-  number ``K`` of channels, on whatever scale θβ is meant for (``pydensecrf``
-  users pass 0-255 images).
+* spatial ("Gaussian"): ``(x/gaussian_sxy, y/gaussian_sxy)``;
+* bilateral: ``(x/bilateral_sxy, y/bilateral_sxy, I_1/bilateral_schan, ...,
+  I_K/bilateral_schan)`` for an image with any number ``K`` of channels, on
+  whatever scale ``bilateral_schan`` is meant for (``pydensecrf`` users pass
+  0-255 images).
 
 Normalisation of a kernel ``K`` with ``D = K 1`` (all-ones filtered):
 ``"symmetric"`` (default, densecrf's ``NORMALIZE_SYMMETRIC``):
@@ -32,7 +34,6 @@ Potts model (they differ by a per-pixel constant).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .lattice import PermutohedralLattice
+from .params import PROB_FLOOR, CRFKernels
 
 __all__ = [
     "NORMALIZE_SYMMETRIC",
@@ -71,15 +73,15 @@ def _positions(height: int, width: int, device: torch.device | str | None = None
     return x, y
 
 
-def spatial_features(height: int, width: int, theta: float, device: torch.device | str | None = None) -> Tensor:
-    """``(H*W, 2)`` float32 features ``(x/θ, y/θ)``, row-major pixels."""
+def spatial_features(height: int, width: int, sxy: float, device: torch.device | str | None = None) -> Tensor:
+    """``(H*W, 2)`` float32 features ``(x/sxy, y/sxy)``, row-major pixels."""
     x, y = _positions(height, width, device)
-    th = torch.tensor(float(theta), dtype=torch.float32, device=device)
+    th = torch.tensor(float(sxy), dtype=torch.float32, device=device)
     return torch.stack([x / th, y / th], 1)
 
 
-def bilateral_features(image: Tensor, theta_xy: float, theta_value: float) -> Tensor:
-    """``(B, H*W, 2+K)`` float32 features ``(x/θxy, y/θxy, I_k/θvalue ...)``.
+def bilateral_features(image: Tensor, sxy: float, schan: float) -> Tensor:
+    """``(B, H*W, 2+K)`` float32 features ``(x/sxy, y/sxy, I_k/schan ...)``.
 
     ``image`` is ``(B, K, H, W)``; it is cast to float32 (as densecrf does)
     and detached.
@@ -89,8 +91,8 @@ def bilateral_features(image: Tensor, theta_xy: float, theta_value: float) -> Te
     B, K, H, W = image.shape
     dev = image.device
     x, y = _positions(H, W, dev)
-    th = torch.tensor(float(theta_xy), dtype=torch.float32, device=dev)
-    tv = torch.tensor(float(theta_value), dtype=torch.float32, device=dev)
+    th = torch.tensor(float(sxy), dtype=torch.float32, device=dev)
+    tv = torch.tensor(float(schan), dtype=torch.float32, device=dev)
     pos = torch.stack([x / th, y / th], 1).expand(B, H * W, 2)
     val = image.detach().to(torch.float32).reshape(B, K, H * W).transpose(1, 2) / tv
     return torch.cat([pos, val], 2).contiguous()
@@ -132,7 +134,7 @@ def _spatial_filter(
     batch: int,
     height: int,
     width: int,
-    theta: float,
+    sxy: float,
     normalization: str,
     device: torch.device,
     cache: bool,
@@ -145,10 +147,10 @@ def _spatial_filter(
     over the batch (index arithmetic, no re-sorting). ``transposes=False``:
     the inference-only lattice (cached separately).
     """
-    key = (height, width, float(theta), normalization, str(device), transposes)
+    key = (height, width, float(sxy), normalization, str(device), transposes)
     single = _SPATIAL_CACHE.get(key) if cache else None
     if single is None:
-        lattice = PermutohedralLattice(spatial_features(height, width, theta, device), transposes=transposes)
+        lattice = PermutohedralLattice(spatial_features(height, width, sxy, device), transposes=transposes)
         single = _normalized(lattice, normalization)
         if cache:
             _SPATIAL_CACHE[key] = single
@@ -270,18 +272,31 @@ def layer_call(layer: nn.Module, unary_logits: Tensor, image: Tensor, iterations
     return iterations, dtype
 
 
-def check_layer_args(num_classes: int, thetas: tuple[float, float, float], normalization: str, iterations: int,
+def check_layer_args(num_classes: int, kernels: CRFKernels, normalization: str, iterations: int,
                      eval_iterations: int | None) -> None:
-    """The argument checks every mean-field layer shares (kernel widths alpha, beta, gamma)."""
+    """The argument checks every mean-field layer shares (the kernels validate themselves)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    for name, v in zip(("theta_alpha", "theta_beta", "theta_gamma"), thetas):
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be a positive finite number, got {v}")
+    if not isinstance(kernels, CRFKernels):
+        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
+                        "build one with CRFKernels(**values)")
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
     if iterations < 0 or (eval_iterations is not None and eval_iterations < 0):
         raise ValueError("iterations must be >= 0")
+
+
+def layer_kernels(layer: nn.Module, image: Tensor, batch: int, device: torch.device) -> tuple:
+    """A layer's normalised (spatial, bilateral) kernels for ``image``: the spatial one from the
+    process-wide cache, the bilateral one built for this forward."""
+    k, (height, width) = layer.kernels, image.shape[2:]
+    return _build_kernels(
+        lambda: _spatial_filter(batch, height, width, k.gaussian_sxy, layer.normalization, device, True),
+        lambda: _normalized(
+            PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan)), layer.normalization
+        ),
+        device,
+    )
 
 
 class MeanFieldCRF(nn.Module):
@@ -289,29 +304,25 @@ class MeanFieldCRF(nn.Module):
 
     Before any training step it computes exactly what ``pydensecrf`` computes
     with ``DenseCRF2D(W, H, C)``, ``setUnaryEnergy(-unary_logits)``,
-    ``addPairwiseGaussian(sxy=theta_gamma, compat=spatial_weight)``,
-    ``addPairwiseBilateral(sxy=theta_alpha, srgb=theta_beta, rgbim=image,
-    compat=bilateral_weight)`` and ``inference(iterations)`` (for any number
-    of image channels, i.e. ``DenseCRF.addPairwiseEnergy`` on the same
-    features), up to float32 round-off.
+    ``addPairwiseGaussian(sxy=kernels.gaussian_sxy, compat=kernels.gaussian_compat)``,
+    ``addPairwiseBilateral(sxy=kernels.bilateral_sxy, srgb=kernels.bilateral_schan,
+    rgbim=image, compat=kernels.bilateral_compat)`` and ``inference(iterations)``
+    (for any number of image channels, i.e. ``DenseCRF.addPairwiseEnergy`` on
+    the same features), up to float32 round-off.
 
     Args:
         num_classes: ``C``.
-        theta_alpha: bilateral position bandwidth (pixels).
-        theta_beta: bilateral intensity bandwidth (image units; 0-255 images
-            for ``pydensecrf``-like behaviour).
-        theta_gamma: spatial bandwidth (pixels).
-        spatial_weight, bilateral_weight: kernel weights (densecrf's Potts
-            ``compat``). CRF-RNN's usual initial values are
-            ``theta_alpha=160, theta_beta=3, theta_gamma=3,
-            spatial_weight=3, bilateral_weight=5``.
+        kernels: widths and (initial) weights of the two kernels
+            (:class:`~segrefine.crf.params.CRFKernels`; CRF-RNN's usual
+            initial values are :data:`~segrefine.crf.params.CRFRNN_PAPER_KERNELS`).
+            The weights become the parameters ``spatial_weight`` and
+            ``bilateral_weight``; the widths are never learned.
         compatibility: ``"potts"`` (message ``+ w K~Q``), ``"learned"`` (a
             ``C x C`` matrix ``M`` initialised to Potts ``1 - I``, message
             ``- sym(M) (w_s K~_s Q + w_b K~_b Q)``), or a ``C x C`` tensor used
             as the initial ``M``.
         learnable: make the kernel weights (and ``M`` for a matrix
             compatibility) ``nn.Parameter``; otherwise they are buffers.
-            Bandwidths are never learned.
         iterations: mean-field iterations (CRF-RNN: 5 when training).
         eval_iterations: iterations in eval mode (CRF-RNN: 10); defaults to
             ``iterations``.
@@ -336,11 +347,7 @@ class MeanFieldCRF(nn.Module):
         self,
         num_classes: int,
         *,
-        theta_alpha: float = 80.0,
-        theta_beta: float = 13.0,
-        theta_gamma: float = 3.0,
-        spatial_weight: float = 3.0,
-        bilateral_weight: float = 10.0,
+        kernels: CRFKernels = CRFKernels(),
         compatibility: str | Tensor = "potts",
         learnable: bool = True,
         iterations: int = 5,
@@ -348,11 +355,9 @@ class MeanFieldCRF(nn.Module):
         normalization: str = NORMALIZE_SYMMETRIC,
     ) -> None:
         super().__init__()
-        check_layer_args(num_classes, (theta_alpha, theta_beta, theta_gamma), normalization, iterations, eval_iterations)
+        check_layer_args(num_classes, kernels, normalization, iterations, eval_iterations)
         self.num_classes = num_classes
-        self.theta_alpha = float(theta_alpha)
-        self.theta_beta = float(theta_beta)
-        self.theta_gamma = float(theta_gamma)
+        self.kernels = kernels
         self.iterations = int(iterations)
         self.eval_iterations = None if eval_iterations is None else int(eval_iterations)
         self.normalization = normalization
@@ -364,8 +369,9 @@ class MeanFieldCRF(nn.Module):
             else:
                 self.register_buffer(name, value)
 
-        _register("spatial_weight", torch.tensor(float(spatial_weight)))
-        _register("bilateral_weight", torch.tensor(float(bilateral_weight)))
+        # parameter names kept as they are: they are the keys of saved checkpoints
+        _register("spatial_weight", torch.tensor(kernels.gaussian_compat))
+        _register("bilateral_weight", torch.tensor(kernels.bilateral_compat))
         if isinstance(compatibility, str):
             if compatibility == "potts":
                 self.compatibility = None
@@ -382,9 +388,9 @@ class MeanFieldCRF(nn.Module):
     def extra_repr(self) -> str:
         comp = "potts" if self.compatibility is None else "matrix"
         return (
-            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "
-            f"theta_gamma={self.theta_gamma}, compatibility={comp}, iterations={self.iterations}, "
-            f"eval_iterations={self.eval_iterations}, normalization={self.normalization!r}"
+            f"num_classes={self.num_classes}, kernels={self.kernels}, compatibility={comp}, "
+            f"iterations={self.iterations}, eval_iterations={self.eval_iterations}, "
+            f"normalization={self.normalization!r}"
         )
 
     def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
@@ -392,14 +398,7 @@ class MeanFieldCRF(nn.Module):
         iterations, dtype = layer_call(self, unary_logits, image, iterations)
         logits = _to_flat(unary_logits.to(dtype))
         if iterations > 0:
-            spatial, bilateral = _build_kernels(
-                lambda: _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True),
-                lambda: _normalized(
-                    PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)),
-                    self.normalization,
-                ),
-                unary_logits.device,
-            )
+            spatial, bilateral = layer_kernels(self, image, B, unary_logits.device)
             weights = [self.spatial_weight.to(dtype), self.bilateral_weight.to(dtype)]
             comp = None
             if self.compatibility is not None:
@@ -421,28 +420,29 @@ def dense_crf(
     probs: Tensor,
     image: Tensor,
     *,
-    gaussian_sxy: float = 3.0,
-    gaussian_compat: float = 3.0,
-    bilateral_sxy: float = 80.0,
-    bilateral_srgb: float = 13.0,
-    bilateral_compat: float = 10.0,
+    kernels: CRFKernels = CRFKernels(),
     iterations: int = 5,
     cache_spatial: bool = True,
 ) -> Tensor:
     """``pydensecrf``'s README recipe, batched, on any device.
 
     Equivalent to, per image, ``d = DenseCRF2D(W, H, C)``,
-    ``d.setUnaryEnergy(-log(probs))``, ``d.addPairwiseGaussian(sxy=gaussian_sxy,
-    compat=gaussian_compat)``, ``d.addPairwiseBilateral(sxy=bilateral_sxy,
-    srgb=bilateral_srgb, rgbim=image, compat=bilateral_compat)``,
-    ``d.inference(iterations)`` (for ``K != 3`` channels: ``DenseCRF`` +
-    ``addPairwiseEnergy`` on the same features).
+    ``d.setUnaryEnergy(-log(max(probs, PROB_FLOOR)))``,
+    ``d.addPairwiseGaussian(sxy=kernels.gaussian_sxy, compat=kernels.gaussian_compat)``,
+    ``d.addPairwiseBilateral(sxy=kernels.bilateral_sxy, srgb=kernels.bilateral_schan,
+    rgbim=image, compat=kernels.bilateral_compat)``, ``d.inference(iterations)``
+    (for ``K != 3`` channels: ``DenseCRF`` + ``addPairwiseEnergy`` on the same
+    features).
 
     Args:
-        probs: ``(B, C, H, W)`` class probabilities (clamped below at the
-            dtype's smallest normal number before the log).
+        probs: ``(B, C, H, W)`` class probabilities (clamped below at
+            :data:`~segrefine.crf.params.PROB_FLOOR` before the log, as the
+            densecrf head's pydensecrf backend does).
         image: ``(B, K, H, W)`` float, 0-255 scale (``pydensecrf`` takes
             uint8, so integer-valued images reproduce it exactly).
+        kernels: widths and weights (:class:`~segrefine.crf.params.CRFKernels`;
+            pydensecrf's README values are
+            :data:`~segrefine.crf.params.PYDENSECRF_KERNELS`).
         cache_spatial: reuse the spatial (Gaussian) kernel's lattice across
             calls with the same image size (it does not depend on the image);
             ``False`` rebuilds it, like ``pydensecrf`` does every call.
@@ -451,20 +451,24 @@ def dense_crf(
         ``(B, C, H, W)`` float32 probabilities ``Q``.
     """
     _check_inputs(probs, image)
+    if not isinstance(kernels, CRFKernels):
+        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
+                        "build one with CRFKernels(**values)")
     B, C, H, W = probs.shape
     p = probs.to(torch.float32)
-    logits = _to_flat(torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)))
+    logits = _to_flat(torch.log(p.clamp_min(PROB_FLOOR)))
     if iterations > 0:
-        kernels = _build_kernels(
-            lambda: _spatial_filter(B, H, W, gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False),
+        k = kernels
+        filters = _build_kernels(
+            lambda: _spatial_filter(B, H, W, k.gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False),
             lambda: _normalized(
-                PermutohedralLattice(bilateral_features(image, bilateral_sxy, bilateral_srgb), transposes=False),
+                PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan), transposes=False),
                 NORMALIZE_SYMMETRIC,
             ),
             probs.device,
         )
-        weights = [torch.tensor(float(w), device=probs.device) for w in (gaussian_compat, bilateral_compat)]
-        S = _mean_field(logits, kernels, weights, None, iterations)
+        weights = [torch.tensor(w, device=probs.device) for w in (k.gaussian_compat, k.bilateral_compat)]
+        S = _mean_field(logits, filters, weights, None, iterations)
     else:
         S = logits
     return _from_flat(_softmax(S), B, H, W)

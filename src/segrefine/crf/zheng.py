@@ -21,25 +21,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .lattice import PermutohedralLattice
-from .meanfield import (
-    NORMALIZE_AFTER,
-    _from_flat,
-    _normalized,
-    _softmax,
-    _spatial_filter,
-    _to_flat,
-    bilateral_features,
-    check_layer_args,
-    layer_call,
-)
+from .meanfield import NORMALIZE_AFTER, _from_flat, _softmax, _to_flat, check_layer_args, layer_call, layer_kernels
+from .params import CRFKernels
 
 
 class ZhengMeanFieldCRF(nn.Module):
     """Mean field with per-kernel C x C weight matrices and an unsymmetrised compatibility.
 
-    Args mirror :class:`~segrefine.crf.MeanFieldCRF` (bandwidths fixed, never learned);
-    ``spatial_weight``/``bilateral_weight`` initialise the matrices to ``w * I``. Parameters
+    Args mirror :class:`~segrefine.crf.MeanFieldCRF` (widths fixed, never learned); the
+    kernels' ``gaussian_compat``/``bilateral_compat`` initialise the matrices to ``w * I``
+    (Zheng et al.'s values: :data:`~segrefine.crf.params.CRFRNN_PAPER_KERNELS`). Parameters
     (buffers when ``learnable=False``): ``spatial_weights``, ``bilateral_weights``,
     ``compatibility``. ``normalization`` defaults to "after", as the official code.
 
@@ -50,26 +41,22 @@ class ZhengMeanFieldCRF(nn.Module):
         self,
         num_classes: int,
         *,
-        theta_alpha: float = 160.0,
-        theta_beta: float = 3.0,
-        theta_gamma: float = 3.0,
-        spatial_weight: float = 3.0,
-        bilateral_weight: float = 5.0,
+        kernels: CRFKernels = CRFKernels(),
         learnable: bool = True,
         iterations: int = 5,
         eval_iterations: int | None = None,
         normalization: str = NORMALIZE_AFTER,
     ) -> None:
         super().__init__()
-        check_layer_args(num_classes, (theta_alpha, theta_beta, theta_gamma), normalization, iterations, eval_iterations)
+        check_layer_args(num_classes, kernels, normalization, iterations, eval_iterations)
         self.num_classes = num_classes
-        self.theta_alpha, self.theta_beta, self.theta_gamma = float(theta_alpha), float(theta_beta), float(theta_gamma)
+        self.kernels = kernels
         self.iterations = int(iterations)
         self.eval_iterations = None if eval_iterations is None else int(eval_iterations)
         self.normalization = normalization
         eye = torch.eye(num_classes)
-        for name, value in (("spatial_weights", float(spatial_weight) * eye), ("bilateral_weights", float(bilateral_weight) * eye),
-                            ("compatibility", eye.clone())):
+        for name, value in (("spatial_weights", kernels.gaussian_compat * eye),
+                            ("bilateral_weights", kernels.bilateral_compat * eye), ("compatibility", eye.clone())):
             if learnable:
                 setattr(self, name, nn.Parameter(value))
             else:
@@ -77,8 +64,7 @@ class ZhengMeanFieldCRF(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "
-            f"theta_gamma={self.theta_gamma}, iterations={self.iterations}, "
+            f"num_classes={self.num_classes}, kernels={self.kernels}, iterations={self.iterations}, "
             f"eval_iterations={self.eval_iterations}, normalization={self.normalization!r}"
         )
 
@@ -88,10 +74,7 @@ class ZhengMeanFieldCRF(nn.Module):
         logits = _to_flat(unary_logits.to(dtype))  # (B*N, C)
         S = logits
         if iterations > 0:
-            spatial = _spatial_filter(B, H, W, self.theta_gamma, self.normalization, unary_logits.device, True)
-            bilateral = _normalized(
-                PermutohedralLattice(bilateral_features(image, self.theta_alpha, self.theta_beta)), self.normalization
-            )
+            spatial, bilateral = layer_kernels(self, image, B, unary_logits.device)
             weights = (self.spatial_weights.to(dtype), self.bilateral_weights.to(dtype))
             S = zheng_mean_field(logits, (spatial, bilateral), weights, self.compatibility.to(dtype), iterations)
         return _from_flat(_softmax(S, log=True), B, H, W)

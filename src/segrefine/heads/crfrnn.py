@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from segrefine.crf import MeanFieldCRF, ZhengMeanFieldCRF
+from segrefine.crf import CRFKernels, MeanFieldCRF, ZhengMeanFieldCRF
 from segrefine.heads.base import Head, upsample_logits
-from segrefine.heads.densecrf import to_255
+from segrefine.heads.densecrf import head_kernels, to_255
 from segrefine.types import BackboneOutput
 
 
@@ -29,7 +29,11 @@ PARAMETRISATIONS = ("potts", "zheng")
 
 
 class CRFRNNHead(Head):
-    name = "crfrnn"
+    """CRF-as-RNN head. The kernel arguments are conf/head/crfrnn.yaml's flat keys (what Hydra
+    passes), defaulting to :class:`~segrefine.crf.params.CRFKernels`'s values (the yaml's);
+    the weights are initial values. ``name`` is accepted because Hydra passes the config's
+    ``name`` key; the run's head name is the config's, so it is not stored."""
+
     untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
 
     def __init__(
@@ -39,11 +43,11 @@ class CRFRNNHead(Head):
         name: str = "crfrnn",
         iterations: int = 5,
         eval_iterations: int = 10,
-        gaussian_sxy: float = 3.0,
-        gaussian_compat: float = 3.0,
-        bilateral_sxy: float = 80.0,
-        bilateral_schan: float = 13.0,
-        bilateral_compat: float = 10.0,
+        gaussian_sxy: float = CRFKernels.gaussian_sxy,
+        gaussian_compat: float = CRFKernels.gaussian_compat,
+        bilateral_sxy: float = CRFKernels.bilateral_sxy,
+        bilateral_schan: float = CRFKernels.bilateral_schan,
+        bilateral_compat: float = CRFKernels.bilateral_compat,
         compatibility: str = "learned",
         learnable: bool = True,
         intensity_range: tuple[float, float] | None = None,
@@ -54,12 +58,10 @@ class CRFRNNHead(Head):
             raise ValueError(f"head.parametrisation={parametrisation!r} is not one of {list(PARAMETRISATIONS)}")
         self.parametrisation = parametrisation
         self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
-        kernels = dict(
-            theta_alpha=bilateral_sxy,
-            theta_beta=bilateral_schan,
-            theta_gamma=gaussian_sxy,
-            spatial_weight=gaussian_compat,
-            bilateral_weight=bilateral_compat,
+        layer_args = dict(
+            kernels=head_kernels(gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
+                                 bilateral_sxy=bilateral_sxy, bilateral_schan=bilateral_schan,
+                                 bilateral_compat=bilateral_compat),
             learnable=learnable,
             iterations=iterations,
             eval_iterations=eval_iterations,
@@ -70,9 +72,9 @@ class CRFRNNHead(Head):
                     f"head.compatibility={compatibility!r} does not apply to head.parametrisation=zheng, whose "
                     "compatibility is always a learned C x C matrix; drop the override or use parametrisation=potts"
                 )
-            self.crf = ZhengMeanFieldCRF(num_classes, **kernels)
+            self.crf = ZhengMeanFieldCRF(num_classes, **layer_args)
         else:
-            self.crf = MeanFieldCRF(num_classes, compatibility=compatibility, **kernels)
+            self.crf = MeanFieldCRF(num_classes, compatibility=compatibility, **layer_args)
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(out, image.shape[-2:])
@@ -81,13 +83,16 @@ class CRFRNNHead(Head):
     def extra_metrics(self) -> dict[str, float]:
         crf = self.crf
         if self.parametrisation == "zheng":
+            m = crf.compatibility.detach()
             return {
                 "spatial_weights_diag_mean": float(crf.spatial_weights.detach().diagonal().mean()),
                 "bilateral_weights_diag_mean": float(crf.bilateral_weights.detach().diagonal().mean()),
-                "compat_diag_mean": float(crf.compatibility.detach().diagonal().mean()),
-                "compat_asymmetry": float((crf.compatibility - crf.compatibility.t()).detach().abs().max()),
+                "compat_diag_mean": float(m.diagonal().mean()),
+                "compat_asymmetry": float((m - m.t()).abs().max()),
             }
-        values = {"spatial_weight": float(crf.spatial_weight), "bilateral_weight": float(crf.bilateral_weight)}
+        # detached: float() of a tensor that requires grad warns
+        values = {"spatial_weight": float(crf.spatial_weight.detach()),
+                  "bilateral_weight": float(crf.bilateral_weight.detach())}
         if crf.compatibility is not None:
             m = crf.compatibility.detach()
             off_diagonal = ~torch.eye(len(m), dtype=torch.bool, device=m.device)

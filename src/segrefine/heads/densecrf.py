@@ -20,13 +20,12 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
+from segrefine.crf.params import PROB_FLOOR, CRFKernels
 from segrefine.hardware import available_cpus
 from segrefine.heads.base import Head, upsample_logits
 from segrefine.types import BackboneOutput
 
 BACKENDS = ("pydensecrf", "torch")
-# Keeps -log p finite for probabilities that underflow to 0.
-PROB_FLOOR = 1e-8
 
 
 def crf_features(height: int, width: int, image: np.ndarray | None, sxy: float, schan: float = 1.0) -> np.ndarray:
@@ -38,25 +37,18 @@ def crf_features(height: int, width: int, image: np.ndarray | None, sxy: float, 
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
 
 
-def pydensecrf_refine(
-    probs: np.ndarray,
-    image: np.ndarray,
-    iterations: int,
-    gaussian_sxy: float,
-    gaussian_compat: float,
-    bilateral_sxy: float,
-    bilateral_schan: float,
-    bilateral_compat: float,
-) -> np.ndarray:
+def pydensecrf_refine(probs: np.ndarray, image: np.ndarray, iterations: int, kernels: CRFKernels) -> np.ndarray:
     """One image through pydensecrf: ``probs`` (C,H,W), ``image`` (K,H,W) on 0-255 -> (C,H,W) probabilities."""
     import pydensecrf.densecrf as dcrf
 
     num_classes, height, width = probs.shape
     unary = np.ascontiguousarray(-np.log(np.maximum(probs, PROB_FLOOR)).reshape(num_classes, -1), dtype=np.float32)
+    k = kernels
     crf = dcrf.DenseCRF(height * width, num_classes)
     crf.setUnaryEnergy(unary)
-    crf.addPairwiseEnergy(crf_features(height, width, None, gaussian_sxy), compat=gaussian_compat)
-    crf.addPairwiseEnergy(crf_features(height, width, image, bilateral_sxy, bilateral_schan), compat=bilateral_compat)
+    crf.addPairwiseEnergy(crf_features(height, width, None, k.gaussian_sxy), compat=k.gaussian_compat)
+    crf.addPairwiseEnergy(crf_features(height, width, image, k.bilateral_sxy, k.bilateral_schan),
+                          compat=k.bilateral_compat)
     q = np.array(crf.inference(iterations), dtype=np.float32)
     return q.reshape(num_classes, height, width)
 
@@ -88,8 +80,21 @@ def to_255(image: torch.Tensor, intensity_range: tuple[float, float] | None) -> 
     return (image - lo) / (hi - lo).clamp(min=1e-8) * 255
 
 
+def head_kernels(**values: float) -> CRFKernels:
+    """The CRF heads' flat config keys (conf/head/*.yaml) as CRFKernels; a bad value is named as
+    its config key."""
+    try:
+        return CRFKernels(**values)
+    except ValueError as error:
+        raise ValueError(f"head.{error}") from None
+
+
 class DenseCRFHead(Head):
-    name = "densecrf"
+    """Offline dense CRF. The kernel arguments are conf/head/densecrf.yaml's flat keys (what
+    Hydra passes), held as ``self.kernels`` (:class:`~segrefine.crf.params.CRFKernels`, whose
+    defaults these are). ``name`` is accepted because Hydra passes the config's ``name`` key;
+    the run's head name is the config's, so it is not stored."""
+
     untrained = "none needed (fixed CRF parameters from the config)"
 
     def __init__(
@@ -99,11 +104,11 @@ class DenseCRFHead(Head):
         name: str = "densecrf",
         backend: str = "pydensecrf",
         iterations: int = 5,
-        gaussian_sxy: float = 3.0,
-        gaussian_compat: float = 3.0,
-        bilateral_sxy: float = 80.0,
-        bilateral_schan: float = 13.0,
-        bilateral_compat: float = 10.0,
+        gaussian_sxy: float = CRFKernels.gaussian_sxy,
+        gaussian_compat: float = CRFKernels.gaussian_compat,
+        bilateral_sxy: float = CRFKernels.bilateral_sxy,
+        bilateral_schan: float = CRFKernels.bilateral_schan,
+        bilateral_compat: float = CRFKernels.bilateral_compat,
         intensity_range: tuple[float, float] | None = None,
         num_workers: int | None = None,
     ):
@@ -112,13 +117,9 @@ class DenseCRFHead(Head):
             raise ValueError(f"head.backend={backend!r} must be one of {BACKENDS}")
         self.backend = backend
         self.iterations = iterations
-        self.params = dict(
-            gaussian_sxy=float(gaussian_sxy),
-            gaussian_compat=float(gaussian_compat),
-            bilateral_sxy=float(bilateral_sxy),
-            bilateral_schan=float(bilateral_schan),
-            bilateral_compat=float(bilateral_compat),
-        )
+        self.kernels = head_kernels(gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
+                                    bilateral_sxy=bilateral_sxy, bilateral_schan=bilateral_schan,
+                                    bilateral_compat=bilateral_compat)
         self.intensity_range = tuple(intensity_range) if intensity_range is not None else None
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self._pool: ProcessPoolExecutor | None = None
@@ -136,16 +137,10 @@ class DenseCRFHead(Head):
         if self.backend == "torch":
             from segrefine.crf import dense_crf
 
-            p = self.params
-            return dense_crf(
-                probs.float(), image255,
-                gaussian_sxy=p["gaussian_sxy"], gaussian_compat=p["gaussian_compat"],
-                bilateral_sxy=p["bilateral_sxy"], bilateral_srgb=p["bilateral_schan"],
-                bilateral_compat=p["bilateral_compat"], iterations=self.iterations,
-            )
+            return dense_crf(probs.float(), image255, kernels=self.kernels, iterations=self.iterations)
         probs_np = probs.detach().float().cpu().numpy()
         image_np = image255.detach().cpu().numpy()
-        jobs = [(probs_np[i], image_np[i], self.iterations, *self.params.values()) for i in range(len(probs_np))]
+        jobs = [(probs_np[i], image_np[i], self.iterations, self.kernels) for i in range(len(probs_np))]
         if self.num_workers <= 1 or len(jobs) == 1:
             refined = [_refine_job(job) for job in jobs]
         else:
