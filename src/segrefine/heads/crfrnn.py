@@ -29,7 +29,6 @@ PARAMETRISATIONS = ("potts", "zheng")
 
 
 class CRFRNNHead(Head):
-    name = "crfrnn"
     untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
 
     def __init__(

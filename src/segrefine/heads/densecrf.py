@@ -89,7 +89,6 @@ def to_255(image: torch.Tensor, intensity_range: tuple[float, float] | None) -> 
 
 
 class DenseCRFHead(Head):
-    name = "densecrf"
     untrained = "none needed (fixed CRF parameters from the config)"
 
     def __init__(
