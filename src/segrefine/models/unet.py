@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from segrefine.models.base import Backbone, resolve_output_stride
-from segrefine.models.encoders import check_encoder_name, pyramid
+from segrefine.models.encoders import check_encoder_name, prune_unused, pyramid
 from segrefine.types import BackboneOutput
 
 
@@ -18,7 +18,8 @@ class UNet(Backbone):
     only the blocks up to the one that reaches that stride are kept, and a new 3x3 classifier
     (like smp's segmentation head) on that block's channels gives a coarse map for heads that
     refine one (PointRend). The dropped blocks and smp's full-resolution head are removed, so
-    they cost nothing and hold no unused parameters. ``output_stride=1`` is smp's U-Net unchanged.
+    they cost nothing and hold no unused parameters (nor do encoder stages beyond
+    ``encoder_depth``, which smp keeps). ``output_stride=1`` is smp's U-Net otherwise unchanged.
 
     name: the config's label (cfg.backbone.name), passed by Hydra, unused.
     """
@@ -46,6 +47,8 @@ class UNet(Backbone):
             in_channels=in_channels,
             classes=num_classes,
         )
+        # smp keeps ResNet's deeper stages below encoder_depth=5 although its forward skips them.
+        self.net.encoder = prune_unused(self.net.encoder, in_channels)
         self.declare(
             feature_channels=self.net.encoder.out_channels[1:],
             required_divisor=2**encoder_depth,
