@@ -28,11 +28,12 @@ def test_backbone_shapes_strides_and_gradients(make_cfg, overrides, stride):
     backbone = instantiate(cfg.backbone, in_channels=2, num_classes=4)
     image = torch.randn(2, 2, 64, 96)
     out = backbone(image)
-    assert out.stride == stride
+    assert out.stride == backbone.output_stride == stride
     assert out.logits.shape == (2, 4, 64 // stride, 96 // stride)
-    for feature, s in zip(out.features, out.feature_strides):
-        assert feature.shape[-2:] == (64 // s, 96 // s)
-    assert list(out.feature_strides) == sorted(out.feature_strides)  # coarsest last
+    # The declared pyramid is what comes out (the variants' strides differ, e.g. dilated zhao).
+    assert len(out.features) == len(backbone.feature_strides)
+    for feature, s, c in zip(out.features, backbone.feature_strides, backbone.feature_channels):
+        assert feature.shape[1:] == (c, 64 // s, 96 // s)
     out.logits.square().mean().backward()
     first_conv = next(p for n, p in backbone.named_parameters() if "encoder" in n)
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
@@ -61,7 +62,40 @@ def test_module_pads_odd_sizes_and_crops_back(make_cfg, backbone):
     assert (padded_mask[..., 37:, :] == 255).all() and (padded_mask[..., :, 45:] == 255).all()
 
 
-def test_unknown_encoder_name_is_named(make_cfg):
-    cfg = make_cfg("backbone=unet", "backbone.encoder_name=resnet_nope")
+@pytest.mark.parametrize("overrides", [["backbone=unet"], ["backbone=fcn"], ["backbone=pspnet"],
+                                       ["backbone=pspnet", "backbone.variant=zhao"]], ids=["unet", "fcn", "lite", "zhao"])
+def test_unknown_encoder_name_is_named_before_anything_is_built(make_cfg, overrides):
+    cfg = make_cfg(*overrides, "backbone.encoder_name=resnet_nope")
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
     with pytest.raises(Exception, match="encoder_name='resnet_nope' is not an encoder"):
         instantiate(cfg.backbone, in_channels=1, num_classes=2)
+    # Nothing was built: no initial weights drawn, so the run's random numbers are not shifted.
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("encoder_name", ["resnet34", "tu-resnet10t"])
+def test_known_encoder_names_pass_the_check(encoder_name):
+    from segrefine.models.encoders import check_encoder_name
+
+    check_encoder_name(encoder_name)  # smp's own list, and timm's for tu- names: no error
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["backbone=fcn", "+backbone.output_stride=4"], "gives 8 .*backbone.variant=8s"),
+    (["backbone=fcn", "backbone.fine_skip=true", "+backbone.output_stride=8"], "gives 4 .*fine_skip"),
+    (["backbone=pspnet", "+backbone.output_stride=4"], "gives 8 .*variant=lite"),
+    (["backbone=segnet", "+backbone.output_stride=2"], "gives 1 "),
+    (["backbone=unet", "backbone.output_stride=32"], "gives 1, 2, 4, 8, 16 "),
+])
+def test_an_output_stride_a_backbone_cannot_give_is_refused(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(Exception, match=f"backbone.output_stride=.* is not a stride this backbone gives: it {message}"):
+        instantiate(cfg.backbone, in_channels=1, num_classes=2)
+
+
+@pytest.mark.parametrize("overrides,stride", [(["backbone=fcn", "backbone.variant=16s"], 16), (["backbone=segnet"], 1),
+                                              (["backbone=pspnet"], 8)])
+def test_the_backbones_own_output_stride_is_accepted(make_cfg, overrides, stride):
+    cfg = make_cfg(*overrides, f"+backbone.output_stride={stride}")
+    assert instantiate(cfg.backbone, in_channels=1, num_classes=2).output_stride == stride

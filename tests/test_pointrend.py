@@ -24,28 +24,30 @@ from segrefine.heads.pointrend import (
     uncertainty,
 )
 from segrefine.metrics import SegmentationMetrics
-from segrefine.models.encoders import build_encoder
+from segrefine.models.base import Backbone
 from segrefine.models.unet import UNet
 from segrefine.build import build_data, build_module
 from segrefine.train import train
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
 
-class FakeBackbone(nn.Module):
-    """Hands given logits and features through; ``stride`` and ``feature_channels`` as a backbone."""
+class FakeBackbone(Backbone):
+    """Declares ``stride`` and feature levels as a backbone; ``hand_over`` builds an output
+    from given logits and random features of the declared shapes."""
 
     def __init__(self, stride: int, feature_channels=(4, 4), feature_strides=(2, 4)):
         super().__init__()
-        self.stride, self.feature_channels, self.feature_strides = stride, tuple(feature_channels), tuple(feature_strides)
+        self.declare(feature_channels=feature_channels, feature_strides=feature_strides, required_divisor=1,
+                     output_stride=stride)
 
-    def output(self, logits: torch.Tensor, image_size: tuple[int, int], seed: int = 0) -> BackboneOutput:
+    def hand_over(self, logits: torch.Tensor, image_size: tuple[int, int], seed: int = 0) -> BackboneOutput:
         g = torch.Generator().manual_seed(seed)
         height, width = image_size
         features = [
             torch.randn(logits.shape[0], c, -(-height // s), -(-width // s), generator=g)
             for c, s in zip(self.feature_channels, self.feature_strides)
         ]
-        return BackboneOutput(logits=logits, features=features, feature_strides=self.feature_strides, stride=self.stride)
+        return self.output(logits, features)
 
 
 # -- point_sample ------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_inference_reaches_the_input_size(stride, size):
     coarse = torch.randn(2, 3, -(-size[0] // stride), -(-size[1] // stride))
     image = torch.zeros(2, 1, *size)
     with torch.no_grad():
-        logits = head(backbone.output(coarse, size), image)
+        logits = head(backbone.hand_over(coarse, size), image)
     assert logits.shape == (2, 3, *size)
     assert torch.isfinite(logits).all()
 
@@ -164,7 +166,7 @@ def test_inference_changes_only_the_most_uncertain_points():
                          hidden_channels=16).eval()
     nn.init.normal_(head.point_head.predictor.weight, std=1.0)  # make the point head's answers visible
     coarse = torch.randn(2, 3, 8, 12) * 3
-    out = backbone.output(coarse, (16, 24))
+    out = backbone.hand_over(coarse, (16, 24))
     with torch.no_grad():
         rendered = head(out, torch.zeros(2, 1, 16, 24))
     upsampled = F.interpolate(coarse, size=(16, 24), mode="bilinear", align_corners=False)
@@ -193,14 +195,14 @@ def test_point_head_echoing_the_coarse_logits_renders_plain_bilinear_upsampling(
     head.point_head = Echo()
     coarse = torch.randn(1, 3, 9, 7)
     with torch.no_grad():
-        rendered = head(backbone.output(coarse, (17, 13)), torch.zeros(1, 1, 17, 13))
+        rendered = head(backbone.hand_over(coarse, (17, 13)), torch.zeros(1, 1, 17, 13))
     assert torch.allclose(rendered, F.interpolate(coarse, size=(17, 13), mode="bilinear", align_corners=False), atol=1e-5)
 
 
 def test_training_mode_forward_is_the_upsampled_coarse_map():
     backbone = FakeBackbone(4)
     head = PointRendHead(3, backbone, hidden_channels=8).train()
-    out = backbone.output(torch.randn(1, 3, 8, 8), (32, 32))
+    out = backbone.hand_over(torch.randn(1, 3, 8, 8), (32, 32))
     assert torch.equal(head(out, torch.zeros(1, 1, 32, 32)), upsample_logits(out, (32, 32)))
 
 
@@ -224,7 +226,7 @@ def test_unknown_feature_stride_is_named():
 def test_losses_are_named_finite_and_respect_the_ignore_index():
     backbone = FakeBackbone(4)
     head = PointRendHead(3, backbone, hidden_channels=8, train_num_points=100)
-    out = backbone.output(torch.randn(2, 3, 8, 8), (32, 32))
+    out = backbone.hand_over(torch.randn(2, 3, 8, 8), (32, 32))
     image, mask = torch.zeros(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
     losses = head.losses(out, image, mask)
     assert set(losses) == {"loss", "loss_coarse", "loss_points"}
@@ -245,8 +247,30 @@ def test_losses_are_named_finite_and_respect_the_ignore_index():
 def test_number_of_training_points(value, expected):
     head = PointRendHead(3, FakeBackbone(4), hidden_channels=8, train_num_points=value)
     assert head.num_training_points(32, 32) == expected
-    out = FakeBackbone(4).output(torch.randn(1, 3, 8, 8), (32, 32))
-    head.losses(out, torch.zeros(1, 1, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long))
+
+
+def test_losses_equal_the_hand_computed_coarse_and_point_cross_entropies():
+    """Constant logits and features: every point sees the same inputs, so both losses follow by
+    hand (logsumexp - logit of the true class) whichever points are drawn."""
+    torch.manual_seed(0)
+    head = PointRendHead(3, FakeBackbone(4), hidden_channels=5, num_layers=2, train_num_points=40,
+                         point_loss_weight=0.5)
+    nn.init.normal_(head.point_head.predictor.weight)  # the paper's 0.001 init would make every point ~uniform
+    nn.init.normal_(head.point_head.predictor.bias)
+    coarse, fine = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, -2.0, 0.25, 3.0])
+    out = BackboneOutput(coarse.view(1, 3, 1, 1).expand(2, 3, 8, 8),
+                         [torch.zeros(2, 4, 16, 16), fine.view(1, 4, 1, 1).expand(2, 4, 8, 8)], (2, 4), stride=4)
+    mask = torch.ones(2, 32, 32, dtype=torch.long)
+    losses = head.losses(out, torch.zeros(2, 1, 32, 32), mask)
+    # The point head by hand: layers of (weight @ x + bias).relu(), the coarse logits appended each time.
+    x = torch.cat([fine, coarse])
+    for layer in head.point_head.layers:
+        x = torch.cat([(layer.weight[..., 0] @ x + layer.bias).relu(), coarse])
+    point = head.point_head.predictor.weight[..., 0] @ x + head.point_head.predictor.bias
+    point_ce, coarse_ce = point.logsumexp(0) - point[1], coarse.logsumexp(0) - coarse[1]
+    assert torch.allclose(losses["loss_points"], point_ce, atol=1e-5)
+    assert torch.allclose(losses["loss_coarse"], coarse_ce, atol=1e-6)
+    assert torch.allclose(losses["loss"], coarse_ce + 0.5 * point_ce, atol=1e-5)
 
 
 def test_gradients_reach_the_point_head_and_the_backbone(make_cfg):
@@ -269,11 +293,13 @@ def test_gradients_reach_the_point_head_and_the_backbone(make_cfg):
 def test_unet_default_is_smp_unet_bit_for_bit():
     torch.manual_seed(0)
     ours = UNet(1, 3, encoder_depth=3, decoder_channels=(32, 16, 8))
-    torch.manual_seed(0)
-    build_encoder("resnet18", 1, 3, None)  # UNet validates the encoder name first (same RNG draws)
+    torch.manual_seed(0)  # the same draws: UNet checks the encoder name without building anything
     reference = smp.Unet(encoder_name="resnet18", encoder_weights=None, encoder_depth=3,
                          decoder_channels=(32, 16, 8), in_channels=1, classes=3)
-    assert all(torch.equal(a, b) for a, b in zip(ours.net.state_dict().values(), reference.state_dict().values()))
+    theirs = reference.state_dict()
+    # Ours lacks only the encoder stages smp keeps unused below depth 5 (ResNet's layer3, layer4).
+    assert {k for k in theirs if k not in ours.net.state_dict()} == {k for k in theirs if k.startswith(("encoder.layer3", "encoder.layer4"))}
+    assert all(torch.equal(value, theirs[key]) for key, value in ours.net.state_dict().items())
     ours.eval(), reference.eval()
     image = torch.randn(1, 1, 32, 32)
     assert torch.equal(ours(image).logits, reference(image))
@@ -297,7 +323,7 @@ def test_head_config_sets_the_unet_coarse_stride(make_cfg):
     assert make_cfg("backbone=unet", "head=pointrend", "backbone.output_stride=2").backbone.output_stride == 2
     cfg = make_cfg("backbone=unet", "head=pointrend")
     backbone = instantiate(cfg.backbone, in_channels=1, num_classes=3)
-    assert backbone.stride == 4
+    assert backbone.output_stride == 4
     assert isinstance(instantiate(cfg.head, num_classes=3, backbone=backbone), PointRendHead)
 
 
@@ -329,15 +355,17 @@ def _discs(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return masks
 
 
-class BlurryOracle(nn.Module):
+class BlurryOracle(Backbone):
     """Coarse logits from the class fractions at stride 16; features: the fractions at strides 2..16."""
 
-    stride, feature_channels, strides = 16, (3, 3, 3, 3), (2, 4, 8, 16)
+    def __init__(self):
+        super().__init__()
+        self.declare(feature_channels=(3, 3, 3, 3), required_divisor=16, output_stride=16)
 
     def forward(self, mask: torch.Tensor) -> BackboneOutput:
         onehot = F.one_hot(mask, 3).permute(0, 3, 1, 2).float()
-        features = [F.avg_pool2d(onehot, s) for s in self.strides]
-        return BackboneOutput(logits=4 * features[-1], features=features, feature_strides=self.strides, stride=16)
+        features = [F.avg_pool2d(onehot, s) for s in self.feature_strides]
+        return self.output(4 * features[-1], features)
 
 
 def test_point_head_learns_sharper_boundaries_than_upsampling_fast():

@@ -58,7 +58,7 @@ class SegmentationModule(pl.LightningModule):
     # -- the model -----------------------------------------------------------------
     def _pad(self, image: torch.Tensor, mask: torch.Tensor | None = None):
         """Pad bottom/right to the backbone's required multiple; padded mask pixels are ignored."""
-        divisor = getattr(self.backbone, "required_divisor", 1)
+        divisor = self.backbone.required_divisor  # declared by every Backbone (segrefine.models.base)
         pad_h, pad_w = -image.shape[-2] % divisor, -image.shape[-1] % divisor
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")

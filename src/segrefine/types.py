@@ -12,7 +12,8 @@ IGNORE_INDEX = 255
 
 @dataclass
 class BackboneOutput:
-    """What every backbone returns.
+    """What every backbone returns (``segrefine.models.base.Backbone.output`` fills the
+    strides from the backbone's declaration).
 
     logits: ``(B, C, H/stride, W/stride)`` class scores at the backbone's output stride.
     features: encoder pyramid, finest first and coarsest last.

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrefine.models.base import Backbone
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
 
@@ -33,16 +34,22 @@ class Head(nn.Module):
 
     ``forward(out, image)`` returns ``(B, C, H, W)`` logits or log-probabilities at the size of
     ``image``. ``losses(out, image, mask)`` returns named scalar losses; ``"loss"`` is optimised.
+    ``backbone``: the ``segrefine.models.base.Backbone`` the head will follow, for heads that
+    build layers from its declared channels and strides (None where a head needs nothing of it).
     """
 
-    name = "head"
     # Whether ``segrefine-eval head=<this>`` may run on a checkpoint trained with another
     # head: None = no (its parameters need training and would be random); otherwise what
     # its parameters then are, recorded as results.json "head_weights".
     untrained: str | None = None
 
-    def __init__(self, num_classes: int, backbone: nn.Module | None = None):
+    def __init__(self, num_classes: int, backbone: Backbone | None = None):
         super().__init__()
+        if backbone is not None and not isinstance(backbone, Backbone):
+            raise TypeError(
+                f"{type(self).__name__} was given a {type(backbone).__name__} as its backbone; heads take a "
+                "segrefine.models.base.Backbone (subclass it and declare its feature channels and strides)"
+            )
         self.num_classes = num_classes
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:

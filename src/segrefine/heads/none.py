@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 
 from segrefine.heads.base import Head, upsample_logits
+from segrefine.models.base import Backbone
 from segrefine.types import BackboneOutput
 
 
 class NoHead(Head):
-    name = "none"
+    """name: the config's label (cfg.head.name), passed by Hydra, unused."""
+
     untrained = "none needed"
 
-    def __init__(self, num_classes: int, backbone=None, name: str = "none"):
+    def __init__(self, num_classes: int, backbone: Backbone | None = None, name: str | None = None):
         super().__init__(num_classes, backbone)
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrefine.heads.base import Head, upsample_logits
+from segrefine.models.base import Backbone
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
 
@@ -161,23 +162,6 @@ class PointHead(nn.Module):
         return F.linear(x, self.predictor.weight[..., 0], self.predictor.bias).transpose(1, 2)
 
 
-def _backbone_feature_channels(backbone: nn.Module) -> tuple[int, ...]:
-    """Channels of each pyramid level: ``backbone.feature_channels`` or the smp encoder's."""
-    channels = getattr(backbone, "feature_channels", None)
-    if channels is None:
-        for owner in (backbone, getattr(backbone, "net", None)):
-            encoder = getattr(owner, "encoder", None)
-            if encoder is not None and hasattr(encoder, "out_channels"):
-                channels = tuple(encoder.out_channels[1:])
-                break
-    if channels is None:
-        raise ValueError(
-            f"head=pointrend needs the backbone's feature channels: give {type(backbone).__name__} a "
-            "`feature_channels` attribute (channels per pyramid level, aligned with feature_strides)"
-        )
-    return tuple(int(c) for c in channels)
-
-
 def _stop_at_stride_one() -> ValueError:
     return ValueError(
         "head=pointrend needs a coarse prediction (backbone stride >= 2) but the backbone outputs full "
@@ -190,7 +174,8 @@ class PointRendHead(Head):
     """PointRend over any backbone with a coarse map (stride >= 2). See the module docstring.
 
     num_classes: classes of the backbone's logits.
-    backbone: used at construction only, for its feature channels (and to refuse stride 1).
+    backbone: used at construction only, for its declared feature channels and strides (and to
+        refuse an output stride of 1).
     feature_stride: the pyramid level whose features the point head sees (4 = the paper's res2).
     train_num_points: points per image in training; an int is a count clipped to H*W, a float
         in (0, 1] a fraction of H*W (at least 1 point). Default 1/16: one point per cell of a
@@ -208,14 +193,13 @@ class PointRendHead(Head):
     coarse_stride: not used by the head; conf/backbone/unet.yaml reads it to truncate U-Net.
     budget, budgets: the named point budget conf/head/pointrend.yaml resolved the five sampling
         arguments from (recorded, and checked to be a known name); not read otherwise.
+    name: the config's label (cfg.head.name), passed by Hydra, unused.
     """
-
-    name = "pointrend"
 
     def __init__(
         self,
         num_classes: int,
-        backbone: nn.Module | None = None,
+        backbone: Backbone | None = None,
         feature_stride: int = 4,
         train_num_points: int | float = 0.0625,
         oversample_ratio: float = 3.0,
@@ -229,7 +213,7 @@ class PointRendHead(Head):
         coarse_stride: int | None = None,
         budget: str | None = None,
         budgets: dict | None = None,
-        name: str = "pointrend",
+        name: str | None = None,
     ):
         super().__init__(num_classes, backbone)
         if budget is not None and budgets is not None and budget not in budgets:
@@ -237,11 +221,9 @@ class PointRendHead(Head):
         self.budget = budget
         if backbone is None:
             raise ValueError("head=pointrend needs the backbone (for its feature channels)")
-        if getattr(backbone, "stride", None) == 1:
+        if backbone.output_stride == 1:
             raise _stop_at_stride_one()
-        channels = _backbone_feature_channels(backbone)
-        # The backbone's declared strides (dilated encoders repeat stride 8), else smp's 2, 4, 8, ...
-        strides = tuple(getattr(backbone, "feature_strides", None) or (2 ** (i + 1) for i in range(len(channels))))
+        channels, strides = backbone.feature_channels, backbone.feature_strides
         if feature_stride not in strides:
             raise ValueError(f"head.feature_stride={feature_stride!r} is not a level of this backbone; it has strides {strides}")
         if isinstance(train_num_points, float) and not 0 < train_num_points <= 1:

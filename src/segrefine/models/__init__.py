@@ -1,1 +1,2 @@
-"""Backbones: each ``forward(image) -> BackboneOutput`` (see segrefine.types)."""
+"""Backbones: each subclasses ``segrefine.models.base.Backbone`` (the declared contract) and
+returns ``forward(image) -> BackboneOutput`` (see segrefine.types)."""

@@ -1,21 +1,36 @@
-"""The encoder side shared by all backbones: an smp encoder and its pyramid bookkeeping."""
+"""The encoder side shared by the smp backbones: name checks, encoders, pyramid bookkeeping."""
 
 from __future__ import annotations
 
+import timm
 import torch
-from segmentation_models_pytorch.encoders import get_encoder
+from segmentation_models_pytorch import encoders as smp_encoders
 from torch import nn
 
 
-def build_encoder(name: str, in_channels: int, depth: int, weights: str | None) -> nn.Module:
-    """An smp encoder; turns smp's KeyError for unknown names into a readable error."""
-    try:
-        return get_encoder(name, in_channels=in_channels, depth=depth, weights=weights)
-    except KeyError:
+def check_encoder_name(name: str) -> None:
+    """Refuse a name segmentation-models-pytorch does not know, before anything is built.
+
+    Checked against smp's own list (and timm's for ``tu-`` names), so a typo costs nothing:
+    building an encoder to find out would draw random initial weights and shift every later
+    random number of the run.
+    """
+    known = (
+        name in smp_encoders.encoders
+        or (name.startswith("tu-") and timm.is_model(name[3:]))
+        or (name.startswith("timm-") and smp_encoders.is_equivalent_to_timm_universal(name))
+    )
+    if not known:
         raise ValueError(
             f"backbone.encoder_name={name!r} is not an encoder segmentation-models-pytorch knows; "
             "list them with segmentation_models_pytorch.encoders.get_encoder_names()"
-        ) from None
+        )
+
+
+def build_encoder(name: str, in_channels: int, depth: int, weights: str | None, **kwargs) -> nn.Module:
+    """An smp encoder, its name checked first (``check_encoder_name``)."""
+    check_encoder_name(name)
+    return smp_encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights, **kwargs)
 
 
 def prune_unused(encoder: nn.Module, in_channels: int) -> nn.Module:
@@ -41,7 +56,6 @@ def prune_unused(encoder: nn.Module, in_channels: int) -> nn.Module:
     return encoder
 
 
-def pyramid(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-    """Drop smp's stride-1 identity entry; return the levels (finest first) and their strides."""
-    levels = list(features[1:])
-    return levels, tuple(2 ** (i + 1) for i in range(len(levels)))
+def pyramid(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """smp's encoder output without its stride-1 identity entry: the levels, finest first."""
+    return list(features[1:])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrefine.models.base import Backbone, resolve_output_stride
 from segrefine.models.encoders import build_encoder, pyramid
 from segrefine.models.fineskip import FINE_STRIDE, build_fine_skip
 from segrefine.types import BackboneOutput
@@ -23,13 +24,16 @@ def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
     return weight
 
 
-class FCN(nn.Module):
+class FCN(Backbone):
     """1x1 score layers on the stride-32 (and 16, 8) features; coarser scores are upsampled
     2x (learned transposed conv initialised bilinear, or fixed bilinear) and summed with the
     next finer ones. Logits come out at the variant's stride; the head upsamples the rest.
 
     ``fine_skip=true``: the "none + stride-4 skip" control (segrefine.models.fineskip) on top
-    of the variant's score map; logits then come out at stride 4."""
+    of the variant's score map; logits then come out at stride 4.
+
+    output_stride: None, or the stride just described (anything else is refused: the variant
+    sets FCN's stride). name: the config's label (cfg.backbone.name), passed by Hydra, unused."""
 
     def __init__(
         self,
@@ -43,7 +47,8 @@ class FCN(nn.Module):
         fine_skip_channels: int = 256,
         fine_skip_layers: int = 3,
         fine_skip_coarse_weight: float = 1.0,
-        name: str = "fcn",
+        output_stride: int | None = None,
+        name: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANT_STRIDES:
@@ -51,15 +56,18 @@ class FCN(nn.Module):
         if upsampling not in ("learned", "bilinear"):
             raise ValueError(f"backbone.upsampling={upsampling!r} must be 'learned' or 'bilinear'")
         self.encoder = build_encoder(encoder_name, in_channels, 5, encoder_weights)
-        self.stride = VARIANT_STRIDES[variant]
-        self.required_divisor = 32
-        # Channels of each pyramid level in BackboneOutput.features (aligned with feature_strides).
-        self.feature_channels = tuple(self.encoder.out_channels[1:])
-        self.feature_strides = tuple(2 ** (i + 1) for i in range(len(self.feature_channels)))
+        self.score_stride = VARIANT_STRIDES[variant]
+        own = FINE_STRIDE if fine_skip else self.score_stride
+        how = "backbone.fine_skip=true" if fine_skip else f"backbone.variant={variant}; 32s, 16s, 8s give 32, 16, 8"
+        self.declare(
+            feature_channels=tuple(self.encoder.out_channels[1:]),
+            required_divisor=32,
+            output_stride=resolve_output_stride(output_stride, (own,), own, how),
+        )
         # Score layers for strides 32, 16, 8 (as many as the variant uses), coarsest first.
-        self.score_strides = [s for s in (32, 16, 8) if s >= self.stride]
-        channels = dict(zip((2, 4, 8, 16, 32), self.encoder.out_channels[1:]))
-        self.scores = nn.ModuleList(nn.Conv2d(channels[s], num_classes, 1) for s in self.score_strides)
+        self.score_strides = [s for s in (32, 16, 8) if s >= self.score_stride]
+        by_stride = dict(zip(self.feature_strides, self.feature_channels))
+        self.scores = nn.ModuleList(nn.Conv2d(by_stride[s], num_classes, 1) for s in self.score_strides)
         for conv in self.scores[1:]:
             # Skip scores start at zero as in the paper, so training begins from the coarser net.
             nn.init.zeros_(conv.weight)
@@ -76,13 +84,10 @@ class FCN(nn.Module):
             fine_skip, self.feature_channels, self.feature_strides, num_classes, fine_skip_channels, fine_skip_layers
         )
         self.fine_skip_coarse_weight = float(fine_skip_coarse_weight)
-        self.score_stride = self.stride
-        if self.fine_skip is not None:
-            self.stride = FINE_STRIDE
 
     def forward(self, image: torch.Tensor) -> BackboneOutput:
-        levels, strides = pyramid(self.encoder(image))
-        by_stride = dict(zip(strides, levels))
+        levels = pyramid(self.encoder(image))
+        by_stride = dict(zip(self.feature_strides, levels))
         logits = self.scores[0](by_stride[32])
         for i, s in enumerate(self.score_strides[1:]):
             skip = self.scores[i + 1](by_stride[s])
@@ -95,6 +100,4 @@ class FCN(nn.Module):
         if self.fine_skip is not None:
             auxiliary["coarse"] = (self.fine_skip_coarse_weight, logits)
             logits = self.fine_skip(logits, by_stride[FINE_STRIDE])
-        return BackboneOutput(
-            logits=logits, features=levels, feature_strides=strides, stride=self.stride, auxiliary=auxiliary
-        )
+        return self.output(logits, levels, auxiliary)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 
-from segrefine.models.encoders import build_encoder, prune_unused, pyramid
+from segrefine.models.base import Backbone, resolve_output_stride
+from segrefine.models.encoders import build_encoder, check_encoder_name, prune_unused, pyramid
 from segrefine.models.fineskip import FINE_STRIDE, build_fine_skip
 from segrefine.types import BackboneOutput
 
@@ -74,13 +74,16 @@ def classifier(in_channels: int, mid_channels: int, num_classes: int, dropout: f
     return nn.Sequential(conv_bn_relu(in_channels, mid_channels, 3), nn.Dropout2d(dropout), nn.Conv2d(mid_channels, num_classes, 1))
 
 
-class PSPNet(nn.Module):
+class PSPNet(Backbone):
     """PSPNet, ``variant`` ``lite`` or ``zhao`` (module docstring). Null ``encoder_name``,
     ``encoder_depth``, ``psp_out_channels`` take the variant's values (``DEFAULTS``).
 
     aux_weight, aux_channels: the zhao variant's stage-3 auxiliary loss weight (0.4) and width (256).
     dropout: before the zhao classifiers (0.1).
     fine_skip, fine_skip_channels, fine_skip_layers, fine_skip_coarse_weight: the stride-4 control.
+    output_stride: None, or the stride the variant gives (lite 2**encoder_depth, zhao 8; 4 with
+        fine_skip); anything else is refused.
+    name: the config's label (cfg.backbone.name), passed by Hydra, unused.
     """
 
     def __init__(
@@ -99,7 +102,8 @@ class PSPNet(nn.Module):
         fine_skip_channels: int = 256,
         fine_skip_layers: int = 3,
         fine_skip_coarse_weight: float = 1.0,
-        name: str = "pspnet",
+        output_stride: int | None = None,
+        name: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -119,15 +123,24 @@ class PSPNet(nn.Module):
                 )
             self._build_zhao(in_channels, num_classes, encoder_name, encoder_weights, psp_out_channels, aux_channels, dropout)
         self.aux_weight = float(aux_weight)
-        self.required_divisor = self.native_stride
+        own = FINE_STRIDE if fine_skip else self.native_stride
+        how = "backbone.fine_skip=true" if fine_skip else (
+            f"backbone.variant=lite, encoder_depth={encoder_depth}: 2**encoder_depth" if variant == "lite"
+            else "backbone.variant=zhao: dilated to 8")
+        self.declare(
+            feature_channels=self.encoder.out_channels[1:],
+            # Dilation keeps zhao's layer3 and layer4 at stride 8 (feature_at(8) is layer2, the first of them).
+            feature_strides=(2, 4, 8, 8, 8) if variant == "zhao" else None,
+            required_divisor=self.native_stride,
+            output_stride=resolve_output_stride(output_stride, (own,), own, how),
+        )
         self.fine_skip = build_fine_skip(
             fine_skip, self.feature_channels, self.feature_strides, num_classes, fine_skip_channels, fine_skip_layers
         )
         self.fine_skip_coarse_weight = float(fine_skip_coarse_weight)
-        self.stride = FINE_STRIDE if self.fine_skip is not None else self.native_stride
 
     def _build_lite(self, in_channels, num_classes, encoder_name, encoder_weights, encoder_depth, psp_out_channels):
-        build_encoder(encoder_name, in_channels, encoder_depth, None)
+        check_encoder_name(encoder_name)
         net = smp.PSPNet(
             encoder_name=encoder_name,
             encoder_weights=encoder_weights,
@@ -141,14 +154,11 @@ class PSPNet(nn.Module):
         # smp's head is conv -> upsample -> activation; keep only the conv (heads upsample).
         self.classifier = net.segmentation_head[0]
         self.native_stride = 2**encoder_depth
-        # Channels of each pyramid level in BackboneOutput.features (aligned with feature_strides).
-        self.feature_channels = tuple(self.encoder.out_channels[1:])
-        self.feature_strides = tuple(2 ** (i + 1) for i in range(len(self.feature_channels)))
 
     def _build_zhao(self, in_channels, num_classes, encoder_name, encoder_weights, psp_out_channels, aux_channels, dropout):
-        build_encoder(encoder_name, in_channels, 5, None)  # validates the name with a readable error
+        check_encoder_name(encoder_name)
         try:
-            self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5, weights=encoder_weights, output_stride=8)
+            self.encoder = build_encoder(encoder_name, in_channels, 5, encoder_weights, output_stride=8)
         except (ValueError, AttributeError, NotImplementedError) as e:
             raise ValueError(f"backbone.encoder_name={encoder_name!r} cannot be dilated to output stride 8 by smp ({e})") from None
         channels = self.encoder.out_channels
@@ -156,24 +166,18 @@ class PSPNet(nn.Module):
         self.classifier = classifier(self.ppm.out_channels, psp_out_channels, num_classes, dropout)
         self.aux_classifier = classifier(channels[4], aux_channels, num_classes, dropout)
         self.native_stride = 8
-        self.feature_channels = tuple(channels[1:])
-        # Dilation keeps layer3 and layer4 at stride 8 (feature_at(8) is layer2, the first of them).
-        self.feature_strides = (2, 4, 8, 8, 8)
 
     def forward(self, image: torch.Tensor) -> BackboneOutput:
         features = self.encoder(image)
         auxiliary = {}
+        levels = pyramid(features)
         if self.variant == "lite":
             logits = self.classifier(self.decoder(features))
-            levels, _ = pyramid(features)
         else:
-            levels = list(features[1:])
             logits = self.classifier(self.ppm(levels[-1]))
             if self.training:  # deep supervision only; inference never computes it
                 auxiliary["aux_stage3"] = (self.aux_weight, self.aux_classifier(levels[3]))
         if self.fine_skip is not None:
             auxiliary["coarse"] = (self.fine_skip_coarse_weight, logits)
             logits = self.fine_skip(logits, levels[self.feature_strides.index(FINE_STRIDE)])
-        return BackboneOutput(
-            logits=logits, features=levels, feature_strides=self.feature_strides, stride=self.stride, auxiliary=auxiliary
-        )
+        return self.output(logits, levels, auxiliary)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.models.vgg import cfgs as VGG_CFGS
 
+from segrefine.models.base import Backbone, resolve_output_stride
 from segrefine.types import BackboneOutput
 
 # torchvision's layer lists: "A" vgg11, "B" vgg13, "D" vgg16, "E" vgg19.
@@ -45,9 +46,12 @@ def vgg_stages(encoder_name: str) -> list[list[int]]:
     return stages
 
 
-class SegNet(nn.Module):
+class SegNet(Backbone):
     """See the module docstring. ``feature_channels``/``feature_strides``: the pooled output of
-    each encoder stage (stride 2, 4, ..., 2**encoder_depth)."""
+    each encoder stage (stride 2, 4, ..., 2**encoder_depth).
+
+    output_stride: None or 1 (SegNet has no coarse map; anything else is refused).
+    name: the config's label (cfg.backbone.name), passed by Hydra, unused."""
 
     def __init__(
         self,
@@ -55,7 +59,8 @@ class SegNet(nn.Module):
         num_classes: int,
         encoder_name: str = "vgg16_bn",
         encoder_depth: int = 5,
-        name: str = "segnet",
+        output_stride: int | None = None,
+        name: str | None = None,
     ):
         super().__init__()
         stages = vgg_stages(encoder_name)
@@ -83,10 +88,11 @@ class SegNet(nn.Module):
             self.decoder.append(nn.Sequential(*layers))
         self.pool = nn.MaxPool2d(2, 2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2, 2)
-        self.stride = 1
-        self.required_divisor = 2**encoder_depth
-        self.feature_channels = tuple(widths[-1] for widths in stages)
-        self.feature_strides = tuple(2 ** (i + 1) for i in range(encoder_depth))
+        self.declare(
+            feature_channels=tuple(widths[-1] for widths in stages),
+            required_divisor=2**encoder_depth,
+            output_stride=resolve_output_stride(output_stride, (1,), 1, "SegNet's decoder always unpools to full size"),
+        )
 
     def forward(self, image: torch.Tensor) -> BackboneOutput:
         x, levels, indices, sizes = image, [], [], []
@@ -98,4 +104,4 @@ class SegNet(nn.Module):
             levels.append(x)
         for stage, index, size in zip(self.decoder, reversed(indices), reversed(sizes)):
             x = stage(self.unpool(x, index, output_size=size))
-        return BackboneOutput(logits=x, features=levels, feature_strides=self.feature_strides, stride=1)
+        return self.output(x, levels)

@@ -6,20 +6,22 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from segrefine.models.encoders import build_encoder, pyramid
+from segrefine.models.base import Backbone, resolve_output_stride
+from segrefine.models.encoders import check_encoder_name, prune_unused, pyramid
 from segrefine.types import BackboneOutput
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """smp U-Net returning logits at ``output_stride`` (default 1: full resolution) and the encoder pyramid.
 
     ``output_stride`` > 1 (a power of two up to ``2**(encoder_depth - 1)``) truncates the decoder:
     only the blocks up to the one that reaches that stride are kept, and a new 3x3 classifier
     (like smp's segmentation head) on that block's channels gives a coarse map for heads that
     refine one (PointRend). The dropped blocks and smp's full-resolution head are removed, so
-    they cost nothing and hold no unused parameters. ``output_stride=1`` is smp's U-Net unchanged.
+    they cost nothing and hold no unused parameters (nor do encoder stages beyond
+    ``encoder_depth``, which smp keeps). ``output_stride=1`` is smp's U-Net otherwise unchanged.
 
-    ``feature_channels``: channels of each pyramid level, aligned with ``feature_strides``.
+    name: the config's label (cfg.backbone.name), passed by Hydra, unused.
     """
 
     def __init__(
@@ -30,11 +32,13 @@ class UNet(nn.Module):
         encoder_weights: str | None = None,
         encoder_depth: int = 5,
         decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16),
-        output_stride: int = 1,
-        name: str = "unet",
+        output_stride: int | None = 1,
+        name: str | None = None,
     ):
         super().__init__()
-        build_encoder(encoder_name, in_channels, encoder_depth, None)  # validates the name cheaply
+        check_encoder_name(encoder_name)
+        how = f"a power of two below 2**encoder_depth={2**encoder_depth}"
+        output_stride = resolve_output_stride(output_stride, tuple(2**k for k in range(encoder_depth)), 1, how)
         self.net = smp.Unet(
             encoder_name=encoder_name,
             encoder_weights=encoder_weights,
@@ -43,15 +47,13 @@ class UNet(nn.Module):
             in_channels=in_channels,
             classes=num_classes,
         )
-        self.required_divisor = 2**encoder_depth
-        self.feature_channels = tuple(self.net.encoder.out_channels[1:])
-        allowed = [2**k for k in range(encoder_depth)]
-        if output_stride not in allowed:
-            raise ValueError(
-                f"backbone.output_stride={output_stride!r} must be one of {allowed} "
-                f"(a power of two below 2**encoder_depth={2**encoder_depth})"
-            )
-        self.stride = output_stride
+        # smp keeps ResNet's deeper stages below encoder_depth=5 although its forward skips them.
+        self.net.encoder = prune_unused(self.net.encoder, in_channels)
+        self.declare(
+            feature_channels=self.net.encoder.out_channels[1:],
+            required_divisor=2**encoder_depth,
+            output_stride=output_stride,
+        )
         if output_stride > 1:
             # Decoder block i upsamples to stride 2**(encoder_depth - 1 - i); keep those down to output_stride.
             keep = encoder_depth - output_stride.bit_length() + 1
@@ -62,5 +64,4 @@ class UNet(nn.Module):
     def forward(self, image: torch.Tensor) -> BackboneOutput:
         features = self.net.encoder(image)
         logits = self.net.segmentation_head(self.net.decoder(features))
-        levels, strides = pyramid(features)
-        return BackboneOutput(logits=logits, features=levels, feature_strides=strides, stride=self.stride)
+        return self.output(logits, pyramid(features))
