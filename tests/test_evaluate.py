@@ -123,7 +123,8 @@ def test_densecrf_head_matches_pydensecrf_densecrf2d_on_rgb():
     rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8))
     crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=rgb, compat=10)
     expected = np.array(crf.inference(3)).reshape(2, h, w)
-    head = DenseCRFHead(num_classes=2, intensity_range=(0, 255), num_workers=1, iterations=3)
+    head = DenseCRFHead(num_classes=2, intensity_range=(0, 255), num_workers=1, iterations=3,
+                        gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_schan=13, bilateral_compat=10)
     assert np.allclose(head.refine(probs[None], image[None])[0].numpy(), expected, atol=1e-5)
 
 
