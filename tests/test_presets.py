@@ -51,7 +51,7 @@ def test_experiment_data_preset_composes_and_instantiates(experiment, source, pr
     datamodule = build_data(cfg)
     module = build_module(cfg, datamodule)
     assert module.num_classes == datamodule.num_classes
-    if preset == "full" and experiment != "quick":  # quick fixes its own 8 epochs
+    if preset == "full":
         # the original study's schedule, whatever the source
         assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.limit_train_batches) == (5, 80, 10)
         assert cfg.optim.optimizer.lr == 1e-3 and cfg.optim.scheduler.power == 0.9
