@@ -12,6 +12,11 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "conf")
 
+# Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker gets its share of
+# the CPUs: every worker using all of them would only make them wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -166,6 +166,7 @@ def test_multirun_under_torchrun_needs_no_patch(tmp_path, data_dir):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # a CLI run on two processes; the 2-job x 2-rank multirun (slow) covers it too
 def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
     run = tmp_path / "ddp"
     proc = cli("segrefine.train", *BASE, *CPU_DDP, "data.batch_size=4", f"paths.data_dir={data_dir}",
