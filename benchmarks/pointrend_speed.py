@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
+from segrefine.build import build_component
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 BACKBONES = {
@@ -42,8 +42,8 @@ def build(overrides: list[str], head: str, extra: list[str], in_channels: int, n
         cfg = compose("train", overrides=[*overrides, f"head={head}", "paths.output_dir=/tmp/unused",
                                           *(extra if head == "pointrend" else [])])
     torch.manual_seed(0)
-    backbone = instantiate(cfg.backbone, in_channels=in_channels, num_classes=num_classes).eval()
-    return backbone, instantiate(cfg.head, num_classes=num_classes, backbone=backbone).eval()
+    backbone = build_component(cfg.backbone, in_channels=in_channels, num_classes=num_classes).eval()
+    return backbone, build_component(cfg.head, num_classes=num_classes, backbone=backbone).eval()
 
 
 class Stopwatch:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
+from segrefine.build import build_component
 from segrefine.models.fcn import bilinear_kernel
 from segrefine.build import build_data, build_module
 
@@ -25,7 +25,7 @@ VARIANTS = [
 @pytest.mark.parametrize("overrides,stride", VARIANTS, ids=lambda v: "-".join(v) if isinstance(v, list) else str(v))
 def test_backbone_shapes_strides_and_gradients(make_cfg, overrides, stride):
     cfg = make_cfg(*overrides)
-    backbone = instantiate(cfg.backbone, in_channels=2, num_classes=4)
+    backbone = build_component(cfg.backbone, in_channels=2, num_classes=4)
     image = torch.randn(2, 2, 64, 96)
     out = backbone(image)
     assert out.stride == backbone.output_stride == stride
@@ -69,7 +69,7 @@ def test_unknown_encoder_name_is_named_before_anything_is_built(make_cfg, overri
     torch.manual_seed(0)
     state = torch.get_rng_state()
     with pytest.raises(Exception, match="encoder_name='resnet_nope' is not an encoder"):
-        instantiate(cfg.backbone, in_channels=1, num_classes=2)
+        build_component(cfg.backbone, in_channels=1, num_classes=2)
     # Nothing was built: no initial weights drawn, so the run's random numbers are not shifted.
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -91,11 +91,11 @@ def test_known_encoder_names_pass_the_check(encoder_name):
 def test_an_output_stride_a_backbone_cannot_give_is_refused(make_cfg, overrides, message):
     cfg = make_cfg(*overrides)
     with pytest.raises(Exception, match=f"backbone.output_stride=.* is not a stride this backbone gives: it {message}"):
-        instantiate(cfg.backbone, in_channels=1, num_classes=2)
+        build_component(cfg.backbone, in_channels=1, num_classes=2)
 
 
 @pytest.mark.parametrize("overrides,stride", [(["backbone=fcn", "backbone.variant=16s"], 16), (["backbone=segnet"], 1),
                                               (["backbone=pspnet"], 8)])
 def test_the_backbones_own_output_stride_is_accepted(make_cfg, overrides, stride):
     cfg = make_cfg(*overrides, f"+backbone.output_stride={stride}")
-    assert instantiate(cfg.backbone, in_channels=1, num_classes=2).output_stride == stride
+    assert build_component(cfg.backbone, in_channels=1, num_classes=2).output_stride == stride

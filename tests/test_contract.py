@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
+from segrefine.build import build_component
 from segrefine.heads.base import auxiliary_losses
 from segrefine.models.base import Backbone
 from segrefine.module import SegmentationModule
@@ -59,8 +58,7 @@ def composed(*overrides: str):
 
 def build_head(cfg, backbone: Backbone) -> nn.Module:
     """The head of a composed config, built as the train entry point builds it."""
-    head_cfg = OmegaConf.masked_copy(cfg.head, [k for k in cfg.head if k != "tuned"])
-    return instantiate(head_cfg, num_classes=NUM_CLASSES, backbone=backbone)
+    return build_component(cfg.head, num_classes=NUM_CLASSES, backbone=backbone)
 
 
 # -- the matrix ----------------------------------------------------------------------------
@@ -71,7 +69,7 @@ def build_head(cfg, backbone: Backbone) -> nn.Module:
 def test_every_backbone_with_every_head_forward_and_backward(single_thread, backbone, head):
     torch.manual_seed(0)
     cfg = composed(*BACKBONES[backbone], *HEADS[head])
-    net = instantiate(cfg.backbone, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    net = build_component(cfg.backbone, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
     assert isinstance(net, Backbone)
     if head in NEEDS_COARSE_MAP and net.output_stride == 1:
         with pytest.raises(Exception, match="needs a coarse prediction .* backbone.output_stride"):
@@ -113,7 +111,7 @@ def test_every_backbone_with_every_head_forward_and_backward(single_thread, back
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_declared_channels_and_strides_match_the_feature_maps(single_thread, backbone):
     cfg = composed(*BACKBONES[backbone], *HEADS["none"])
-    net = instantiate(cfg.backbone, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES).eval()
+    net = build_component(cfg.backbone, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES).eval()
     height, width = 2 * net.required_divisor, 3 * net.required_divisor
     with torch.no_grad():
         out = net(torch.randn(2, IN_CHANNELS, height, width))
@@ -142,7 +140,7 @@ class Duck(nn.Module):
 def test_a_head_refuses_a_backbone_that_is_not_a_backbone(head):
     cfg = composed(*BACKBONES[next(iter(BACKBONES))], *HEADS[head])
     with pytest.raises(Exception) as caught:
-        instantiate(cfg.head, num_classes=NUM_CLASSES, backbone=Duck())
+        build_component(cfg.head, num_classes=NUM_CLASSES, backbone=Duck())
     error = caught.value.__cause__ or caught.value  # Hydra wraps constructor errors
     assert isinstance(error, TypeError) and "Duck" in str(error) and "segrefine.models.base.Backbone" in str(error)
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
+from segrefine.build import build_component
 from segrefine.heads.pointrend import PointRendHead, grid_point_coords
 from segrefine.models.pspnet import PSPNet, PyramidPooling
 from segrefine.models.segnet import SegNet
@@ -164,7 +164,7 @@ def test_zhao_refuses_a_truncated_encoder():
                          ids=["fcn", "pspnet-lite", "pspnet-zhao"])
 def test_fine_skip_is_pointrends_point_head_at_every_stride4_cell(make_cfg, overrides):
     torch.manual_seed(0)
-    backbone = instantiate(make_cfg(*overrides).backbone, in_channels=1, num_classes=3).eval()
+    backbone = build_component(make_cfg(*overrides).backbone, in_channels=1, num_classes=3).eval()
     out = backbone(torch.randn(2, 1, 40, 48))
     assert out.stride == 4 and out.logits.shape == (2, 3, 10, 12)
     coarse_weight, coarse = out.auxiliary["coarse"]
@@ -218,13 +218,13 @@ def test_zheng_refuses_a_potts_compatibility(make_cfg):
 
 def test_detectron2_semantic_budget_reproduces_its_point_counts(make_cfg):
     cfg = make_cfg("backbone=fcn", "head=pointrend", "head.budget=detectron2_semantic")
-    head = instantiate(cfg.head, num_classes=3, backbone=instantiate(cfg.backbone, in_channels=1, num_classes=3))
+    head = build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))
     assert head.budget == "detectron2_semantic"
     assert head.num_training_points(512, 1024) == 2048  # TRAIN_NUM_POINTS on Cityscapes 512x1024 crops
     assert head.num_subdivision_points((1024, 2048), (1024, 2048)) == 8192  # SUBDIVISION_NUM_POINTS
     assert (head.oversample_ratio, head.importance_sample_ratio) == (3, 0.75)
     assert head.num_subdivision_points((64, 64), (32, 32)) == 16  # no floor: sparse on small images too
-    default = instantiate(make_cfg("head=pointrend").head, num_classes=3, backbone=instantiate(cfg.backbone, in_channels=1, num_classes=3))
+    default = build_component(make_cfg("head=pointrend").head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))
     assert default.num_training_points(64, 64) == 256 and default.num_subdivision_points((64, 64), (32, 32)) == 1024
     # A single key still overrides the budget's value.
     cfg = make_cfg("head=pointrend", "head.budget=detectron2_semantic", "head.train_num_points=100")
@@ -234,4 +234,4 @@ def test_detectron2_semantic_budget_reproduces_its_point_counts(make_cfg):
 def test_unknown_budget_is_named(make_cfg):
     cfg = make_cfg("backbone=fcn", "head=pointrend", "head.budget=huge")
     with pytest.raises(Exception, match="head.budget='huge' is not one of"):
-        instantiate(cfg.head, num_classes=3, backbone=instantiate(cfg.backbone, in_channels=1, num_classes=3))
+        build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from segrefine.build import build_component
 from torch import nn
 
 from segrefine.heads.base import upsample_logits
@@ -275,8 +275,8 @@ def test_losses_equal_the_hand_computed_coarse_and_point_cross_entropies():
 
 def test_gradients_reach_the_point_head_and_the_backbone(make_cfg):
     cfg = make_cfg("backbone=pspnet", "head=pointrend", "head.hidden_channels=32")
-    backbone = instantiate(cfg.backbone, in_channels=1, num_classes=3)
-    head = instantiate(cfg.head, num_classes=3, backbone=backbone)
+    backbone = build_component(cfg.backbone, in_channels=1, num_classes=3)
+    head = build_component(cfg.head, num_classes=3, backbone=backbone)
     image, mask = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
     head.losses(backbone(image), image, mask)["loss_points"].backward()  # the point loss alone
     for name, p in head.point_head.named_parameters():
@@ -322,9 +322,9 @@ def test_head_config_sets_the_unet_coarse_stride(make_cfg):
     assert make_cfg("backbone=unet", "head=pointrend", "head.coarse_stride=8").backbone.output_stride == 8
     assert make_cfg("backbone=unet", "head=pointrend", "backbone.output_stride=2").backbone.output_stride == 2
     cfg = make_cfg("backbone=unet", "head=pointrend")
-    backbone = instantiate(cfg.backbone, in_channels=1, num_classes=3)
+    backbone = build_component(cfg.backbone, in_channels=1, num_classes=3)
     assert backbone.output_stride == 4
-    assert isinstance(instantiate(cfg.head, num_classes=3, backbone=backbone), PointRendHead)
+    assert isinstance(build_component(cfg.head, num_classes=3, backbone=backbone), PointRendHead)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and not
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -39,12 +40,25 @@ def check_metrics_config(cfg: DictConfig) -> None:
         raise ValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
 
 
+# Keys of a backbone or head config that describe the component rather than configure it:
+# ``name`` labels it (tables, wandb groups, job names); ``tuned`` records how a tuning
+# protocol chose some of its values (segrefine.tuning).
+DESCRIPTIVE_KEYS = ("name", "tuned")
+
+
+def build_component(node: DictConfig, **kwargs: Any) -> Any:
+    """A backbone or head from its config node (``cfg.backbone`` / ``cfg.head``), without the
+    descriptive keys; ``kwargs`` are what the run supplies (channels, classes, the backbone)."""
+    # Resolved in place first: a node's interpolations may point elsewhere in the run config
+    # (conf/backbone/unet.yaml reads head.coarse_stride).
+    config = OmegaConf.to_container(node, resolve=True)
+    return instantiate({key: value for key, value in config.items() if key not in DESCRIPTIVE_KEYS}, **kwargs)
+
+
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     check_metrics_config(cfg)
-    backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
-    # head.tuned records how a tuning protocol chose some values (segrefine.tuning): not an argument.
-    head_cfg = OmegaConf.masked_copy(cfg.head, [key for key in cfg.head if key != "tuned"])
-    head = instantiate(head_cfg, num_classes=datamodule.num_classes, backbone=backbone)
+    backbone = build_component(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
+    head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone)
     return SegmentationModule(
         backbone=backbone,
         head=head,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
-from segrefine.results import FILENAME, read_results
+from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.runs import evaluation_record, headline, headline_key, run_record, run_recording_failure
 from segrefine.validation import check_config

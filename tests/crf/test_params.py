@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 
 from conftest import CONFIG_DIR
+from segrefine.build import build_component
 from segrefine.crf import CRFKernels
 
 KERNEL_KEYS = [f.name for f in dataclasses.fields(CRFKernels)]
@@ -29,12 +29,12 @@ def test_head_configs_hold_the_dataclass_defaults(head):
 
 @pytest.mark.parametrize("head", ["densecrf", "crfrnn"])
 def test_hydra_builds_the_head_with_the_configured_kernels(head):
-    """The yaml's name key is passed as an argument (so the heads keep accepting it)."""
+    """As the train entry point builds it: the yaml's descriptive keys (name) are not arguments."""
     cfg = _head_config(head)
-    module = instantiate(cfg, num_classes=2, **({"num_workers": 1} if head == "densecrf" else {}))
+    module = build_component(cfg, num_classes=2, **({"num_workers": 1} if head == "densecrf" else {}))
     kernels = module.kernels if head == "densecrf" else module.crf.kernels
     assert kernels == CRFKernels(**{key: cfg[key] for key in KERNEL_KEYS})
-    changed = instantiate(cfg, num_classes=2, bilateral_schan=7.0)
+    changed = build_component(cfg, num_classes=2, bilateral_schan=7.0)
     assert (changed.kernels if head == "densecrf" else changed.crf.kernels).bilateral_schan == 7.0
 
 
@@ -43,7 +43,7 @@ def test_a_bad_kernel_value_is_named_as_its_config_key(head):
     cfg = _head_config(head)
     message = r"head\.gaussian_sxy=-1\.0: a kernel width must be a positive finite number \(default 1\.0\)"
     with pytest.raises(InstantiationException, match=message):
-        instantiate(cfg, num_classes=2, gaussian_sxy=-1.0)
+        build_component(cfg, num_classes=2, gaussian_sxy=-1.0)
 
 
 def test_kernels_are_floats_and_frozen():

@@ -31,8 +31,7 @@ PARAMETRISATIONS = ("potts", "zheng")
 class CRFRNNHead(Head):
     """CRF-as-RNN head. The kernel arguments are conf/head/crfrnn.yaml's flat keys (what Hydra
     passes), defaulting to :class:`~segrefine.crf.params.CRFKernels`'s values (the yaml's);
-    the weights are initial values. ``name`` is accepted because Hydra passes the config's
-    ``name`` key; the run's head name is the config's, so it is not stored."""
+    the weights are initial values."""
 
     untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
 
@@ -40,7 +39,6 @@ class CRFRNNHead(Head):
         self,
         num_classes: int,
         backbone=None,
-        name: str = "crfrnn",
         iterations: int = 5,
         eval_iterations: int = 10,
         gaussian_sxy: float = CRFKernels.gaussian_sxy,

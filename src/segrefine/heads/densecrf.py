@@ -92,8 +92,7 @@ def head_kernels(**values: float) -> CRFKernels:
 class DenseCRFHead(Head):
     """Offline dense CRF. The kernel arguments are conf/head/densecrf.yaml's flat keys (what
     Hydra passes), held as ``self.kernels`` (:class:`~segrefine.crf.params.CRFKernels`, whose
-    defaults these are). ``name`` is accepted because Hydra passes the config's ``name`` key;
-    the run's head name is the config's, so it is not stored."""
+    defaults these are)."""
 
     untrained = "none needed (fixed CRF parameters from the config)"
 
@@ -101,7 +100,6 @@ class DenseCRFHead(Head):
         self,
         num_classes: int,
         backbone=None,
-        name: str = "densecrf",
         backend: str = "pydensecrf",
         iterations: int = 5,
         gaussian_sxy: float = CRFKernels.gaussian_sxy,

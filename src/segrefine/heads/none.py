@@ -10,11 +10,11 @@ from segrefine.types import BackboneOutput
 
 
 class NoHead(Head):
-    """name: the config's label (cfg.head.name), passed by Hydra, unused."""
+    """"""
 
     untrained = "none needed"
 
-    def __init__(self, num_classes: int, backbone: Backbone | None = None, name: str | None = None):
+    def __init__(self, num_classes: int, backbone: Backbone | None = None):
         super().__init__(num_classes, backbone)
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:

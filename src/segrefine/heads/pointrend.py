@@ -193,7 +193,7 @@ class PointRendHead(Head):
     coarse_stride: not used by the head; conf/backbone/unet.yaml reads it to truncate U-Net.
     budget, budgets: the named point budget conf/head/pointrend.yaml resolved the five sampling
         arguments from (recorded, and checked to be a known name); not read otherwise.
-    name: the config's label (cfg.head.name), passed by Hydra, unused.
+   
     """
 
     def __init__(
@@ -213,7 +213,6 @@ class PointRendHead(Head):
         coarse_stride: int | None = None,
         budget: str | None = None,
         budgets: dict | None = None,
-        name: str | None = None,
     ):
         super().__init__(num_classes, backbone)
         if budget is not None and budgets is not None and budget not in budgets:

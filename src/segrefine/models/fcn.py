@@ -33,7 +33,7 @@ class FCN(Backbone):
     of the variant's score map; logits then come out at stride 4.
 
     output_stride: None, or the stride just described (anything else is refused: the variant
-    sets FCN's stride). name: the config's label (cfg.backbone.name), passed by Hydra, unused."""
+    sets FCN's stride)."""
 
     def __init__(
         self,
@@ -48,7 +48,6 @@ class FCN(Backbone):
         fine_skip_layers: int = 3,
         fine_skip_coarse_weight: float = 1.0,
         output_stride: int | None = None,
-        name: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANT_STRIDES:

@@ -83,7 +83,7 @@ class PSPNet(Backbone):
     fine_skip, fine_skip_channels, fine_skip_layers, fine_skip_coarse_weight: the stride-4 control.
     output_stride: None, or the stride the variant gives (lite 2**encoder_depth, zhao 8; 4 with
         fine_skip); anything else is refused.
-    name: the config's label (cfg.backbone.name), passed by Hydra, unused.
+   
     """
 
     def __init__(
@@ -103,7 +103,6 @@ class PSPNet(Backbone):
         fine_skip_layers: int = 3,
         fine_skip_coarse_weight: float = 1.0,
         output_stride: int | None = None,
-        name: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:

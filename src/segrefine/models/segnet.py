@@ -51,7 +51,7 @@ class SegNet(Backbone):
     each encoder stage (stride 2, 4, ..., 2**encoder_depth).
 
     output_stride: None or 1 (SegNet has no coarse map; anything else is refused).
-    name: the config's label (cfg.backbone.name), passed by Hydra, unused."""
+   """
 
     def __init__(
         self,
@@ -60,7 +60,6 @@ class SegNet(Backbone):
         encoder_name: str = "vgg16_bn",
         encoder_depth: int = 5,
         output_stride: int | None = None,
-        name: str | None = None,
     ):
         super().__init__()
         stages = vgg_stages(encoder_name)

@@ -21,7 +21,7 @@ class UNet(Backbone):
     they cost nothing and hold no unused parameters (nor do encoder stages beyond
     ``encoder_depth``, which smp keeps). ``output_stride=1`` is smp's U-Net otherwise unchanged.
 
-    name: the config's label (cfg.backbone.name), passed by Hydra, unused.
+   
     """
 
     def __init__(
@@ -33,7 +33,6 @@ class UNet(Backbone):
         encoder_depth: int = 5,
         decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16),
         output_stride: int | None = 1,
-        name: str | None = None,
     ):
         super().__init__()
         check_encoder_name(encoder_name)
