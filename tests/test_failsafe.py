@@ -148,7 +148,7 @@ def test_a_crafted_pickle_checkpoint_never_runs(make_cfg, tmp_path):
 def test_stored_config_targets_are_segrefine_or_allowed(trained, tmp_path):
     check_targets({"a": {"_target_": "torch.optim.Adam"}, "b": {"_target_": "segrefine.heads.none.NoHead"},
                    "c": {"_target_": "pytorch_lightning.Trainer"}}, "ok")
-    for target in ("tempfile.mkdtemp", "segrefine.runs.os.system", "os.system", "pytorch_lightning.seed_everything"):
+    for target in ("tempfile.mkdtemp", "segrefine.configs.os.system", "os.system", "pytorch_lightning.seed_everything"):
         with pytest.raises(CheckpointError, match=re.escape(f"x._target_={target!r}")):
             check_targets({"x": {"_target_": target}}, "here")
 

@@ -71,7 +71,7 @@ def check_targets(config: Any, where: str, prefix: str = "") -> None:
     """Refuse a stored config naming a ``_target_`` that is neither segrefine's nor allowed.
 
     The name is checked before anything is imported, and what it resolves to must be defined
-    in that package (``segrefine.runs.os.system`` is ``os.system``, not segrefine's)."""
+    in that package (``segrefine.configs.os.system`` is ``os.system``, not segrefine's)."""
     if isinstance(config, Mapping):
         target = config.get("_target_")
         if target is not None:
