@@ -1,6 +1,6 @@
 """Run-only keys and path placeholders: what makes two run configs 'the same run'."""
 
-from segrefine.runconfig import comparable_config, config_differences
+from segrefine.runconfig import curated_config, comparable_config, config_differences
 
 
 def _config(root: str, lr: float = 1e-3, **top) -> dict:
@@ -71,3 +71,12 @@ def test_init_from_is_per_seed_so_rows_across_seeds_ignore_its_path():
     assert config_differences(comparable_config(a, drop=("seed",)), comparable_config(b, drop=("seed",))) == []
     assert config_differences(comparable_config(a, drop=("seed",)), comparable_config(scratch, drop=("seed",))) == [
         "init_from"]
+
+
+def test_curated_config_shows_no_machine_path_even_where_a_study_made_it_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {"paths": {"root_dir": ".", "log_dir": "./outputs", "data_dir": "./data", "output_dir": "outputs/s/train/b"},
+              "init_from": str(tmp_path / "outputs" / "s" / "train" / "a"), "data": {"root": "./data/synthetic"},
+              "seed": 3, "name": "s"}
+    assert curated_config(config) == {"init_from": "<paths.log_dir>/s/train/a", "data": {"root": "<paths.data_dir>/synthetic"},
+                                      "seed": 3}

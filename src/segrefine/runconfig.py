@@ -10,6 +10,7 @@ config, results.json's ``run_config``): it keeps the values a tuning protocol ch
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 # Dotted keys (a whole subtree when a prefix) that never change what a run computes.
@@ -80,8 +81,12 @@ def curated_config(config: Mapping[str, Any]) -> dict[str, Any]:
     the resolved config without run-only keys, machine paths as ``<paths.key>/rest``.
 
     Unlike ``comparable_config`` it keeps what the run really used: tuned head values and
-    ``init_from`` stay as they are, since a results table wants the values themselves."""
-    return _settings(config)
+    ``init_from`` stay as they are, since a results table wants the values themselves.
+    Computed where the run runs, so relative ``paths.*`` (the default ``.``) also match the
+    absolute paths a study hands over (``init_from=/abs/outputs/...``)."""
+    absolute = [(os.path.abspath(value), placeholder) for value, placeholder in _path_prefixes(config)
+                if not os.path.isabs(value)]
+    return _replace_paths(_settings(config), sorted(absolute, key=lambda pair: -len(pair[0])))
 
 
 def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
