@@ -129,8 +129,8 @@ def ddp_sweep(*launch: str, tmp_path: Path, data_dir: Path) -> tuple[subprocess.
                f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: "seed=1" in p.name.split(","))
-    assert len(jobs) == 2 and ["seed=0" in jobs[0].name.split(","), "seed=1" in jobs[1].name.split(",")] == [True, True]
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: "seed-1" in p.name.split("+"))
+    assert len(jobs) == 2 and ["seed-0" in jobs[0].name.split("+"), "seed-1" in jobs[1].name.split("+")] == [True, True]
     # No other sweep or run folder anywhere (a rerun sweep would keep hydra.sweep.dir, hence the
     # stdout checks in the callers).
     assert list(tmp_path.rglob("multirun.yaml")) == [sweep / "multirun.yaml"]

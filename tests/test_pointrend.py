@@ -398,7 +398,8 @@ def test_pointrend_beats_its_own_coarse_map_upsampled(make_cfg, tmp_path):
     """End to end, paired: the same trained weights evaluated with PointRend vs bilinear upsampling."""
     out = tmp_path / "run"
     cfg = make_cfg("backbone=pspnet", "head=pointrend", "data.image_size=64", "data.num_train=96",
-                   "data.batch_size=16", "trainer.max_epochs=6", output_dir=out)
+                   "data.batch_size=16", "trainer.max_epochs=6", "metrics.boundary_tolerance=2",
+                   "metrics.boundary_tolerance_unit=pixels", output_dir=out)
     metrics = train(cfg)
     saved = json.loads((out / "results.json").read_text())
     datamodule = build_data(cfg)
