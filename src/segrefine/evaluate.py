@@ -130,20 +130,19 @@ def training_wandb_id(ckpt_file: Path) -> str | None:
         return None
 
 
-def wandb_source(cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) -> dict[str, Any]:
+def lineage(train_cfg: DictConfig) -> dict[str, Any]:
+    """Which training run an evaluation's checkpoint comes from: its head, experiment, seed."""
+    return {"head": train_cfg.head.name, "experiment": train_cfg.name, "seed": train_cfg.seed}
+
+
+def wandb_source(cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path, run_id: str | None) -> dict[str, Any]:
     """What an evaluation's wandb config says besides the run config: the split, and which
     training run's checkpoint it evaluated (the checkpoint relative to that run's folder and
-    its wandb id), so a densecrf row leads back to its ``none`` run."""
+    its wandb id ``run_id``), so a densecrf row leads back to its ``none`` run."""
     run_folder = ckpt_file.parent.parent if ckpt_file.parent.name == "checkpoints" else ckpt_file.parent
     return {
         "split": cfg.split,
-        "source": {
-            "checkpoint": os.path.relpath(ckpt_file, run_folder),
-            "run_id": training_wandb_id(ckpt_file),
-            "head": train_cfg.head.name,
-            "experiment": train_cfg.name,
-            "seed": train_cfg.seed,
-        },
+        "source": {"checkpoint": os.path.relpath(ckpt_file, run_folder), "run_id": run_id, **lineage(train_cfg)},
     }
 
 
@@ -158,7 +157,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
-    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary, parameter_counts
+    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
 
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
@@ -180,11 +179,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if HydraConfig.initialized():
         use_job_command_for_ddp()
     try:
-        logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file)))
+        training_id = training_wandb_id(ckpt_file)
+        logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file,
+                                                                                            training_id)))
         trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
         trainer.test(module, dataloaders=loader, verbose=False)
-        params = parameter_counts(module)
+        params = module.parameter_counts()
         metrics = {**module.test_results, **params}
         if not trainer.is_global_zero:
             return metrics
@@ -202,11 +203,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "head_weights": weights,
                 "source": {
                     "checkpoint": os.path.relpath(ckpt_file, output_dir),
-                    "head": train_cfg.head.name,
-                    "experiment": train_cfg.name,
-                    "seed": train_cfg.seed,
+                    **lineage(train_cfg),
                     "run_config": comparable_config(stored),
-                    "wandb_id": training_wandb_id(ckpt_file),
+                    "wandb_id": training_id,
                 },
                 **evaluation_record(module, output_dir, run_cfg),
                 "wandb": wandb_info,

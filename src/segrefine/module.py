@@ -192,8 +192,11 @@ class SegmentationModule(pl.LightningModule):
             "predictions": np.stack([e[4] for e in kept]),
         }
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.head.parameters())
+    def parameter_counts(self) -> dict[str, int]:
+        """``params`` (backbone + head: the report's column) and ``params/trainable``."""
+        parameters = [*self.backbone.parameters(), *self.head.parameters()]
+        return {"params": sum(p.numel() for p in parameters),
+                "params/trainable": sum(p.numel() for p in parameters if p.requires_grad)}
 
 
 def prediction_key(sample_id: str) -> str:

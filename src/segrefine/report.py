@@ -184,12 +184,9 @@ def _undefined_as_none(value: Any) -> Any:
 
 def _summary_number(value: Any) -> tuple[bool, Any]:
     """(is a metric, its value): numbers, and NaN/inf however wandb wrote them, as None."""
-    if isinstance(value, bool):
-        return False, None
-    if isinstance(value, (int, float)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number or (isinstance(value, str) and _undefined_as_none(value) is None):
         return True, _undefined_as_none(value)
-    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
-        return True, None
     return False, None
 
 

@@ -37,10 +37,20 @@ RUN_ONLY_KEYS = (
 )
 
 
-def _path_prefixes(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(value, placeholder) for every ``paths.*`` string, longest value first."""
+def is_run_only(dotted: str) -> bool:
+    """Whether a dotted key (or a Hydra override's key: ``+``/``~`` prefixes, ``/`` groups)
+    is run-only: in ``RUN_ONLY_KEYS`` or below one, or Hydra's own."""
+    key = dotted.lstrip("+~").replace("/", ".")
+    return key.startswith("hydra") or any(key == k or key.startswith(k + ".") for k in RUN_ONLY_KEYS)
+
+
+def _path_prefixes(config: Mapping[str, Any], absolute: bool = False) -> list[tuple[str, str]]:
+    """(value, placeholder) for every ``paths.*`` string, longest value first; with
+    ``absolute`` also the absolute form of each relative one."""
     paths = config.get("paths") or {}
     pairs = [(str(v).rstrip("/"), f"<paths.{k}>") for k, v in paths.items() if isinstance(v, str) and v.strip("./")]
+    if absolute:
+        pairs += [(os.path.abspath(value), placeholder) for value, placeholder in pairs if not os.path.isabs(value)]
     return sorted(pairs, key=lambda pair: -len(pair[0]))
 
 
@@ -68,9 +78,10 @@ def _drop(config: dict[str, Any], dotted: str) -> None:
         node.pop(leaf, None)
 
 
-def _settings(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``config`` without run-only keys (and ``drop``), machine paths as placeholders."""
-    result = _replace_paths(dict(config), _path_prefixes(config))
+def _settings(config: Mapping[str, Any], drop: tuple[str, ...] = (), absolute: bool = False) -> dict[str, Any]:
+    """``config`` without run-only keys (and ``drop``), machine paths as placeholders
+    (``absolute``: relative ``paths.*`` also in their absolute form, as of this process)."""
+    result = _replace_paths(dict(config), _path_prefixes(config, absolute))
     for dotted in (*RUN_ONLY_KEYS, *drop):
         _drop(result, dotted)
     return result
@@ -84,9 +95,7 @@ def curated_config(config: Mapping[str, Any]) -> dict[str, Any]:
     ``init_from`` stay as they are, since a results table wants the values themselves.
     Computed where the run runs, so relative ``paths.*`` (the default ``.``) also match the
     absolute paths a study hands over (``init_from=/abs/outputs/...``)."""
-    absolute = [(os.path.abspath(value), placeholder) for value, placeholder in _path_prefixes(config)
-                if not os.path.isabs(value)]
-    return _replace_paths(_settings(config), sorted(absolute, key=lambda pair: -len(pair[0])))
+    return _settings(config, absolute=True)
 
 
 def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:

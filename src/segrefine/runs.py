@@ -20,22 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
-from segrefine.runconfig import RUN_ONLY_KEYS, comparable_config, config_differences, curated_config
+from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
 
 log = logging.getLogger(__name__)
 
 
 # -- job folder names --------------------------------------------------------------------
-def _run_only(key: str) -> bool:
-    key = key.lstrip("+~").replace("/", ".")
-    return key.startswith("hydra") or any(key == k or key.startswith(k + ".") for k in RUN_ONLY_KEYS)
-
-
 def _name_part(override: str) -> str | None:
     """``key=value`` as ``key-value``; None for run-only keys. A value holding a path (or any
     character a folder name or an unquoted Hydra value cannot hold) becomes a short hash."""
     key, _, value = override.partition("=")
-    if _run_only(key):
+    if is_run_only(key):
         return None
     key = key.lstrip("+~").replace("/", ".")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]*", value):

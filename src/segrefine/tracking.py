@@ -86,13 +86,6 @@ def wandb_run_info(logger: Any) -> dict[str, str] | None:
     return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
 
 
-def parameter_counts(module: Any) -> dict[str, int]:
-    """``params`` (backbone + head, the report's column) and ``params/trainable``."""
-    parts = (module.backbone, module.head)
-    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-    return {"params": module.parameter_count(), "params/trainable": trainable}
-
-
 def log_summary(logger: Any, values: dict[str, Any]) -> None:
     """Values that describe the whole run (parameter counts, fit time, steps, best epoch)
     into the wandb run's summary, so they are columns of the runs table (no-op for other

@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from segrefine.checkpoints import AtomicCheckpointIO
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
-    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary, parameter_counts
+    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
 
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False, weights_only=True)
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
-        metrics.update(parameter_counts(module))
+        metrics.update(module.parameter_counts())
         # Training cost of this invocation (validation included; a resumed run counts its own part).
         metrics["train/fit_seconds"] = fit_seconds
         metrics["train/steps"] = trainer.global_step
