@@ -569,6 +569,12 @@ class PermutohedralLattice:
             blur, which changes results near feature 0 (e.g. dark pixels near
             the top-left corner) by up to ~1e-3. Default True (parity with
             ``pydensecrf``); False gives the plain lattice.
+        build: ``"auto"`` (on CPU the compiled hash-table build of
+            :mod:`segrefine.crf.cpu_lattice`, elsewhere the torch build),
+            ``"compiled"`` or ``"torch"`` (the sort-based build in torch ops,
+            on any device: the reference the compiled one is tested against).
+            Both give the same lattice; only the numbering of its points
+            differs.
         transposes: keep the transposed splat/slice products, which the
             backward pass and ``filter(transpose=True)`` need. False (for
             inference only, e.g. :func:`segrefine.crf.dense_crf`) stores
@@ -584,7 +590,13 @@ class PermutohedralLattice:
     """
 
     def __init__(
-        self, features: Tensor, *, backend: str = "auto", densecrf_padding: bool = True, transposes: bool = True
+        self,
+        features: Tensor,
+        *,
+        backend: str = "auto",
+        densecrf_padding: bool = True,
+        transposes: bool = True,
+        build: str = "auto",
     ) -> None:
         if features.dim() == 2:
             features = features.unsqueeze(0)
@@ -599,13 +611,20 @@ class PermutohedralLattice:
             backend = "embedding_bag" if features.device.type == "cpu" else "index"
         if backend not in ("embedding_bag", "index"):
             raise ValueError(f"backend must be 'auto', 'embedding_bag' or 'index', got {backend!r}")
+        if build not in ("auto", "compiled", "torch"):
+            raise ValueError(f"build must be 'auto', 'compiled' or 'torch', got {build!r}")
+        if build == "compiled" and features.device.type != "cpu":
+            raise ValueError(f"build='compiled' runs on the CPU only; features are on {features.device}")
         self.backend = backend
         self.batch, self.num_pixels, self.dim = B, N, d
         self.device = features.device
         self.transposes = transposes
         self._cache: dict = {}
+        self._ones: Tensor | None = None
+        self.alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d)))
         f = features.detach().to(torch.float32)
-        if not bool(torch.isfinite(f).all()):  # build-time sync
+        compiled = self.device.type == "cpu" and build != "torch"
+        if not compiled and not bool(torch.isfinite(f).all()):  # build-time sync
             raise ValueError("features contain NaN or infinite values")
         # densecrf's SSE build processes pixels in blocks of 4, zero-padding
         # the last block; the padded "phantom" features (all zero) insert
@@ -615,7 +634,38 @@ class PermutohedralLattice:
         if pad:
             f = torch.cat([f, f.new_zeros(B, pad, d)], 1)
         with torch.no_grad():
-            self._build(f.reshape(B * (N + pad), d).contiguous(), N + pad)
+            if not (compiled and self._build_compiled(f.contiguous(), N, fallback=build == "auto")):
+                self._build(f.reshape(B * (N + pad), d).contiguous(), N + pad)
+
+    # ------------------------------------------------------------------
+    def _build_compiled(self, f: Tensor, N: int, fallback: bool) -> bool:
+        """The CPU build (:mod:`segrefine.crf.cpu_lattice`, compiled, hash-based) on ``f (B, Np,
+        d)``, with torch's intra-op thread count; False when its int64 key packing does not fit
+        and ``fallback`` allows the torch build to try (it packs differently)."""
+        from . import cpu_lattice
+
+        try:
+            out = cpu_lattice.build(f.numpy(), N, torch.get_num_threads(), np.float32(self.alpha), True)
+        except OverflowError:
+            if fallback:
+                return False
+            raise
+        self._ones = torch.from_numpy(out["ones"])
+        d1 = self.dim + 1
+        M = self.num_points = out["num_points"]
+        self.unique_keys = None
+        vid = torch.from_numpy(out["vid"]).view(-1)
+        bary = torch.from_numpy(out["bary"]).view(-1)
+        offsets = torch.from_numpy(out["splat_offsets"])
+        rows = None
+        if self.backend == "index":
+            rows = torch.repeat_interleave(torch.arange(M, dtype=torch.int32), offsets.diff(), output_size=vid.numel())
+        splat = _SplatRows(torch.from_numpy(out["splat_pixels"]), offsets, torch.from_numpy(out["splat_weights"]), rows)
+        self._set_splat_slice(vid, bary, splat)
+        blur_off = torch.arange(0, 3 * M + 1, 3, dtype=torch.int32 if 3 * M < 2**31 else torch.int64)
+        nb, w = torch.from_numpy(out["blur_nb"]), torch.from_numpy(out["blur_w"])
+        self._blur = [_Bags(nb[j].reshape(-1), blur_off, w[j].reshape(-1), None, M, M, 3) for j in range(d1)]
+        return True
 
     # ------------------------------------------------------------------
     def _build(self, f: Tensor, Np: int) -> None:
@@ -655,8 +705,7 @@ class PermutohedralLattice:
         point-major rows ``splat``. Slicing scales by ``alpha = 1 / (1 + 2^-d)``, as densecrf."""
         d1 = self.dim + 1
         BN, M = self.batch * self.num_pixels, self.num_points
-        alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-self.dim)))
-        self.alpha = alpha
+        alpha = self.alpha
         pix_off = torch.arange(0, BN * d1 + 1, d1, dtype=torch.int64, device=vid.device)
         pix = _Bags(vid, pix_off, bary, None, BN, M, d1).compact()  # splat^T
         pts = _Bags(splat.pixels, splat.offsets, splat.weights, splat.rows, M, BN).compact()  # splat
@@ -687,6 +736,7 @@ class PermutohedralLattice:
         new.batch = self.batch * batch
         new.num_points = self.num_points * batch
         new.unique_keys = None
+        new._ones = None if self._ones is None else self._ones.repeat(batch)
         new._splat_f = _repeat_bags(self._splat_f, batch)
         pix = _repeat_bags(self._slice_f, batch)  # pixel-major indices
         new._slice_f = pix
@@ -706,6 +756,7 @@ class PermutohedralLattice:
         new = object.__new__(PermutohedralLattice)
         new.__dict__.update(self.__dict__)
         new._cache = {}
+        new._ones = None  # another filter now
         BN = self.batch * self.num_pixels
         same = pre is post
         pts_idx = self._splat_f.indices  # pixel of each point-major entry
@@ -724,6 +775,16 @@ class PermutohedralLattice:
             if pts is not None:
                 new._slice_b = pts.reweighted(pts.weights * post_pts)
         return new
+
+    def ones_response(self) -> Tensor:
+        """``K 1``: the filter applied to all-ones values, ``(B*N,)`` float32 (what the kernel
+        normalisations divide by). The CPU build computes it on the way; otherwise one filter
+        pass."""
+        if self._ones is not None:
+            return self._ones
+        ones = torch.ones(self.batch * self.num_pixels, 1, device=self.device)
+        with torch.no_grad():
+            return self.filter(ones).view(-1)
 
     def nbytes(self) -> int:
         """Bytes held by the precomputed structure (all images)."""
@@ -794,4 +855,5 @@ class PermutohedralLattice:
         return out.view(shape)
 
     __call__ = filter
+
 

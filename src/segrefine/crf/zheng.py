@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .meanfield import NORMALIZE_AFTER, _from_flat, _softmax, _to_flat, check_layer_args, layer_call, layer_kernels
+from .meanfield import (NORMALIZE_AFTER, _from_flat, _iteration_probs, _softmax, _to_flat, check_layer_args, layer_call,
+                        layer_kernels)
 from .params import CRFKernels
 
 
@@ -85,15 +86,14 @@ def zheng_mean_field(
 ) -> Tensor:
     """The iterations on flat ``(B*N, C)`` logits with built (normalised) kernels; returns ``S``.
 
-    Row-vector layout: per pixel ``m = W q`` is ``q_row W^T``, and ``S = L + m_row M^T``. Only
-    tensor ops: no host synchronisation on CUDA.
+    Row-vector layout: per pixel ``m = W q`` is ``q_row W^T``, and ``S = L + m_row M^T``, summed
+    per kernel as ``(K Q) (M W)^T``. Only tensor ops: no host synchronisation on CUDA.
     """
     S = logits
     for _ in range(iterations):
-        Q = _softmax(S)
-        message = None
+        Q = _iteration_probs(S)
+        S = logits
         for kernel, weight in zip(filters, weights):
-            term = kernel.filter(Q) @ weight.t()
-            message = term if message is None else message + term
-        S = torch.addmm(logits, message, compatibility.t())
+            # (K Q) W^T M^T as one product with the small C x C matrix (M W)^T
+            S = torch.addmm(S, kernel.filter(Q), (compatibility @ weight).t())
     return S

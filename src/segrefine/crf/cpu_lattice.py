@@ -1,0 +1,402 @@
+"""The permutohedral lattice build on the CPU, compiled with numba.
+
+The torch build in :mod:`segrefine.crf.lattice` expresses densecrf's per-pixel
+steps as whole-tensor ops and replaces its hash table by sorts; on a CPU that
+costs about as much as the whole of pydensecrf's inference. This module does
+what densecrf does instead: one pass per pixel (elevate, round, rank,
+barycentric weights) and a hash table of lattice keys, in compiled loops that
+release the GIL, so the per-pixel pass and the neighbour lookups run in
+several threads and the images of a batch are hashed in parallel.
+
+It produces exactly the arrays the torch build produces, in the same float32
+arithmetic (same rounding, same tie rules, same operation order), so the two
+builds give the same lattice; only the numbering of the lattice points
+differs (first-seen order per image here, sorted keys there), which changes
+nothing but the order of float additions. ``tests/crf/test_cpu_lattice.py``
+checks the two against each other.
+
+Keys are the ``d`` coordinates of a lattice vertex (the ``d+1``-th is implied),
+packed into one int64 over the box of coordinates the image's pixels can
+reach; a box too large for int64 raises ``OverflowError`` and the caller falls
+back to the torch build.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+__all__ = ["build"]
+
+_JIT = dict(nogil=True, cache=True, boundscheck=False)
+_EMPTY = np.int64(-1)
+
+
+@numba.njit(**_JIT)
+def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
+    """Steps 1-5 of the build for pixels ``first..stop`` of ``f (n, d)`` float32: the
+    remainder-0 point ``v_out (n, d)`` int32 (rem0 / (d+1)), the sorted position of each
+    coordinate ``pos_out (n, d+1)`` int8 and the barycentric weights ``bary_out (n, d+1)``
+    float32. Float32 throughout, in the torch build's operation order. ``vmin``/``vmax``
+    (d,) receive the range of ``v_out`` over these pixels. Returns 0, or stops at the first
+    NaN or infinite feature (1) or elevated coordinate beyond int32 (2)."""
+    d = f.shape[1]
+    for i in range(d):
+        vmin[i] = 2**62
+        vmax[i] = -(2**62)
+    d1 = d + 1
+    fd1 = np.float32(d1)
+    E = np.empty(d1, np.float32)
+    v = np.empty(d1, np.float32)
+    delta = np.empty(d1, np.float32)
+    rank = np.empty(d1, np.int64)
+    g = np.empty(d1, np.float32)
+    for p in range(first, stop):
+        sm = np.float32(0.0)
+        for j in range(d, 0, -1):
+            if not np.isfinite(f[p, j - 1]):
+                return 1
+            cf = f[p, j - 1] * scale[j - 1]
+            E[j] = sm - cf * np.float32(j)
+            sm = sm + cf
+        E[0] = sm
+        total = 0
+        for i in range(d1):
+            v[i] = np.rint(E[i] * down)  # half to even, as torch.round
+            if abs(v[i]) > 2**29:
+                return 2
+            delta[i] = E[i] - v[i] * fd1
+            rank[i] = i
+            total += np.int64(v[i])
+        for i in range(d):
+            for j in range(i + 1, d1):
+                if delta[i] < delta[j]:
+                    rank[i] += 1
+                    rank[j] -= 1
+        for i in range(d1):
+            r = rank[i] + total
+            if r < 0:
+                r += d1
+                v[i] += np.float32(1.0)
+            elif r > d:
+                r -= d1
+                v[i] -= np.float32(1.0)
+            pos = d - r
+            pos_out[p, i] = pos
+            g[pos] = (E[i] - v[i] * fd1) * down
+        for k in range(1, d1):
+            bary_out[p, k] = g[k] - g[k - 1]
+        bary_out[p, 0] = g[0] + (np.float32(1.0) - g[d])
+        for i in range(d):
+            vi = np.int64(v[i])
+            v_out[p, i] = vi
+            if vi < vmin[i]:
+                vmin[i] = vi
+            if vi > vmax[i]:
+                vmax[i] = vi
+    return 0
+
+
+@numba.njit(**_JIT)
+def _hash_slot(key, mask):
+    h = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64((h >> np.uint64(29)) & np.uint64(mask))
+
+
+@numba.njit(**_JIT)
+def _insert_image(v, pos, first, num_real, num_all, lo, stride, vid, table_size):
+    """Hash the ``d+1`` vertices of pixels ``first..first+num_all`` (the last ``num_all -
+    num_real`` are densecrf's phantom padding: their vertices are inserted but not
+    recorded). ``vid[p, r]`` = the point of vertex ``r`` of pixel ``p`` (first-seen
+    numbering from 0). Returns ``(num_points, packed keys (M,), coordinates (M, d))``."""
+    d = v.shape[1]
+    d1 = d + 1
+    cap = table_size
+    mask = cap - 1
+    slots = np.full(cap, -1, np.int64)  # point id per slot
+    keys = np.empty(max(cap // 2, 16), np.int64)
+    coords = np.empty((keys.shape[0], d), np.int32)
+    key_c = np.empty(d, np.int32)
+    m = 0
+    for p in range(first, first + num_all):
+        # neighbouring pixels usually lie in the same simplex: reuse the previous pixel's points
+        if p > first and p - first < num_real:
+            same = True
+            for i in range(d):
+                if v[p, i] != v[p - 1, i] or pos[p, i] != pos[p - 1, i]:
+                    same = False
+                    break
+            if same:
+                for r in range(d1):
+                    vid[p, r] = vid[p - 1, r]
+                continue
+        for r in range(d1):
+            packed = np.int64(0)
+            for i in range(d):
+                c = v[p, i] * d1 + r
+                if pos[p, i] < r:
+                    c -= d1
+                key_c[i] = c
+                packed += np.int64(c - lo[i]) * stride[i]
+            s = _hash_slot(packed, mask)
+            while True:
+                pid = slots[s]
+                if pid < 0:
+                    if m == keys.shape[0]:  # grow the point arrays
+                        keys2 = np.empty(2 * m, np.int64)
+                        keys2[:m] = keys[:m]
+                        keys = keys2
+                        coords2 = np.empty((2 * m, d), np.int32)
+                        coords2[:m] = coords[:m]
+                        coords = coords2
+                    slots[s] = m
+                    keys[m] = packed
+                    coords[m] = key_c
+                    pid = m
+                    m += 1
+                    if 2 * m > cap:  # keep the load below 1/2: rehash into a table twice as big
+                        cap *= 2
+                        mask = cap - 1
+                        slots = np.full(cap, -1, np.int64)
+                        for q in range(m):
+                            t = _hash_slot(keys[q], mask)
+                            while slots[t] >= 0:
+                                t = (t + 1) & mask
+                            slots[t] = q
+                    break
+                if keys[pid] == packed:
+                    break
+                s = (s + 1) & mask
+            if p - first < num_real:
+                vid[p, r] = pid
+    return m, keys[:m].copy(), coords[:m].copy(), slots
+
+
+@numba.njit(**_JIT)
+def _lookup(slots, keys, packed):
+    mask = slots.shape[0] - 1
+    s = _hash_slot(packed, mask)
+    while True:
+        pid = slots[s]
+        if pid < 0:
+            return -1
+        if keys[pid] == packed:
+            return pid
+        s = (s + 1) & mask
+
+
+@numba.njit(**_JIT)
+def _blur_neighbours(coords, slots, keys, lo, hi, stride, offset, first, stop, nb, w):
+    """Per point ``first..stop`` and axis ``j``: ``nb[j, p] = (p, n1, n2)`` with ``n1 = key -
+    (1..1) + (d+1) e_j`` and ``n2 = key + (1..1) - (d+1) e_j`` (axis ``d``: the implied
+    coordinate), weights ``(1, 1/2, 1/2)``; a missing neighbour is the point itself with
+    weight 0. Point ids are shifted by ``offset`` (the image's first point)."""
+    d = coords.shape[1]
+    d1 = d + 1
+    for p in range(first, stop):
+        for j in range(d1):
+            for side in range(2):
+                sign = 1 if side == 0 else -1
+                packed = np.int64(0)
+                inside = True
+                for i in range(d):
+                    c = coords[p, i] - sign
+                    if i == j:
+                        c += sign * d1
+                    if c < lo[i] or c > hi[i]:
+                        inside = False
+                        break
+                    packed += np.int64(c - lo[i]) * stride[i]
+                q = _lookup(slots, keys, packed) if inside else -1
+                if q >= 0:
+                    nb[j, offset + p, 1 + side] = offset + q
+                    w[j, offset + p, 1 + side] = np.float32(0.5)
+                else:
+                    nb[j, offset + p, 1 + side] = offset + p
+                    w[j, offset + p, 1 + side] = np.float32(0.0)
+            nb[j, offset + p, 0] = offset + p
+            w[j, offset + p, 0] = np.float32(1.0)
+
+
+@numba.njit(**_JIT)
+def _count_points(vid, first, stop, counts):
+    """``counts[k]`` = how many (pixel, vertex) pairs of pixels ``first..stop`` touch point ``k``."""
+    counts[:] = 0
+    for p in range(first, stop):
+        for r in range(vid.shape[1]):
+            counts[vid[p, r]] += 1
+
+
+@numba.njit(**_JIT)
+def _fill_splat(vid, bary, first, stop, fill, pixels, weights):
+    """Write the pairs of pixels ``first..stop`` into the splat rows, each point's at
+    ``fill[k]`` onwards (so rows list their pixels in ascending order)."""
+    for p in range(first, stop):
+        for r in range(vid.shape[1]):
+            k = vid[p, r]
+            e = fill[k]
+            pixels[e] = p
+            weights[e] = bary[p, r]
+            fill[k] = e + 1
+
+
+@numba.njit(**_JIT)
+def _ones_response(vid, bary, splat_offsets, splat_weights, nb, w, alpha):
+    """``K 1`` per pixel (float32, the filter's own order of operations: splat, blur along
+    axes 0..d, slice with ``alpha``): what :func:`segrefine.crf.meanfield` normalises by."""
+    n, d1 = vid.shape
+    M = splat_offsets.shape[0] - 1
+    a = np.empty(M, np.float32)
+    b = np.empty(M, np.float32)
+    for k in range(M):
+        acc = np.float32(0.0)
+        for e in range(splat_offsets[k], splat_offsets[k + 1]):
+            acc += splat_weights[e]
+        a[k] = acc
+    for j in range(d1):
+        for k in range(M):
+            b[k] = w[j, k, 0] * a[nb[j, k, 0]] + w[j, k, 1] * a[nb[j, k, 1]] + w[j, k, 2] * a[nb[j, k, 2]]
+        a, b = b, a
+    out = np.empty(n, np.float32)
+    for p in range(n):
+        acc = np.float32(0.0)
+        for r in range(d1):
+            acc += (bary[p, r] * alpha) * a[vid[p, r]]
+        out[p] = acc
+    return out
+
+
+def _scale_factors(d: int) -> tuple[np.ndarray, np.float32]:
+    """densecrf's elevation scale factors (double -> float) and ``1/(d+1)`` in float32."""
+    d1 = d + 1
+    inv_std_dev = np.float32(math.sqrt(2.0 / 3.0) * d1)
+    scale = np.array([np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * float(inv_std_dev)) for i in range(d)],
+                     np.float32)
+    return scale, np.float32(np.float32(1.0) / np.float32(d1))
+
+
+def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
+    step = max(1, -(-total // max(parts, 1)))
+    return [(a, min(total, a + step)) for a in range(0, total, step)]
+
+
+def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_response: bool) -> dict:
+    """The lattice of ``f (B, Np, d)`` float32 (each image's last ``Np - num_real`` pixels are
+    phantom padding: hashed, never splatted or sliced), with ``threads`` worker threads.
+
+    Returns numpy arrays: ``num_points`` (all images), ``vid (B*N, d+1)`` int32 and ``bary (B*N,
+    d+1)`` float32 (the slice rows, pixel-major), ``splat_pixels`` / ``splat_offsets`` /
+    ``splat_weights`` (the splat rows, point-major) and ``blur_nb`` / ``blur_w`` ``(d+1, M, 3)``
+    (the blur along each axis: self, neighbour, neighbour), and with ``ones_response`` the
+    filter's response to all-ones values ``ones (B*N,)`` (slice scaled by ``alpha``). Raises
+    ``OverflowError`` when a key box does not fit int64, ``ValueError`` for non-finite features."""
+    B, Np, d = f.shape
+    d1 = d + 1
+    N = num_real
+    flat = np.ascontiguousarray(f.reshape(B * Np, d), dtype=np.float32)
+    scale, down = _scale_factors(d)
+    v = np.empty((B * Np, d), np.int32)
+    pos = np.empty((B * Np, d1), np.int8)
+    bary_all = np.empty((B * Np, d1), np.float32)
+    threads = max(1, int(threads))
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def run(fn, ranges):
+        if pool is None or len(ranges) == 1:
+            return [fn(a, b) for a, b in ranges]
+        return list(pool.map(lambda ab: fn(*ab), ranges))
+
+    try:
+        # per image, in chunks: elevate, and the range of the remainder-0 points
+        parts = [(b, a, e) for b in range(B) for a, e in _chunks(Np, -(-threads // B))]
+        ranges = np.empty((len(parts), 2, d), np.int64)
+
+        def elevate(k):
+            b, a, e = parts[k]
+            return _elevate(flat, scale, down, b * Np + a, b * Np + e, v, pos, bary_all, ranges[k, 0], ranges[k, 1])
+
+        status = list(pool.map(elevate, range(len(parts)))) if pool else [elevate(k) for k in range(len(parts))]
+        if 1 in status:
+            raise ValueError("features contain NaN or infinite values")
+        if 2 in status:
+            raise OverflowError("lattice coordinates beyond int32: features too large for their bandwidths")
+
+        # per image: the key box, then the hash table
+        image_of_part = np.array([b for b, _, _ in parts])
+        boxes = []
+        for b in range(B):
+            mine = ranges[image_of_part == b]
+            lo = mine[:, 0].min(0) * d1 - d
+            hi = mine[:, 1].max(0) * d1 + d
+            radix = hi - lo + 1
+            strides = [1]
+            for r in radix.tolist():
+                strides.append(strides[-1] * r)
+            if strides[-1] >= 2**62:
+                raise OverflowError(f"lattice key box too large for int64 packing (ranges {radix.tolist()})")
+            stride = np.array(strides[:-1], np.int64)
+            boxes.append((lo, hi, stride))
+
+        vid = np.empty((B * Np, d1), np.int32)
+        table_size = 1 << max(10, int(2 * (Np // 4 + 1)).bit_length())
+
+        def insert(b):
+            lo, _, stride = boxes[b]
+            return _insert_image(v, pos, b * Np, N, Np, lo, stride, vid, table_size)
+
+        hashed = run(lambda a, b: [insert(i) for i in range(a, b)], _chunks(B, threads))
+        hashed = [h for part in hashed for h in part]
+        counts = [h[0] for h in hashed]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        M = int(offsets[-1])
+        if M >= 2**31 or B * N * d1 >= 2**31:
+            raise OverflowError("lattice too large for int32 indices")
+
+        nb = np.empty((d1, M, 3), np.int32)
+        w = np.empty((d1, M, 3), np.float32)
+        jobs = []
+        for b, (m, keys, coords, slots) in enumerate(hashed):
+            lo, hi, stride = boxes[b]
+            for a, e in _chunks(m, threads):
+                jobs.append((b, a, e))
+
+        def blur(job):
+            b, a, e = job
+            m, keys, coords, slots = hashed[b]
+            lo, hi, stride = boxes[b]
+            _blur_neighbours(coords, slots, keys, lo, hi, stride, offsets[b], a, e, nb, w)
+
+        if pool is None:
+            for job in jobs:
+                blur(job)
+        else:
+            list(pool.map(blur, jobs))
+
+        # drop the phantom pixels, number the points globally
+        vid = vid.reshape(B, Np, d1)[:, :N]
+        bary = bary_all.reshape(B, Np, d1)[:, :N]
+        if B > 1:
+            vid = vid + offsets[:-1].astype(np.int32).reshape(B, 1, 1)
+        vid = np.ascontiguousarray(vid.reshape(B * N, d1))
+        bary = np.ascontiguousarray(bary.reshape(B * N, d1))
+        # the splat rows (point-major, pixels ascending): a counting sort of the pairs by
+        # point, each thread counting and then writing its own range of pixels
+        pix_ranges = _chunks(B * N, threads)
+        counts = np.empty((len(pix_ranges), M), np.int64)
+        run(lambda a, b: _count_points(vid, a, b, counts[pix_ranges.index((a, b))]), pix_ranges)
+        splat_off = np.zeros(M + 1, np.int64)
+        np.cumsum(counts.sum(0), out=splat_off[1:])
+        starts = splat_off[:-1] + np.cumsum(counts, 0) - counts
+        pixels = np.empty(B * N * d1, np.int32)
+        splat_w = np.empty(B * N * d1, np.float32)
+        run(lambda a, b: _fill_splat(vid, bary, a, b, starts[pix_ranges.index((a, b))], pixels, splat_w), pix_ranges)
+        ones = _ones_response(vid, bary, splat_off, splat_w, nb, w, alpha) if ones_response else None
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return dict(num_points=M, vid=vid, bary=bary, splat_pixels=pixels, splat_offsets=splat_off,
+                splat_weights=splat_w, blur_nb=nb, blur_w=w, ones=ones)
+
