@@ -8,9 +8,11 @@ so that its peak memory is its own:
 
 * time: median of ``--repeats`` calls after one warm-up (every lattice built in the call,
   spatial cache cleared: what pydensecrf does);
-* memory: the child's peak RSS (``ru_maxrss``) minus its RSS just before the first call
-  (interpreter, libraries and the input arrays excluded), i.e. what the CRF itself needs;
-  on CUDA also ``torch.cuda.max_memory_allocated``.
+* memory: the child's peak RSS (``ru_maxrss``) minus its RSS just before the first call at
+  this size, i.e. what the CRF itself needs at this size: the interpreter, the input arrays
+  and the libraries are excluded (a 16×16 call first loads them: torch's first-call set-up,
+  numba and the compiled lattice build, about the same for every size); on CUDA also
+  ``torch.cuda.max_memory_allocated``.
 
 It prints a markdown table (ms, ms per megapixel, MB, bytes per pixel, ratios to
 pydensecrf), then the exponent ``k`` of a least-squares fit ``time ∝ N^k`` over the sizes
@@ -49,29 +51,38 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
     sys.path.insert(0, str(HERE))
     from crf_speed import KERNELS, synthetic_image, synthetic_probs
 
-    img = synthetic_image(height, width, 3, seed=width + height)
-    probs = synthetic_probs(height, width, classes, seed=classes)
-    if impl == "pydensecrf":
-        from crf_speed import run_pydensecrf
+    def make(w: int, h: int):
+        img = synthetic_image(h, w, 3, seed=w + h)
+        probs = synthetic_probs(h, w, classes, seed=classes)
+        if impl == "pydensecrf":
+            from crf_speed import run_pydensecrf
 
-        def run():
-            run_pydensecrf(probs, img, 5)
-
-        sync = lambda: None  # noqa: E731
-    else:
+            return lambda: run_pydensecrf(probs, img, 5)
         import torch
 
         from segrefine.crf import clear_spatial_cache, dense_crf
 
-        torch.set_num_threads(threads)
         dev = torch.device(device)
         t_img = torch.from_numpy(img).permute(2, 0, 1).float()[None].contiguous().to(dev)
         t_p = torch.from_numpy(probs)[None].contiguous().to(dev)
-        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
         def run():
             clear_spatial_cache()
             dense_crf(t_p, t_img, kernels=KERNELS, iterations=5)
+
+        return run
+
+    sync = lambda: None  # noqa: E731
+    if impl != "pydensecrf":
+        import torch
+
+        torch.set_num_threads(threads)
+        if device.startswith("cuda"):
+            sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    # one call on a tiny image first: libraries load (torch's first-call set-up, numba and its
+    # compiled build) before the baseline, so the peak counts what this size needs
+    make(16, 16)()
+    run = make(width, height)
     base = rss_bytes()
     times = []
     for i in range(repeats + 1):
@@ -126,7 +137,7 @@ def main() -> None:
     impls = ["dense_crf"] + ([] if args.no_pydensecrf else ["pydensecrf"])
     print(f"{hardware.summary(args.device)}; dense_crf on {args.device}, pydensecrf on the CPU (single-threaded); "
           f"5 iterations; {'wall' if args.clock == 'wall' else 'CPU'} time, median of {args.repeats} after a warm-up; every lattice built in the call; memory = peak "
-          f"RSS of a fresh process minus its RSS before the first call")
+          f"RSS of a fresh process minus its RSS before the first call at that size (after a 16×16 call)")
     cols = ["W×H", "C", "pixels", "dense_crf ms", "ms/MPix", "peak MB", "B/pixel"]
     if args.device.startswith("cuda"):
         cols += ["CUDA peak MB"]

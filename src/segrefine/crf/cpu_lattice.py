@@ -116,8 +116,8 @@ def _insert_image(v, pos, first, num_real, num_all, lo, stride, vid, table_size)
     d1 = d + 1
     cap = table_size
     mask = cap - 1
-    slots = np.full(cap, -1, np.int64)  # point id per slot
-    keys = np.empty(max(cap // 2, 16), np.int64)
+    slots = np.full(cap, -1, np.int32)  # point id per slot
+    keys = np.empty(max(cap // 8, 16), np.int64)  # grows by doubling
     coords = np.empty((keys.shape[0], d), np.int32)
     key_c = np.empty(d, np.int32)
     m = 0
@@ -160,7 +160,7 @@ def _insert_image(v, pos, first, num_real, num_all, lo, stride, vid, table_size)
                     if 2 * m > cap:  # keep the load below 1/2: rehash into a table twice as big
                         cap *= 2
                         mask = cap - 1
-                        slots = np.full(cap, -1, np.int64)
+                        slots = np.full(cap, -1, np.int32)
                         for q in range(m):
                             t = _hash_slot(keys[q], mask)
                             while slots[t] >= 0:
@@ -349,6 +349,7 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
 
         hashed = run(lambda a, b: [insert(i) for i in range(a, b)], _chunks(B, threads))
         hashed = [h for part in hashed for h in part]
+        del v, pos  # the per-pixel temporaries are done with: lower the build's peak
         counts = [h[0] for h in hashed]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         M = int(offsets[-1])

@@ -706,7 +706,8 @@ class PermutohedralLattice:
         d1 = self.dim + 1
         BN, M = self.batch * self.num_pixels, self.num_points
         alpha = self.alpha
-        pix_off = torch.arange(0, BN * d1 + 1, d1, dtype=torch.int64, device=vid.device)
+        pix_off = torch.arange(0, BN * d1 + 1, d1, dtype=torch.int32 if BN * d1 < 2**31 else torch.int64,
+                               device=vid.device)
         pix = _Bags(vid, pix_off, bary, None, BN, M, d1).compact()  # splat^T
         pts = _Bags(splat.pixels, splat.offsets, splat.weights, splat.rows, M, BN).compact()  # splat
         # (forward, transposed) bags of each stage
@@ -775,6 +776,27 @@ class PermutohedralLattice:
             if pts is not None:
                 new._slice_b = pts.reweighted(pts.weights * post_pts)
         return new
+
+    def scale_(self, pre: Tensor | None = None, post: Tensor | None = None) -> "PermutohedralLattice":
+        """:meth:`scaled` in place: this lattice's weights are multiplied, no copies (for a
+        lattice nobody else holds: a normalised kernel right after its build). Returns self."""
+        BN = self.batch * self.num_pixels
+        pts_idx = self._splat_f.indices  # pixel of each point-major entry
+        pre = None if pre is None else pre.detach().reshape(BN).to(torch.float32)
+        post = None if post is None else post.detach().reshape(BN).to(torch.float32)
+        for factors, point_major, pixel_major in ((pre, self._splat_f, self._splat_b),
+                                                  (post, self._slice_b, self._slice_f)):
+            if factors is None:
+                continue
+            if point_major is not None:  # gathered in chunks: a bounded temporary
+                w = point_major.weights
+                for a in range(0, w.numel(), _CHUNK * 8):
+                    w[a : a + _CHUNK * 8].mul_(factors.index_select(0, pts_idx[a : a + _CHUNK * 8]))
+            if pixel_major is not None:
+                pixel_major.weights.view(BN, -1).mul_(factors.unsqueeze(1))
+        self._ones = None  # another filter now
+        self._cache = {}
+        return self
 
     def ones_response(self) -> Tensor:
         """``K 1``: the filter applied to all-ones values, ``(B*N,)`` float32 (what the kernel

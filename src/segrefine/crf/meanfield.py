@@ -35,7 +35,6 @@ Potts model (they differ by a per-pixel constant).
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +104,8 @@ def bilateral_features(image: Tensor, sxy: float, schan: float) -> Tensor:
 
 
 def _normalized(lattice: PermutohedralLattice, normalization: str) -> PermutohedralLattice:
-    """The kernel with densecrf's normalisation folded into its weights.
+    """The kernel with densecrf's normalisation folded into its weights, in place (``lattice``
+    is a fresh build nobody else holds: no second copy of its weights at the peak).
 
     ``D = K 1`` (float32, as densecrf); symmetric: ``D^-1/2 K D^-1/2``,
     before: ``K D^-1``, after: ``D^-1 K``, none: ``K``. The ``1e-20`` and
@@ -118,11 +118,11 @@ def _normalized(lattice: PermutohedralLattice, normalization: str) -> Permutohed
     D = lattice.ones_response().to(torch.float64).unsqueeze(1)
     if normalization == NORMALIZE_SYMMETRIC:
         n = (1.0 / torch.sqrt(D + 1e-20)).to(torch.float32)
-        return lattice.scaled(n, n)
+        return lattice.scale_(n, n)
     n = (1.0 / (D + 1e-20)).to(torch.float32)
     if normalization == NORMALIZE_BEFORE:
-        return lattice.scaled(pre=n)
-    return lattice.scaled(post=n)
+        return lattice.scale_(pre=n)
+    return lattice.scale_(post=n)
 
 
 _SPATIAL_CACHE: "OrderedDict[tuple, PermutohedralLattice]" = OrderedDict()
@@ -158,18 +158,6 @@ def _spatial_filter(
     elif cache:
         _SPATIAL_CACHE.move_to_end(key)
     return single.repeat(batch)
-
-
-def _build_kernels(spatial_fn, bilateral_fn, device: torch.device):
-    """``(spatial_fn(), bilateral_fn())``; on a multi-threaded CPU the two lattice builds run
-    in two threads (a build is mostly sorts and scans that keep one core busy, and torch
-    releases the GIL inside ops). A cached spatial kernel returns at once."""
-    if device.type != "cpu" or torch.get_num_threads() < 2:
-        return spatial_fn(), bilateral_fn()
-    with ThreadPoolExecutor(1) as pool:
-        spatial = pool.submit(spatial_fn)
-        bilateral = bilateral_fn()
-        return spatial.result(), bilateral
 
 
 def clear_spatial_cache() -> None:
@@ -321,13 +309,9 @@ def layer_kernels(layer: nn.Module, image: Tensor, batch: int, device: torch.dev
     """A layer's normalised (spatial, bilateral) kernels for ``image``: the spatial one from the
     process-wide cache, the bilateral one built for this forward."""
     k, (height, width) = layer.kernels, image.shape[2:]
-    return _build_kernels(
-        lambda: _spatial_filter(batch, height, width, k.gaussian_sxy, layer.normalization, device, True),
-        lambda: _normalized(
-            PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan)), layer.normalization
-        ),
-        device,
-    )
+    spatial = _spatial_filter(batch, height, width, k.gaussian_sxy, layer.normalization, device, True)
+    bilateral = PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan))
+    return spatial, _normalized(bilateral, layer.normalization)
 
 
 class MeanFieldCRF(nn.Module):
@@ -490,14 +474,12 @@ def dense_crf(
     logits = _to_flat(torch.log(p.clamp_min(PROB_FLOOR)))
     if iterations > 0:
         k = kernels
-        filters = _build_kernels(
-            lambda: _spatial_filter(B, H, W, k.gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False),
-            lambda: _normalized(
-                PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan), transposes=False),
-                NORMALIZE_SYMMETRIC,
-            ),
-            probs.device,
-        )
+        # one lattice after the other (each build uses all threads): their build peaks never add up
+        spatial = _spatial_filter(B, H, W, k.gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False)
+        bilateral = PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan),
+                                         transposes=False)
+        filters = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+        del bilateral
         weights = [torch.tensor(w, device=probs.device) for w in (k.gaussian_compat, k.bilateral_compat)]
         S = _mean_field(logits, filters, weights, None, iterations)
     else:
