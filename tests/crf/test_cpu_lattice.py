@@ -52,6 +52,8 @@ def _cases() -> dict[str, torch.Tensor]:
         "batch of 3, 4-D": torch.randn(3, 101, 4, generator=g) * 3,
         "integer features (rounding ties)": torch.randint(0, 5, (2, 50, 3), generator=g).float(),
         "1-D": torch.randn(1, 300, 1, generator=g) * 4,
+        "wide range (+-1e4) and tiny (1e-3)": torch.cat([torch.randn(1, 200, 3, generator=g) * 1e4,
+                                                       torch.randn(1, 200, 3, generator=g) * 1e-3], 1),
         "single pixel": torch.tensor([[[0.3, -1.2]]]),
     }
 
@@ -81,18 +83,25 @@ def test_compiled_build_without_densecrf_padding():
     torch.testing.assert_close(plain.filter(x), reference.filter(x), rtol=1e-12, atol=1e-12)
 
 
-def test_thread_count_does_not_change_the_lattice(threads):
-    """Each thread builds its own share; the result is bit-identical to the one-thread build."""
-    f = torch.cat([bilateral_features(_photo(30, 41, s), 8.0, 13.0) for s in range(3)])
-    lattices = []
-    for n in (1, 2, 3):
-        threads(n)
-        lattices.append(PermutohedralLattice(f))
-    for lat in lattices[1:]:
-        for mine, ref in zip(lat._stages(), lattices[0]._stages()):
-            for a, b in zip(mine.tensors(), ref.tensors()):
-                assert torch.equal(a, b)
-        assert torch.equal(lat.ones_response(), lattices[0].ones_response())
+def test_threads_change_only_the_numbering(threads):
+    """With several threads each hashes its own range of pixels and the tables are merged:
+    the same points and filter for any thread count (up to the order of float additions),
+    and bit-identical builds for a given count."""
+    one_image = bilateral_features(_photo(30, 41, 0), 8.0, 13.0)
+    batch = torch.cat([bilateral_features(_photo(30, 41, s), 8.0, 13.0) for s in range(3)])
+    for f in (one_image, batch):
+        threads(1)
+        reference = PermutohedralLattice(f)
+        x = torch.rand(f.shape[0], f.shape[1], 2, dtype=torch.float64)
+        for n in (2, 3, 4):
+            threads(n)
+            lattice, again = PermutohedralLattice(f), PermutohedralLattice(f)
+            assert lattice.num_points == reference.num_points
+            torch.testing.assert_close(lattice.filter(x), reference.filter(x), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(lattice.ones_response(), reference.ones_response(), rtol=1e-6, atol=0)
+            for mine, twin in zip(lattice._stages(), again._stages()):
+                for a, b in zip(mine.tensors(), twin.tensors()):
+                    assert torch.equal(a, b)
 
 
 def test_ones_response_is_the_filter_of_ones():
@@ -113,7 +122,10 @@ def test_bad_features_are_refused_by_the_compiled_build():
     with pytest.raises(ValueError, match="build must be"):
         PermutohedralLattice(torch.zeros(4, 2), build="fast")
     with pytest.raises(OverflowError, match="int64"):  # a key box beyond int64, no fallback asked
-        PermutohedralLattice(torch.tensor([[0.0] * 6, [1e8] * 6]), build="compiled")
+        PermutohedralLattice(torch.tensor([[0.0] * 6, [1e5] * 6]), build="compiled")
+    for build in ("auto", "torch"):  # beyond float32's integers: refused, not rounded to garbage
+        with pytest.raises(ValueError, match="too large for the lattice's float32"):
+            PermutohedralLattice(torch.tensor([[0.0, 0.0], [3e7, 1.0]]), build=build)
 
 
 def test_iteration_probabilities_stay_normal_and_keep_the_gradient():

@@ -5,14 +5,16 @@ steps as whole-tensor ops and replaces its hash table by sorts; on a CPU that
 costs about as much as the whole of pydensecrf's inference. This module does
 what densecrf does instead: one pass per pixel (elevate, round, rank,
 barycentric weights) and a hash table of lattice keys, in compiled loops that
-release the GIL, so the per-pixel pass and the neighbour lookups run in
-several threads and the images of a batch are hashed in parallel.
+release the GIL. With several threads (torch's intra-op count) the per-pixel
+pass, the hashing (each thread hashes a range of pixels into its own table;
+the tables are then merged and the points renumbered), the blur-neighbour
+lookups and the splat counting sort are split between them.
 
 It produces exactly the arrays the torch build produces, in the same float32
 arithmetic (same rounding, same tie rules, same operation order), so the two
 builds give the same lattice; only the numbering of the lattice points
-differs (first-seen order per image here, sorted keys there), which changes
-nothing but the order of float additions. ``tests/crf/test_cpu_lattice.py``
+differs (first-seen order per image and thread range here, sorted keys
+there), which changes nothing but the order of float additions. ``tests/crf/test_cpu_lattice.py``
 checks the two against each other.
 
 Keys are the ``d`` coordinates of a lattice vertex (the ``d+1``-th is implied),
@@ -32,7 +34,9 @@ import numpy as np
 __all__ = ["build"]
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
-_EMPTY = np.int64(-1)
+# Elevated coordinates (float32, as densecrf) are rounded to lattice points; beyond 2^22 their
+# spacing approaches 1 and the rounding, ranks and weights stop making sense.
+_EXACT_LIMIT = np.float32(2.0**22)
 
 
 @numba.njit(**_JIT)
@@ -42,11 +46,12 @@ def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
     coordinate ``pos_out (n, d+1)`` int8 and the barycentric weights ``bary_out (n, d+1)``
     float32. Float32 throughout, in the torch build's operation order. ``vmin``/``vmax``
     (d,) receive the range of ``v_out`` over these pixels. Returns 0, or stops at the first
-    NaN or infinite feature (1) or elevated coordinate beyond int32 (2)."""
+    NaN or infinite feature (1) or elevated coordinate too large for float32 integers (2)."""
     d = f.shape[1]
-    for i in range(d):
-        vmin[i] = 2**62
-        vmax[i] = -(2**62)
+    # the range is kept in this call's own arrays and written out once: threads writing their
+    # ranges side by side on every pixel would share a cache line
+    lo = np.full(d, 2**62, np.int64)
+    hi = np.full(d, -(2**62), np.int64)
     d1 = d + 1
     fd1 = np.float32(d1)
     E = np.empty(d1, np.float32)
@@ -65,9 +70,9 @@ def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
         E[0] = sm
         total = 0
         for i in range(d1):
-            v[i] = np.rint(E[i] * down)  # half to even, as torch.round
-            if abs(v[i]) > 2**29:
+            if abs(E[i]) >= _EXACT_LIMIT:
                 return 2
+            v[i] = np.rint(E[i] * down)  # half to even, as torch.round
             delta[i] = E[i] - v[i] * fd1
             rank[i] = i
             total += np.int64(v[i])
@@ -93,10 +98,12 @@ def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
         for i in range(d):
             vi = np.int64(v[i])
             v_out[p, i] = vi
-            if vi < vmin[i]:
-                vmin[i] = vi
-            if vi > vmax[i]:
-                vmax[i] = vi
+            if vi < lo[i]:
+                lo[i] = vi
+            if vi > hi[i]:
+                hi[i] = vi
+    vmin[:] = lo
+    vmax[:] = hi
     return 0
 
 
@@ -107,23 +114,63 @@ def _hash_slot(key, mask):
 
 
 @numba.njit(**_JIT)
-def _insert_image(v, pos, first, num_real, num_all, lo, stride, vid, table_size):
-    """Hash the ``d+1`` vertices of pixels ``first..first+num_all`` (the last ``num_all -
-    num_real`` are densecrf's phantom padding: their vertices are inserted but not
-    recorded). ``vid[p, r]`` = the point of vertex ``r`` of pixel ``p`` (first-seen
-    numbering from 0). Returns ``(num_points, packed keys (M,), coordinates (M, d))``."""
+def _add_key(slots, keys, coords, m, packed, key_c):
+    """The point of key ``packed`` (coordinates ``key_c``), added as point ``m`` if new; the
+    caller keeps room for one more point (:func:`_make_room`). Returns ``(point, m)``."""
+    mask = slots.shape[0] - 1
+    s = _hash_slot(packed, mask)
+    while True:
+        pid = slots[s]
+        if pid < 0:
+            slots[s] = m
+            keys[m] = packed
+            coords[m] = key_c
+            return m, m + 1
+        if keys[pid] == packed:
+            return pid, m
+        s = (s + 1) & mask
+
+
+@numba.njit(**_JIT)
+def _make_room(slots, keys, coords, m):
+    """Room for point ``m``: the point arrays doubled when full, the table doubled and rehashed
+    when its load would pass 1/2."""
+    if m == keys.shape[0]:
+        keys2 = np.empty(2 * m, np.int64)
+        keys2[:m] = keys[:m]
+        keys = keys2
+        coords2 = np.empty((2 * m, coords.shape[1]), np.int32)
+        coords2[:m] = coords[:m]
+        coords = coords2
+    if 2 * (m + 1) > slots.shape[0]:
+        cap = 2 * slots.shape[0]
+        mask = cap - 1
+        slots = np.full(cap, -1, np.int32)
+        for q in range(m):
+            t = _hash_slot(keys[q], mask)
+            while slots[t] >= 0:
+                t = (t + 1) & mask
+            slots[t] = q
+    return slots, keys, coords
+
+
+@numba.njit(**_JIT)
+def _insert_pixels(v, pos, first, stop, real_stop, lo, stride, vid, table_size):
+    """Hash the ``d+1`` vertices of pixels ``first..stop`` into a new table; pixels from
+    ``real_stop`` on are densecrf's phantom padding (their vertices are inserted, not
+    recorded). ``vid[p, r]`` = the point of vertex ``r`` of pixel ``p``, numbered from 0 in
+    first-seen order. Returns ``(m, slots, keys, coords)`` (the first ``m`` keys are used)."""
     d = v.shape[1]
     d1 = d + 1
-    cap = table_size
-    mask = cap - 1
-    slots = np.full(cap, -1, np.int32)  # point id per slot
-    keys = np.empty(max(cap // 8, 16), np.int64)  # grows by doubling
+    slots = np.full(table_size, -1, np.int32)  # point id per slot
+    keys = np.empty(max(table_size // 8, 16), np.int64)  # grows by doubling
     coords = np.empty((keys.shape[0], d), np.int32)
     key_c = np.empty(d, np.int32)
     m = 0
-    for p in range(first, first + num_all):
-        # neighbouring pixels usually lie in the same simplex: reuse the previous pixel's points
-        if p > first and p - first < num_real:
+    for p in range(first, stop):
+        real = p < real_stop
+        # neighbouring pixels often lie in the same simplex: reuse the previous pixel's points
+        if p > first and real:
             same = True
             for i in range(d):
                 if v[p, i] != v[p - 1, i] or pos[p, i] != pos[p - 1, i]:
@@ -141,38 +188,48 @@ def _insert_image(v, pos, first, num_real, num_all, lo, stride, vid, table_size)
                     c -= d1
                 key_c[i] = c
                 packed += np.int64(c - lo[i]) * stride[i]
+            # the probe is written out here, not called (_add_key): this loop runs 6 times per
+            # pixel, and the call with its array arguments made it several times slower
+            mask = slots.shape[0] - 1
             s = _hash_slot(packed, mask)
             while True:
                 pid = slots[s]
                 if pid < 0:
-                    if m == keys.shape[0]:  # grow the point arrays
-                        keys2 = np.empty(2 * m, np.int64)
-                        keys2[:m] = keys[:m]
-                        keys = keys2
-                        coords2 = np.empty((2 * m, d), np.int32)
-                        coords2[:m] = coords[:m]
-                        coords = coords2
+                    if m == keys.shape[0] or 2 * (m + 1) > slots.shape[0]:
+                        slots, keys, coords = _make_room(slots, keys, coords, m)
+                        mask = slots.shape[0] - 1
+                        s = _hash_slot(packed, mask)
+                        continue
                     slots[s] = m
                     keys[m] = packed
                     coords[m] = key_c
                     pid = m
                     m += 1
-                    if 2 * m > cap:  # keep the load below 1/2: rehash into a table twice as big
-                        cap *= 2
-                        mask = cap - 1
-                        slots = np.full(cap, -1, np.int32)
-                        for q in range(m):
-                            t = _hash_slot(keys[q], mask)
-                            while slots[t] >= 0:
-                                t = (t + 1) & mask
-                            slots[t] = q
                     break
                 if keys[pid] == packed:
                     break
                 s = (s + 1) & mask
-            if p - first < num_real:
+            if real:
                 vid[p, r] = pid
-    return m, keys[:m].copy(), coords[:m].copy(), slots
+    return m, slots, keys, coords
+
+
+@numba.njit(**_JIT)
+def _merge_points(slots, keys, coords, m, other_keys, other_coords, other_m, mapping):
+    """Add another table's points to this one: ``mapping[q]`` = this table's point for the
+    other's point ``q``. Returns ``(m, slots, keys, coords)``."""
+    for q in range(other_m):
+        if m == keys.shape[0] or 2 * (m + 1) > slots.shape[0]:
+            slots, keys, coords = _make_room(slots, keys, coords, m)
+        mapping[q], m = _add_key(slots, keys, coords, m, other_keys[q], other_coords[q])
+    return m, slots, keys, coords
+
+
+@numba.njit(**_JIT)
+def _renumber(vid, first, stop, mapping):
+    for p in range(first, stop):
+        for r in range(vid.shape[1]):
+            vid[p, r] = mapping[vid[p, r]]
 
 
 @numba.njit(**_JIT)
@@ -292,7 +349,8 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
     ``splat_weights`` (the splat rows, point-major) and ``blur_nb`` / ``blur_w`` ``(d+1, M, 3)``
     (the blur along each axis: self, neighbour, neighbour), and with ``ones_response`` the
     filter's response to all-ones values ``ones (B*N,)`` (slice scaled by ``alpha``). Raises
-    ``OverflowError`` when a key box does not fit int64, ``ValueError`` for non-finite features."""
+    ``OverflowError`` when a key box does not fit int64, ``ValueError`` for non-finite features
+    or features too large for float32 lattice coordinates."""
     B, Np, d = f.shape
     d1 = d + 1
     N = num_real
@@ -304,31 +362,36 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
     threads = max(1, int(threads))
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
+    def run_jobs(fn, jobs):
+        if pool is None or len(jobs) <= 1:
+            return [fn(job) for job in jobs]
+        return list(pool.map(fn, jobs))
+
     def run(fn, ranges):
-        if pool is None or len(ranges) == 1:
-            return [fn(a, b) for a, b in ranges]
-        return list(pool.map(lambda ab: fn(*ab), ranges))
+        return run_jobs(lambda ab: fn(*ab), ranges)
 
     try:
         # per image, in chunks: elevate, and the range of the remainder-0 points
         parts = [(b, a, e) for b in range(B) for a, e in _chunks(Np, -(-threads // B))]
-        ranges = np.empty((len(parts), 2, d), np.int64)
+        v_range = np.empty((len(parts), 2, d), np.int64)
 
         def elevate(k):
             b, a, e = parts[k]
-            return _elevate(flat, scale, down, b * Np + a, b * Np + e, v, pos, bary_all, ranges[k, 0], ranges[k, 1])
+            return _elevate(flat, scale, down, b * Np + a, b * Np + e, v, pos, bary_all, v_range[k, 0], v_range[k, 1])
 
-        status = list(pool.map(elevate, range(len(parts)))) if pool else [elevate(k) for k in range(len(parts))]
+        status = run_jobs(elevate, range(len(parts)))
         if 1 in status:
             raise ValueError("features contain NaN or infinite values")
         if 2 in status:
-            raise OverflowError("lattice coordinates beyond int32: features too large for their bandwidths")
+            raise ValueError(
+                f"features up to {float(np.abs(flat).max()):.3g} are too large for the lattice's float32 "
+                "coordinates (elevated values must stay below 2^22): use larger bandwidths")
 
         # per image: the key box, then the hash table
         image_of_part = np.array([b for b, _, _ in parts])
         boxes = []
         for b in range(B):
-            mine = ranges[image_of_part == b]
+            mine = v_range[image_of_part == b]
             lo = mine[:, 0].min(0) * d1 - d
             hi = mine[:, 1].max(0) * d1 + d
             radix = hi - lo + 1
@@ -340,16 +403,32 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
             stride = np.array(strides[:-1], np.int64)
             boxes.append((lo, hi, stride))
 
+        # per image: its pixels hashed in one range per thread, each range into its own table;
+        # then the tables merged into the first and the other ranges' points renumbered
         vid = np.empty((B * Np, d1), np.int32)
-        table_size = 1 << max(10, int(2 * (Np // 4 + 1)).bit_length())
+        split = max(1, threads // B)
+        ranges = [[(b * Np + a, b * Np + e) for a, e in _chunks(Np, split)] for b in range(B)]
 
-        def insert(b):
+        def insert(b, k):
             lo, _, stride = boxes[b]
-            return _insert_image(v, pos, b * Np, N, Np, lo, stride, vid, table_size)
+            a, e = ranges[b][k]
+            table_size = 1 << max(10, int(2 * ((e - a) // 4 + 1)).bit_length())
+            return _insert_pixels(v, pos, a, e, b * Np + N, lo, stride, vid, table_size)
 
-        hashed = run(lambda a, b: [insert(i) for i in range(a, b)], _chunks(B, threads))
-        hashed = [h for part in hashed for h in part]
-        del v, pos  # the per-pixel temporaries are done with: lower the build's peak
+        jobs = [(b, k) for b in range(B) for k in range(len(ranges[b]))]
+        tables = run_jobs(lambda job: insert(*job), jobs)
+        hashed, renumbering = [], []
+        for b in range(B):
+            mine = [tables[jobs.index((b, k))] for k in range(len(ranges[b]))]
+            m, slots, keys, coords = mine[0]
+            for k, (om, _, okeys, ocoords) in enumerate(mine[1:], start=1):
+                mapping = np.empty(om, np.int32)
+                m, slots, keys, coords = _merge_points(slots, keys, coords, m, okeys, ocoords, om, mapping)
+                a, e = ranges[b][k]
+                renumbering.append((vid, a, min(e, b * Np + N), mapping))
+            hashed.append((m, keys[:m], coords[:m], slots))
+        run_jobs(lambda job: _renumber(*job), renumbering)
+        v = pos = None  # the per-pixel temporaries are done with: lower the build's peak
         counts = [h[0] for h in hashed]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         M = int(offsets[-1])
@@ -370,11 +449,7 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
             lo, hi, stride = boxes[b]
             _blur_neighbours(coords, slots, keys, lo, hi, stride, offsets[b], a, e, nb, w)
 
-        if pool is None:
-            for job in jobs:
-                blur(job)
-        else:
-            list(pool.map(blur, jobs))
+        run_jobs(blur, jobs)
 
         # drop the phantom pixels, number the points globally
         vid = vid.reshape(B, Np, d1)[:, :N]

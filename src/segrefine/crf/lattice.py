@@ -221,6 +221,10 @@ def _elevate(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
         sm += cf
     E[0] = sm
     del sm, cf, fT
+    if bool((E.abs() >= 2.0**22).any()):  # build-time sync; as segrefine.crf.cpu_lattice
+        raise ValueError(
+            f"features up to {float(f.abs().max()):.3g} are too large for the lattice's float32 coordinates "
+            "(elevated values must stay below 2^22): use larger bandwidths")
 
     # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
     v = torch.mul(E, down).round_()  # rem0 = (d+1) v
