@@ -412,7 +412,9 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
         def insert(b, k):
             lo, _, stride = boxes[b]
             a, e = ranges[b][k]
-            table_size = 1 << max(10, int(2 * ((e - a) // 4 + 1)).bit_length())
+            # start small and let the table grow (rehashing is cheap): natural images have
+            # ~1-3 % of N (d+1) points, and a table sized for the worst case spills the caches
+            table_size = 1 << max(10, int((e - a) // 8).bit_length())
             return _insert_pixels(v, pos, a, e, b * Np + N, lo, stride, vid, table_size)
 
         jobs = [(b, k) for b in range(B) for k in range(len(ranges[b]))]
