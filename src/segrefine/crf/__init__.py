@@ -1,7 +1,9 @@
-"""Fully connected (dense) CRF in plain torch: lattice filter, mean field.
+"""Fully connected (dense) CRF in torch: lattice filter, mean field.
 
 * :class:`PermutohedralLattice` — permutohedral-lattice Gaussian filter
-  (densecrf v2.2 semantics), batched, differentiable w.r.t. the values.
+  (densecrf v2.2 semantics), batched, differentiable w.r.t. the values; built
+  on the CPU by compiled code (:mod:`segrefine.crf.cpu_lattice`, numba),
+  elsewhere in torch ops.
 * :func:`exact_gaussian_filter` — brute-force O(N^2) reference filter;
   :func:`exact_mean_field` — brute-force dense-CRF mean field (tiny images).
 * :class:`MeanFieldCRF` — trainable mean-field layer (CRF-as-RNN core),

@@ -1,4 +1,4 @@
-"""Permutohedral-lattice Gaussian filter in plain torch ops.
+"""Permutohedral-lattice Gaussian filter: torch products, built by compiled code on the CPU.
 
 This is the lattice of Adams, Baek & Davis (2010) exactly as Krähenbühl's
 densecrf v2.2 (the C++ code behind ``pydensecrf``) builds and applies it, so
@@ -20,7 +20,12 @@ sequence of index-based sparse products with no data-dependent shapes and no
 host synchronisation, so it can be reused for the normalisation, every
 mean-field iteration and all classes.
 
-The build follows densecrf step by step (elevation, rounding, ranking,
+On the CPU the build is :mod:`segrefine.crf.cpu_lattice` (densecrf's per-pixel
+loop and hash table, compiled with numba, threaded). Elsewhere, and with
+``build="torch"``, it is done here in torch ops, as follows; both give the same
+lattice.
+
+The torch build follows densecrf step by step (elevation, rounding, ranking,
 barycentric weights, enclosing simplex) for all pixels at once.
 Lattice keys are packed into int64 (mixed radix, batch index most
 significant); pixels are first grouped by simplex (one sort), the ``d+1``
@@ -62,12 +67,14 @@ indices:
   ``4 N (d+1)`` more for the ``index`` backend);
 * blur: ``(d+1)`` axes x ``3 M`` (int32 index + float32 weight) =
   ``24 M (d+1)`` bytes, plus ``12 M`` bytes for the packed keys/offsets;
-* a normalised kernel (:meth:`PermutohedralLattice.scaled`) adds its own
-  ``16 N (d+1)`` bytes of weights (the indices are shared);
+* a normalised kernel made with :meth:`PermutohedralLattice.scaled` adds its
+  own ``16 N (d+1)`` bytes of weights (the indices are shared; ``8 N (d+1)``
+  with ``transposes=False``); :meth:`PermutohedralLattice.scale_`, which the
+  mean field uses, scales in place and adds nothing;
 * ``transposes=False`` (inference only) keeps one weight array per
-  direction: ``16 N (d+1)`` bytes for splat and slice instead of 24, and its
-  normalised kernel adds ``8 N (d+1)``;
-* temporaries while building: about ``100 N (d+1)`` bytes, freed afterwards;
+  direction: ``16 N (d+1)`` bytes for splat and slice instead of 24;
+* temporaries while building: about ``100 N (d+1)`` bytes with the torch build,
+  about ``8 N (d+1) + 20 N`` with the compiled CPU build, freed afterwards;
 * while filtering ``C`` channels: a few ``M x C`` buffers plus the output.
 
 For a 500x375 RGB image (``d = 5``) that is ~30 MB for the bilateral kernel.
