@@ -589,7 +589,7 @@ class PermutohedralLattice:
         transposes: keep the transposed splat/slice products, which the
             backward pass and ``filter(transpose=True)`` need. False (for
             inference only, e.g. :func:`segrefine.crf.dense_crf`) stores
-            about 40 % less; asking such a lattice for a gradient or a
+            about a third less; asking such a lattice for a gradient or a
             transposed filter raises ``RuntimeError``.
 
     The filter itself (:meth:`filter`) works in the dtype of the values
