@@ -7,6 +7,8 @@ launches must pair with exactly its intended baseline, and nothing else may pair
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -205,3 +207,20 @@ def test_origin_table_prints_published_beside_ours_and_names_the_protocol(tmp_pa
         path.write_text(json.dumps({"status": "complete", "metrics": keys}))
     table = origin.origin_table(tmp_path)
     assert "origin protocol (metrics=unet_crfrnn)" in table and "| Vanilla U-Net | 75.42 | 83.49 | 72.18 | 50.00 ± 0.00" in table
+
+
+def test_study_time_adds_up_over_reruns(tmp_path, capsys):
+    """A rerun that finds every job done must not replace the study's time with its own ~0 s
+    (the paper_table README prints it as "produced ... in N min")."""
+    from segrefine.study import record_time
+
+    path = tmp_path / "study.json"
+    record_time(path, "python run.py --preset smoke", 390.0, {"train": 348.0, "tune": 18.0, "eval": 24.0})
+    record = record_time(path, "python run.py --preset smoke --update-readme", 2.5, {"train": 2.5, "tune": 0.0, "eval": 0.0})
+    assert record == json.loads(path.read_text())
+    assert record["command"] == "python run.py --preset smoke"  # the run that did the work
+    assert record["seconds"] == 392.5 and record["by_kind"] == {"train": 350.5, "tune": 18.0, "eval": 24.0}
+    assert [r["seconds"] for r in record["runs"]] == [390.0, 2.5]
+    path.write_text("{not json")
+    record = record_time(path, "python run.py", 5.0, {"train": 5.0})
+    assert record["seconds"] == 5.0 and "unreadable" in capsys.readouterr().out

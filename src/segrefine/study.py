@@ -289,9 +289,31 @@ def run_study(args, plan, out: Path, overrides: list[str], log=print) -> float:
     seconds = run_plan(plan, out, tune_trials=args.tune_trials, eval_overrides=eval_overrides, log=log)
     total = time.perf_counter() - start
     command = " ".join(["python", *sys.argv])
-    (out / "study.json").write_text(json.dumps({"command": command, "seconds": total, "by_kind": seconds}, indent=2))
+    record_time(out / "study.json", command, total, seconds)
     print(f"study ran in {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f}' for k, v in seconds.items())} min)")
     return total
+
+
+def record_time(path: Path, command: str, seconds: float, by_kind: dict[str, float]) -> dict:
+    """Add one run of a study to its ``study.json``: ``command`` stays the first run's, and
+    ``seconds``/``by_kind`` are summed over all runs (listed under ``runs``). A rerun that finds
+    every job done adds its few seconds instead of replacing the study's time with them."""
+    from segrefine.atomic import atomic_write_text
+
+    record = {"command": command, "seconds": 0.0, "by_kind": {}, "runs": []}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            record = {"command": old["command"], "seconds": float(old["seconds"]), "by_kind": dict(old["by_kind"]),
+                      "runs": old.get("runs") or [{"command": old["command"], "seconds": float(old["seconds"])}]}
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"{path}: unreadable ({e}); its earlier runs' time is lost, this run's is recorded")
+    record["seconds"] += seconds
+    for kind, value in by_kind.items():
+        record["by_kind"][kind] = record["by_kind"].get(kind, 0.0) + value
+    record["runs"].append({"command": command, "seconds": seconds})
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return record
 
 
 def example_tuned_file(folder: Path) -> Path:
