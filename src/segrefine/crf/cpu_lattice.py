@@ -33,10 +33,10 @@ import numpy as np
 
 __all__ = ["build"]
 
+from .lattice import EXACT_LIMIT, features_too_large
+
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
-# Elevated coordinates (float32, as densecrf) are rounded to lattice points; beyond 2^22 their
-# spacing approaches 1 and the rounding, ranks and weights stop making sense.
-_EXACT_LIMIT = np.float32(2.0**22)
+_EXACT_LIMIT = np.float32(EXACT_LIMIT)  # a float32 constant inside the compiled loop
 
 
 @numba.njit(**_JIT)
@@ -340,15 +340,15 @@ def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
     return [(a, min(total, a + step)) for a in range(0, total, step)]
 
 
-def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_response: bool) -> dict:
+def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32) -> dict:
     """The lattice of ``f (B, Np, d)`` float32 (each image's last ``Np - num_real`` pixels are
     phantom padding: hashed, never splatted or sliced), with ``threads`` worker threads.
 
     Returns numpy arrays: ``num_points`` (all images), ``vid (B*N, d+1)`` int32 and ``bary (B*N,
     d+1)`` float32 (the slice rows, pixel-major), ``splat_pixels`` / ``splat_offsets`` /
     ``splat_weights`` (the splat rows, point-major) and ``blur_nb`` / ``blur_w`` ``(d+1, M, 3)``
-    (the blur along each axis: self, neighbour, neighbour), and with ``ones_response`` the
-    filter's response to all-ones values ``ones (B*N,)`` (slice scaled by ``alpha``). Raises
+    (the blur along each axis: self, neighbour, neighbour), and the filter's response to
+    all-ones values ``ones (B*N,)`` (slice scaled by ``alpha``). Raises
     ``OverflowError`` when a key box does not fit int64, ``ValueError`` for non-finite features
     or features too large for float32 lattice coordinates."""
     B, Np, d = f.shape
@@ -367,9 +367,6 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
             return [fn(job) for job in jobs]
         return list(pool.map(fn, jobs))
 
-    def run(fn, ranges):
-        return run_jobs(lambda ab: fn(*ab), ranges)
-
     try:
         # per image, in chunks: elevate, and the range of the remainder-0 points
         parts = [(b, a, e) for b in range(B) for a, e in _chunks(Np, -(-threads // B))]
@@ -383,9 +380,7 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
         if 1 in status:
             raise ValueError("features contain NaN or infinite values")
         if 2 in status:
-            raise ValueError(
-                f"features up to {float(np.abs(flat).max()):.3g} are too large for the lattice's float32 "
-                "coordinates (elevated values must stay below 2^22): use larger bandwidths")
+            raise features_too_large(float(np.abs(flat).max()))
 
         # per image: the key box, then the hash table
         image_of_part = np.array([b for b, _, _ in parts])
@@ -418,10 +413,10 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
             return _insert_pixels(v, pos, a, e, b * Np + N, lo, stride, vid, table_size)
 
         jobs = [(b, k) for b in range(B) for k in range(len(ranges[b]))]
-        tables = run_jobs(lambda job: insert(*job), jobs)
+        tables = dict(zip(jobs, run_jobs(lambda job: insert(*job), jobs)))
         hashed, renumbering = [], []
         for b in range(B):
-            mine = [tables[jobs.index((b, k))] for k in range(len(ranges[b]))]
+            mine = [tables[b, k] for k in range(len(ranges[b]))]
             m, slots, keys, coords = mine[0]
             for k, (om, _, okeys, ocoords) in enumerate(mine[1:], start=1):
                 mapping = np.empty(om, np.int32)
@@ -431,27 +426,20 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
             hashed.append((m, keys[:m], coords[:m], slots))
         run_jobs(lambda job: _renumber(*job), renumbering)
         v = pos = None  # the per-pixel temporaries are done with: lower the build's peak
-        counts = [h[0] for h in hashed]
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum([h[0] for h in hashed])]).astype(np.int64)
         M = int(offsets[-1])
         if M >= 2**31 or B * N * d1 >= 2**31:
             raise OverflowError("lattice too large for int32 indices")
 
         nb = np.empty((d1, M, 3), np.int32)
         w = np.empty((d1, M, 3), np.float32)
-        jobs = []
-        for b, (m, keys, coords, slots) in enumerate(hashed):
-            lo, hi, stride = boxes[b]
-            for a, e in _chunks(m, threads):
-                jobs.append((b, a, e))
-
         def blur(job):
             b, a, e = job
-            m, keys, coords, slots = hashed[b]
+            _, keys, coords, slots = hashed[b]
             lo, hi, stride = boxes[b]
             _blur_neighbours(coords, slots, keys, lo, hi, stride, offsets[b], a, e, nb, w)
 
-        run_jobs(blur, jobs)
+        run_jobs(blur, [(b, a, e) for b, h in enumerate(hashed) for a, e in _chunks(h[0], threads)])
 
         # drop the phantom pixels, number the points globally
         vid = vid.reshape(B, Np, d1)[:, :N]
@@ -462,16 +450,16 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32, ones_re
         bary = np.ascontiguousarray(bary.reshape(B * N, d1))
         # the splat rows (point-major, pixels ascending): a counting sort of the pairs by
         # point, each thread counting and then writing its own range of pixels
-        pix_ranges = _chunks(B * N, threads)
+        pix_ranges = list(enumerate(_chunks(B * N, threads)))
         counts = np.empty((len(pix_ranges), M), np.int64)
-        run(lambda a, b: _count_points(vid, a, b, counts[pix_ranges.index((a, b))]), pix_ranges)
+        run_jobs(lambda job: _count_points(vid, *job[1], counts[job[0]]), pix_ranges)
         splat_off = np.zeros(M + 1, np.int64)
         np.cumsum(counts.sum(0), out=splat_off[1:])
         starts = splat_off[:-1] + np.cumsum(counts, 0) - counts
         pixels = np.empty(B * N * d1, np.int32)
         splat_w = np.empty(B * N * d1, np.float32)
-        run(lambda a, b: _fill_splat(vid, bary, a, b, starts[pix_ranges.index((a, b))], pixels, splat_w), pix_ranges)
-        ones = _ones_response(vid, bary, splat_off, splat_w, nb, w, alpha) if ones_response else None
+        run_jobs(lambda job: _fill_splat(vid, bary, *job[1], starts[job[0]], pixels, splat_w), pix_ranges)
+        ones = _ones_response(vid, bary, splat_off, splat_w, nb, w, alpha)
     finally:
         if pool is not None:
             pool.shutdown()

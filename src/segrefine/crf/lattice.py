@@ -99,6 +99,15 @@ _SINGLE_KEY_LIMIT = 2**62
 # pixels per chunk of the per-pixel build steps (their temporaries are ~200
 # bytes per pixel for 5-D features)
 _CHUNK = 2**17
+# Elevated coordinates (float32, as densecrf) are rounded to lattice points; from 2^22 on their
+# spacing approaches 1 and the rounding, ranks and weights stop making sense. Both builds refuse.
+EXACT_LIMIT = 2.0**22
+
+
+def features_too_large(largest: float) -> ValueError:
+    return ValueError(
+        f"features up to {largest:.3g} are too large for the lattice's float32 coordinates "
+        "(elevated values must stay below 2^22): use larger bandwidths")
 
 
 # --------------------------------------------------------------------------
@@ -228,10 +237,8 @@ def _elevate(f: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
         sm += cf
     E[0] = sm
     del sm, cf, fT
-    if bool((E.abs() >= 2.0**22).any()):  # build-time sync; as segrefine.crf.cpu_lattice
-        raise ValueError(
-            f"features up to {float(f.abs().max()):.3g} are too large for the lattice's float32 coordinates "
-            "(elevated values must stay below 2^22): use larger bandwidths")
+    if bool((E.abs() >= EXACT_LIMIT).any()):  # build-time sync
+        raise features_too_large(float(f.abs().max()))
 
     # 3. nearest remainder-0 point: round(e * float(1/(d+1))), half to even
     v = torch.mul(E, down).round_()  # rem0 = (d+1) v
@@ -656,7 +663,7 @@ class PermutohedralLattice:
         from . import cpu_lattice
 
         try:
-            out = cpu_lattice.build(f.numpy(), N, torch.get_num_threads(), np.float32(self.alpha), True)
+            out = cpu_lattice.build(f.numpy(), N, torch.get_num_threads(), np.float32(self.alpha))
         except OverflowError:
             if fallback:
                 return False
@@ -767,26 +774,14 @@ class PermutohedralLattice:
         """
         new = object.__new__(PermutohedralLattice)
         new.__dict__.update(self.__dict__)
-        new._cache = {}
-        new._ones = None  # another filter now
-        BN = self.batch * self.num_pixels
-        same = pre is post
-        pts_idx = self._splat_f.indices  # pixel of each point-major entry
-        if pre is not None:
-            pre = pre.detach().reshape(BN).to(torch.float32)
-            pre_pts = pre.index_select(0, pts_idx)
-            pts, pix = self._splat_f, self._splat_b
-            new._splat_f = pts.reweighted(pts.weights * pre_pts)
-            if pix is not None:
-                new._splat_b = pix.reweighted((pix.weights.view(BN, -1) * pre.unsqueeze(1)).view(-1))
-        if post is not None:
-            post = pre if same else post.detach().reshape(BN).to(torch.float32)
-            post_pts = pre_pts if same else post.index_select(0, pts_idx)
-            pix, pts = self._slice_f, self._slice_b
-            new._slice_f = pix.reweighted((pix.weights.view(BN, -1) * post.unsqueeze(1)).view(-1))
-            if pts is not None:
-                new._slice_b = pts.reweighted(pts.weights * post_pts)
-        return new
+        # own copies of the weights that get scaled; indices and the other weights stay shared
+        stages = (("_splat_f", "_splat_b") if pre is not None else ()) + (
+            ("_slice_f", "_slice_b") if post is not None else ())
+        for name in stages:
+            bags = getattr(self, name)
+            if bags is not None:
+                setattr(new, name, bags.reweighted(bags.weights.clone()))
+        return new.scale_(pre, post)
 
     def scale_(self, pre: Tensor | None = None, post: Tensor | None = None) -> "PermutohedralLattice":
         """:meth:`scaled` in place: this lattice's weights are multiplied, no copies (for a
@@ -888,5 +883,3 @@ class PermutohedralLattice:
         return out.view(shape)
 
     __call__ = filter
-
-

@@ -195,9 +195,7 @@ def _iteration_probs(S: Tensor) -> Tensor:
     message beyond float32 round-off, and keeps the gradient exact (the derivative of ``+ c``
     is 1)."""
     Q = _softmax(S)
-    if torch.is_grad_enabled() and Q.requires_grad:
-        return Q + Q_FLOOR
-    return Q.add_(Q_FLOOR)
+    return Q + Q_FLOOR if Q.requires_grad else Q.add_(Q_FLOOR)
 
 
 def _mean_field(
@@ -227,18 +225,19 @@ def _mean_field(
                 else:
                     S.addcmul_(f.filter(Q), w)
         return S
+    # learned compatibility: S = L - sum_m (K~_m Q) (w_m sym(M)), the weights in the small C x C
+    # matrices (made once), so neither pass over the pixels nor its gradient multiplies by them
+    matrices = None if compatibility is None else [compatibility * -w for w in weights]
     S = logits
     for _ in range(iterations):
         Q = _iteration_probs(S)
-        if compatibility is None:  # Potts: S = L + sum_m w_m K~_m Q
-            S = logits
+        S = logits
+        if matrices is None:  # Potts: S = L + sum_m w_m K~_m Q
             for f, w in zip(filters, weights):
                 S = torch.addcmul(S, f.filter(Q), w)
-        else:  # S = L - sum_m (K~_m Q) (w_m sym(M)): the weights go into the small C x C
-            # matrices, so neither pass over the pixels nor its gradient multiplies by them
-            S = logits
-            for f, w in zip(filters, weights):
-                S = torch.addmm(S, f.filter(Q), compatibility * -w)
+        else:
+            for f, m in zip(filters, matrices):
+                S = torch.addmm(S, f.filter(Q), m)
     return S
 
 
@@ -479,7 +478,6 @@ def dense_crf(
         bilateral = PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan),
                                          transposes=False)
         filters = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
-        del bilateral
         weights = [torch.tensor(w, device=probs.device) for w in (k.gaussian_compat, k.bilateral_compat)]
         S = _mean_field(logits, filters, weights, None, iterations)
     else:

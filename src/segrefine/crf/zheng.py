@@ -89,11 +89,12 @@ def zheng_mean_field(
     Row-vector layout: per pixel ``m = W q`` is ``q_row W^T``, and ``S = L + m_row M^T``, summed
     per kernel as ``(K Q) (M W)^T``. Only tensor ops: no host synchronisation on CUDA.
     """
+    # (K Q) W^T M^T as one product with the small C x C matrix (M W)^T, made once per kernel
+    matrices = [(compatibility @ weight).t() for weight in weights]
     S = logits
     for _ in range(iterations):
         Q = _iteration_probs(S)
         S = logits
-        for kernel, weight in zip(filters, weights):
-            # (K Q) W^T M^T as one product with the small C x C matrix (M W)^T
-            S = torch.addmm(S, kernel.filter(Q), (compatibility @ weight).t())
+        for kernel, matrix in zip(filters, matrices):
+            S = torch.addmm(S, kernel.filter(Q), matrix)
     return S
