@@ -6,15 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "conf")
 
 # Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker gets its share of
 # the CPUs: every worker using all of them would only make them wait on each other.
+# (torch is imported here and in the fixtures, not at the top: the xdist controller loads this
+# file too, and it runs no test)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -36,8 +38,13 @@ TINY = [
 
 def subprocess_env() -> dict[str, str]:
     """The environment for a CLI run from a test: offline wandb, and not attached to the wandb
-    service that in-process tests started (a killed run would stay "in use" there)."""
+    service that in-process tests started (a killed run would stay "in use" there); under
+    pytest-xdist, the worker's share of the CPUs as torch's thread count (as in-process)."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        import torch
+
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
@@ -52,6 +59,8 @@ def make_cfg(data_dir, tmp_path):
     """``make_cfg(*overrides, output_dir=None)`` -> the composed train config at TINY scale."""
 
     def _make(*overrides: str, output_dir: Path | None = None, config_name: str = "train"):
+        from hydra import compose, initialize_config_dir
+
         output_dir = output_dir or tmp_path / "run"
         # The TINY data sizes are the synthetic source's; another source brings its own.
         other_data = any(o.startswith("data=") for o in overrides)
@@ -69,6 +78,8 @@ def make_cfg(data_dir, tmp_path):
 def single_thread():
     """For modules of tiny tensor ops: intra-op threads only add synchronisation latency
     (severe on a loaded 2-core machine). Restored after the module."""
+    import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

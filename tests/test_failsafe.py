@@ -4,6 +4,7 @@ checkpoints and stored configs, honest failure records (issue 12)."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import pathlib
 import re
@@ -16,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import segrefine.runs
+import segrefine.tracking
 from conftest import CONFIG_DIR, REPO
 from segrefine.checkpoints import CheckpointError, check_targets
 from segrefine.evaluate import evaluate, force_data_keys
@@ -277,6 +279,9 @@ def test_an_incomplete_wandb_log_is_recorded_in_results_and_said_on_the_console(
         log_file.write_bytes(log_file.read_bytes()[: log_file.stat().st_size // 2])
 
     monkeypatch.setattr(wandb, "finish", finish_on_a_full_disk)
+    # a truncated log never gains its exit record: wait 0.5 s for it, not the default 10 s
+    monkeypatch.setattr(segrefine.tracking, "wandb_log_problem",
+                        functools.partial(segrefine.tracking.wandb_log_problem, wait=0.5))
     out = tmp_path / "run"
     train(make_cfg(*BASE, "logger=wandb", output_dir=out))
     saved = json.loads((out / "results.json").read_text())
