@@ -62,15 +62,16 @@ def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
     for p in range(first, stop):
         sm = np.float32(0.0)
         for j in range(d, 0, -1):
-            if not np.isfinite(f[p, j - 1]):
-                return 1
             cf = f[p, j - 1] * scale[j - 1]
             E[j] = sm - cf * np.float32(j)
             sm = sm + cf
         E[0] = sm
         total = 0
         for i in range(d1):
-            if abs(E[i]) >= _EXACT_LIMIT:
+            if not abs(E[i]) < _EXACT_LIMIT:  # also true for NaN: one test per coordinate
+                for j in range(d):
+                    if not np.isfinite(f[p, j]):
+                        return 1
                 return 2
             v[i] = np.rint(E[i] * down)  # half to even, as torch.round
             delta[i] = E[i] - v[i] * fd1
@@ -78,9 +79,10 @@ def _elevate(f, scale, down, first, stop, v_out, pos_out, bary_out, vmin, vmax):
             total += np.int64(v[i])
         for i in range(d):
             for j in range(i + 1, d1):
-                if delta[i] < delta[j]:
-                    rank[i] += 1
-                    rank[j] -= 1
+                # branch-free: the comparisons' outcomes are data-dependent coin flips
+                c = np.int64(delta[i] < delta[j])
+                rank[i] += c
+                rank[j] -= c
         for i in range(d1):
             r = rank[i] + total
             if r < 0:
@@ -183,9 +185,7 @@ def _insert_pixels(v, pos, first, stop, real_stop, lo, stride, vid, table_size):
         for r in range(d1):
             packed = np.int64(0)
             for i in range(d):
-                c = v[p, i] * d1 + r
-                if pos[p, i] < r:
-                    c -= d1
+                c = v[p, i] * d1 + r - d1 * np.int32(pos[p, i] < r)  # branch-free
                 key_c[i] = c
                 packed += np.int64(c - lo[i]) * stride[i]
             # the probe is written out here, not called (_add_key): this loop runs 6 times per
