@@ -8,14 +8,16 @@ so that its peak memory is its own:
 
 * time: median of ``--repeats`` calls after one warm-up (every lattice built in the call,
   spatial cache cleared: what pydensecrf does);
-* memory: the child's peak RSS (``ru_maxrss``) minus its RSS just before the first call at
-  this size, i.e. what the CRF itself needs at this size: the interpreter, the input arrays
-  and the libraries are excluded (a 16×16 call first loads them: torch's first-call set-up,
-  numba and the compiled lattice build, about the same for every size), and the C heap's
-  free pages are returned to the OS just before that baseline (``malloc_trim``), so that
+* memory: the child's peak RSS from its RSS just before the first call at this size on,
+  minus that RSS, i.e. what the CRF itself needs at this size: the interpreter, the input
+  arrays and the libraries are excluded (a 16×16 call first loads them: torch's first-call
+  set-up, numba and the compiled lattice build, about the same for every size). Just before
+  that baseline the C heap's free pages are returned to the OS (``malloc_trim``), so that
   neither implementation's peak is partly hidden in pages that earlier work freed but kept
-  (that hid 60 % of pydensecrf's peak at 128²); on CUDA also
-  ``torch.cuda.max_memory_allocated``.
+  (that hid 60 % of pydensecrf's peak at 128²), and the kernel's peak-RSS mark is reset
+  (``/proc/self/clear_refs``), so that a peak from before the baseline cannot count; where
+  that reset is not allowed, the process's lifetime peak (``ru_maxrss``) is used. On CUDA
+  also ``torch.cuda.max_memory_allocated``.
 
 It prints a markdown table (ms, ms per megapixel, MB, bytes per pixel, ratios to
 pydensecrf), then the exponent ``k`` of a least-squares fit ``time ∝ N^k`` over the sizes
@@ -53,6 +55,26 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS mark (``VmHWM``) again from the current RSS (Linux); False
+    where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(since_reset: bool) -> int:
+    if since_reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
@@ -99,6 +121,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
     make(16, 16)()
     run = make(width, height)
     trim_heap()
+    since_reset = reset_peak_rss()
     base = rss_bytes()
     times = []
     for i in range(repeats + 1):
@@ -107,8 +130,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
         sync()
         if i:  # the first call is a warm-up
             times.append(clock() - t)
-    out = {"ms": 1e3 * statistics.median(times), "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                                                              - base) / 2**20}
+    out = {"ms": 1e3 * statistics.median(times), "peak_mb": (peak_rss_bytes(since_reset) - base) / 2**20}
     if impl != "pydensecrf" and device.startswith("cuda"):
         import torch
 
@@ -153,8 +175,8 @@ def main() -> None:
     impls = ["dense_crf"] + ([] if args.no_pydensecrf else ["pydensecrf"])
     print(f"{hardware.summary(args.device)}; dense_crf on {args.device}, pydensecrf on the CPU (single-threaded); "
           f"5 iterations; {'wall' if args.clock == 'wall' else 'CPU'} time, median of {args.repeats} after a warm-up; every lattice built in the call; memory = peak "
-          f"RSS of a fresh process minus its RSS before the first call at that size (after a 16×16 call and "
-          f"malloc_trim)")
+          f"RSS of a fresh process from just before the first call at that size on, minus that RSS (after a "
+          f"16×16 call and malloc_trim)")
     cols = ["W×H", "C", "pixels", "dense_crf ms", "ms/MPix", "peak MB", "B/pixel"]
     if args.device.startswith("cuda"):
         cols += ["CUDA peak MB"]

@@ -99,6 +99,9 @@ _SINGLE_KEY_LIMIT = 2**62
 # pixels per chunk of the per-pixel build steps (their temporaries are ~200
 # bytes per pixel for 5-D features)
 _CHUNK = 2**17
+# splat entries per chunk when scaling them in place: the gathered factors (256 KiB) stay a
+# small temporary next to the N (d+1) weights they scale
+_SCALE_CHUNK = 2**16
 # Elevated coordinates (float32, as densecrf) are rounded to lattice points; from 2^22 on their
 # spacing approaches 1 and the rounding, ranks and weights stop making sense. Both builds refuse.
 EXACT_LIMIT = 2.0**22
@@ -796,8 +799,8 @@ class PermutohedralLattice:
                 continue
             if point_major is not None:  # gathered in chunks: a bounded temporary
                 w = point_major.weights
-                for a in range(0, w.numel(), _CHUNK * 8):
-                    w[a : a + _CHUNK * 8].mul_(factors.index_select(0, pts_idx[a : a + _CHUNK * 8]))
+                for a in range(0, w.numel(), _SCALE_CHUNK):
+                    w[a : a + _SCALE_CHUNK].mul_(factors.index_select(0, pts_idx[a : a + _SCALE_CHUNK]))
             if pixel_major is not None:
                 pixel_major.weights.view(BN, -1).mul_(factors.unsqueeze(1))
         self._ones = None  # another filter now

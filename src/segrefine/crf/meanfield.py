@@ -115,11 +115,11 @@ def _normalized(lattice: PermutohedralLattice, normalization: str) -> Permutohed
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
     if normalization == NO_NORMALIZATION:
         return lattice
-    D = lattice.ones_response().to(torch.float64).unsqueeze(1)
+    D = lattice.ones_response().to(torch.float64).unsqueeze(1).add_(1e-20)  # in place: one N-sized temporary
     if normalization == NORMALIZE_SYMMETRIC:
-        n = (1.0 / torch.sqrt(D + 1e-20)).to(torch.float32)
+        n = D.sqrt_().reciprocal_().to(torch.float32)
         return lattice.scale_(n, n)
-    n = (1.0 / (D + 1e-20)).to(torch.float32)
+    n = D.reciprocal_().to(torch.float32)
     if normalization == NORMALIZE_BEFORE:
         return lattice.scale_(pre=n)
     return lattice.scale_(post=n)
