@@ -7,20 +7,81 @@ its table.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+from pathlib import Path
 
 import torch
 
 
+def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup", membership: str | Path = "/proc/self/cgroup") -> float | None:
+    """The CPU time this process's cgroups allow, in CPUs (``docker --cpus``, a Kubernetes CPU
+    limit), or None without a quota. cgroup v2 (``cpu.max``) and v1 (``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``); the tightest quota on the way from the process's group up to the
+    hierarchy's root counts, since every level applies. Files that are missing or unreadable
+    mean no quota there (Linux only; elsewhere None)."""
+    root = Path(root)
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, group = parts
+        if hierarchy == "0" and controllers == "":  # v2: one unified hierarchy
+            base, read = root, _cpu_max
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
+            base = next((root / name for name in (controllers, "cpu", "cpu,cpuacct") if (root / name).is_dir()), None)
+            read = _cfs_quota
+            if base is None:
+                continue
+        else:
+            continue
+        # inside a container the group path may be the host's, absent here: the mount's root is
+        # then the container's own group
+        folder = base / group.lstrip("/")
+        for level in [folder, *folder.parents]:  # up to the mount's root, which is always read
+            quota = read(level)
+            if quota is not None:
+                quotas.append(quota)
+            if level == base:
+                break
+    return min(quotas) if quotas else None
+
+
+def _cpu_max(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
 def available_cpus() -> int:
     """CPUs this process may run on: its affinity mask (taskset, cgroups cpusets, SLURM
-    binding), further limited by ``SLURM_CPUS_PER_TASK`` when set; ``os.cpu_count()``
-    counts the whole machine instead."""
+    binding), further limited by a cgroup CPU quota (a container's ``--cpus``, rounded up)
+    and by ``SLURM_CPUS_PER_TASK`` when set; ``os.cpu_count()`` counts the whole machine
+    instead."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS, Windows)
         cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
     if slurm:
         try:
