@@ -116,24 +116,6 @@ def _hash_slot(key, mask):
 
 
 @numba.njit(**_JIT)
-def _add_key(slots, keys, coords, m, packed, key_c):
-    """The point of key ``packed`` (coordinates ``key_c``), added as point ``m`` if new; the
-    caller keeps room for one more point (:func:`_make_room`). Returns ``(point, m)``."""
-    mask = slots.shape[0] - 1
-    s = _hash_slot(packed, mask)
-    while True:
-        pid = slots[s]
-        if pid < 0:
-            slots[s] = m
-            keys[m] = packed
-            coords[m] = key_c
-            return m, m + 1
-        if keys[pid] == packed:
-            return pid, m
-        s = (s + 1) & mask
-
-
-@numba.njit(**_JIT)
 def _make_room(slots, keys, coords, m):
     """Room for point ``m``: the point arrays doubled when full, the table doubled and rehashed
     when its load would pass 1/2."""
@@ -188,8 +170,8 @@ def _insert_pixels(v, pos, first, stop, real_stop, lo, stride, vid, table_size):
                 c = v[p, i] * d1 + r - d1 * np.int32(pos[p, i] < r)  # branch-free
                 key_c[i] = c
                 packed += np.int64(c - lo[i]) * stride[i]
-            # the probe is written out here, not called (_add_key): this loop runs 6 times per
-            # pixel, and the call with its array arguments made it several times slower
+            # the probe is written out here, not called: this loop runs 6 times per pixel, and a
+            # call with array arguments made it several times slower
             mask = slots.shape[0] - 1
             s = _hash_slot(packed, mask)
             while True:
@@ -221,7 +203,23 @@ def _merge_points(slots, keys, coords, m, other_keys, other_coords, other_m, map
     for q in range(other_m):
         if m == keys.shape[0] or 2 * (m + 1) > slots.shape[0]:
             slots, keys, coords = _make_room(slots, keys, coords, m)
-        mapping[q], m = _add_key(slots, keys, coords, m, other_keys[q], other_coords[q])
+        # the probe written out, as in _insert_pixels
+        packed = other_keys[q]
+        mask = slots.shape[0] - 1
+        s = _hash_slot(packed, mask)
+        while True:
+            pid = slots[s]
+            if pid < 0:
+                slots[s] = m
+                keys[m] = packed
+                coords[m] = other_coords[q]
+                pid = m
+                m += 1
+                break
+            if keys[pid] == packed:
+                break
+            s = (s + 1) & mask
+        mapping[q] = pid
     return m, slots, keys, coords
 
 
@@ -301,29 +299,35 @@ def _fill_splat(vid, bary, first, stop, fill, pixels, weights):
 
 
 @numba.njit(**_JIT)
-def _ones_response(vid, bary, splat_offsets, splat_weights, nb, w, alpha):
-    """``K 1`` per pixel (float32, the filter's own order of operations: splat, blur along
-    axes 0..d, slice with ``alpha``): what :func:`segrefine.crf.meanfield` normalises by."""
-    n, d1 = vid.shape
-    M = splat_offsets.shape[0] - 1
-    a = np.empty(M, np.float32)
-    b = np.empty(M, np.float32)
-    for k in range(M):
+def _ones_splat(splat_offsets, splat_weights, first, stop, a):
+    """``K 1``, step 1 for points ``first..stop``: each point's splatted weight (its row's sum,
+    in row order, float32)."""
+    for k in range(first, stop):
         acc = np.float32(0.0)
         for e in range(splat_offsets[k], splat_offsets[k + 1]):
             acc += splat_weights[e]
         a[k] = acc
-    for j in range(d1):
-        for k in range(M):
+
+
+@numba.njit(**_JIT)
+def _ones_blur(a, nb, w):
+    """``K 1``, step 2: the splatted weights blurred along axes 0..d (the filter's order)."""
+    b = np.empty_like(a)
+    for j in range(nb.shape[0]):
+        for k in range(a.shape[0]):
             b[k] = w[j, k, 0] * a[nb[j, k, 0]] + w[j, k, 1] * a[nb[j, k, 1]] + w[j, k, 2] * a[nb[j, k, 2]]
         a, b = b, a
-    out = np.empty(n, np.float32)
-    for p in range(n):
+    return a
+
+
+@numba.njit(**_JIT)
+def _ones_slice(vid, bary, a, alpha, first, stop, out):
+    """``K 1``, step 3 for pixels ``first..stop``: sliced with ``alpha`` as the filter does."""
+    for p in range(first, stop):
         acc = np.float32(0.0)
-        for r in range(d1):
+        for r in range(vid.shape[1]):
             acc += (bary[p, r] * alpha) * a[vid[p, r]]
         out[p] = acc
-    return out
 
 
 def _scale_factors(d: int) -> tuple[np.ndarray, np.float32]:
@@ -459,7 +463,12 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32) -> dict
         pixels = np.empty(B * N * d1, np.int32)
         splat_w = np.empty(B * N * d1, np.float32)
         run_jobs(lambda job: _fill_splat(vid, bary, *job[1], starts[job[0]], pixels, splat_w), pix_ranges)
-        ones = _ones_response(vid, bary, splat_off, splat_w, nb, w, alpha)
+        # K 1 (what the normalisations divide by), in the filter's own float32 order
+        splatted = np.empty(M, np.float32)
+        run_jobs(lambda job: _ones_splat(splat_off, splat_w, *job, splatted), _chunks(M, threads))
+        blurred = _ones_blur(splatted, nb, w)
+        ones = np.empty(B * N, np.float32)
+        run_jobs(lambda job: _ones_slice(vid, bary, blurred, alpha, *job, ones), _chunks(B * N, threads))
     finally:
         if pool is not None:
             pool.shutdown()
