@@ -203,7 +203,8 @@ def _merge_points(slots, keys, coords, m, other_keys, other_coords, other_m, map
     for q in range(other_m):
         if m == keys.shape[0] or 2 * (m + 1) > slots.shape[0]:
             slots, keys, coords = _make_room(slots, keys, coords, m)
-        # the probe written out, as in _insert_pixels
+        # the probe written out, as in _insert_pixels (a shared helper, even numba-inlined,
+        # measured 13 % slower there: the arrays it returns are reference-counted per call)
         packed = other_keys[q]
         mask = slots.shape[0] - 1
         s = _hash_slot(packed, mask)
