@@ -45,16 +45,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def trim_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; no-op elsewhere): pages
-    that earlier work freed but kept resident would otherwise absorb part of the next peak, a
-    discount that depends on the process's history, not on what the CRF needs."""
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; False where there is no
+    glibc): pages that earlier work freed but kept resident would otherwise absorb part of the
+    next peak, a discount that depends on the process's history, not on what the CRF needs."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def reset_peak_rss() -> bool:
@@ -120,7 +121,7 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
     # compiled build) before the baseline, so the peak counts what this size needs
     make(16, 16)()
     run = make(width, height)
-    trim_heap()
+    trimmed = trim_heap()
     since_reset = reset_peak_rss()
     base = rss_bytes()
     times = []
@@ -130,7 +131,8 @@ def child(impl: str, width: int, height: int, classes: int, repeats: int, device
         sync()
         if i:  # the first call is a warm-up
             times.append(clock() - t)
-    out = {"ms": 1e3 * statistics.median(times), "peak_mb": (peak_rss_bytes(since_reset) - base) / 2**20}
+    out = {"ms": 1e3 * statistics.median(times), "peak_mb": (peak_rss_bytes(since_reset) - base) / 2**20,
+           "heap_trimmed": trimmed, "peak_since_baseline": since_reset}
     if impl != "pydensecrf" and device.startswith("cuda"):
         import torch
 
@@ -210,6 +212,13 @@ def main() -> None:
             k = np.polyfit(np.log([n for n, _ in pts]), np.log([t for _, t in pts]), 1)[0]
             print(f"{impl}: time ∝ N^{k:.2f} (least squares over {len(pts)} square sizes from "
                   f"{int(pts[0][0] ** 0.5)}² to {int(pts[-1][0] ** 0.5)}², C={args.classes})")
+    # the header's memory method holds only where the child could trim and reset: say where not
+    results = [res for *_, r in rows for res in r.values() if "peak_mb" in res]
+    if not all(res["heap_trimmed"] for res in results):
+        print("note: no glibc malloc_trim here; peaks may be partly hidden in memory freed before the baseline")
+    if not all(res["peak_since_baseline"] for res in results):
+        print("note: the peak-RSS mark could not be reset here; peaks are the process's lifetime peak (ru_maxrss) "
+              "minus the baseline, so a peak from before the baseline can count")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ CONFIG_DIR = str(REPO / "conf")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from segrefine.hardware import available_cpus
+
+    torch.set_num_threads(max(1, available_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
