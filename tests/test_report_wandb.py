@@ -280,10 +280,13 @@ def test_nan_from_wandb_is_treated_as_null_in_results_json(tmp_path, nan):
     assert crf["per_image"][3]["iou"] is None and crf["per_image"][3]["boundary_f1"] == record["per_image"][3]["boundary_f1"]
     assert crf["metrics"]["test/boundary_f1"] is None
     rows, _ = summarise(study.runs)
-    assert rows[1].notes == ["Δ IoU % (img mean) not computed: seed 0: per-image iou missing"]
-    assert "test/iou_image" not in rows[1].stats and "test/boundary_f1_image" in rows[1].stats
+    # A null per-image value is missing data: its pair is left out (and counted), never a number in the Δ.
+    assert rows[1].notes == ["Δ IoU % (img mean): 1 image pairs with a non-finite value left out"]
+    kept = [g for i, g in enumerate(GAIN) if i != 3]
+    assert rows[1].stats["test/iou_image"]["mean"] == pytest.approx(np.mean(kept))
+    assert rows[1].stats["test/iou_image"]["dropped"] == 1 and rows[1].stats["test/boundary_f1_image"]["dropped"] == 0
     assert to_markdown(rows) == to_markdown(folder_rows)
-    assert "| all runs | crfrnn | retrained | 1 | 58.05 ± – | 57.05 ± – | 90.00 ± – | – |" in to_markdown(rows)
+    assert "| all runs | crfrnn | retrained | 1 | 58.05 | 57.05 | 90.00 | – |" in to_markdown(rows)
 
 
 def test_duplicate_wandb_runs_are_listed_not_averaged(tmp_path, monkeypatch, capsys):
@@ -360,8 +363,10 @@ def test_to_dataframe_has_the_report_rows_numbers(tmp_path, monkeypatch):
         assert crf[f"delta_iou_{stat}"] == pytest.approx(test[stat]) and isinstance(crf[f"delta_iou_{stat}"], float)
     assert crf["delta_iou_level"] == "seeds"
     assert math.isnan(none["delta_iou_mean"]) and math.isnan(none["delta_boundary_f1_p_holm"])  # no Δ for a baseline
-    text = {"configuration", "backbone", "head", "protocol", "pairing", "baseline", "n_seeds"}
-    assert all(isinstance(v, float) for k, v in crf.items() if k not in text and not k.endswith("_level"))
+    text = {"configuration", "backbone", "head", "protocol", "pairing", "baseline", "plain_baseline", "tuning", "n_seeds"}
+    assert crf["delta_iou_unit"] == "seeds" and crf["delta_iou_same_as"] == ""
+    assert all(isinstance(v, float) for k, v in crf.items()
+               if k not in text and not k.endswith(("_level", "_unit", "_same_as")))
 
 
 def test_to_dataframe_follows_the_protocol_and_says_when_pandas_is_missing(tmp_path, monkeypatch):

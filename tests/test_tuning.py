@@ -39,24 +39,29 @@ def tuned(trained_run, tmp_path_factory):  # noqa: F811
 
 def test_tuned_crf_is_never_worse_than_no_crf_on_validation(trained_run, tuned, tmp_path):  # noqa: F811
     out, summary = tuned
-    # The none run's val/iou, computed independently by segrefine-eval on the validation split.
+    # The objective is what the report's Δ is on: the none run's per-image mean IoU on the
+    # validation split, computed independently by segrefine-eval.
+    assert summary["metric"] == "val/iou_image"
     none = evaluate(eval_cfg(trained_run, tmp_path / "none", "split=val"))
-    assert summary["none_value"] == pytest.approx(none["val/iou"], abs=1e-9)
-    assert summary["best_value"] >= none["val/iou"]
+    assert summary["none_value"] == pytest.approx(none["val/iou_image"], abs=1e-9)
+    assert summary["best_value"] >= none["val/iou_image"]
     # The enqueued points were tried first, in order.
     assert [t["params"] for t in summary["trials"][:3]] == list(ENQUEUED.values())
     # Zero pairwise weights, the choice when no trial beats no CRF, change no prediction.
     zero = evaluate(eval_cfg(trained_run, tmp_path / "zero", "split=val", "head=densecrf", "head.num_workers=1",
                              *(f"head.{k}={v}" for k, v in NO_CRF.items())))
-    assert zero["val/iou"] == none["val/iou"]
+    assert zero["val/iou_image"] == none["val/iou_image"]
     if summary["no_crf_chosen"]:
-        assert summary["best_params"] == NO_CRF and summary["best_value"] == none["val/iou"]
+        assert summary["best_params"] == NO_CRF and summary["best_value"] == none["val/iou_image"]
+        assert summary["outcome"] == "no_crf"
     else:
-        assert summary["best_value"] > none["val/iou"]
+        assert summary["best_value"] > none["val/iou_image"]
+        expected = next((name for name, point in ENQUEUED.items() if point == summary["best_params"]), "new")
+        assert summary["outcome"] == expected
     # Each trial's value is what segrefine-eval reports for those parameters (first enqueued point).
     pydensecrf = evaluate(eval_cfg(trained_run, tmp_path / "p", "split=val", "head=densecrf", "head.num_workers=1",
                                    *(f"head.{k}={v}" for k, v in ENQUEUED["pydensecrf"].items())))
-    assert summary["trials"][0]["value"] == pytest.approx(pydensecrf["val/iou"], abs=1e-9)
+    assert summary["trials"][0]["value"] == pytest.approx(pydensecrf["val/iou_image"], abs=1e-9)
 
 
 def test_tuned_head_evaluates_on_test_and_records_its_parameters(trained_run, tuned, tmp_path):  # noqa: F811
@@ -82,17 +87,27 @@ def test_tuning_needs_room_for_the_enqueued_points(tmp_path):
 def test_when_no_trial_beats_no_crf_the_tuned_crf_is_the_identity(trained_run, tmp_path, monkeypatch):  # noqa: F811
     import segrefine.tuning as tuning
 
-    real = tuning._val_iou
+    real = tuning._val_objective
 
-    def every_crf_hurts(head, cache, num_classes):
-        value = real(head, cache, num_classes)
+    def every_crf_hurts(head, cache, num_classes, protocol):
+        value = real(head, cache, num_classes, protocol)
         crf_on = head is not None and (head.kernels.gaussian_compat or head.kernels.bilateral_compat)
         return value - 0.5 if crf_on else value
 
-    monkeypatch.setattr(tuning, "_val_iou", every_crf_hurts)
+    monkeypatch.setattr(tuning, "_val_objective", every_crf_hurts)
     summary = tune_densecrf(trained_run, tmp_path, trials=3, overrides=["head.num_workers=1"])
-    assert summary["no_crf_chosen"] and summary["best_params"] == NO_CRF
+    assert summary["no_crf_chosen"] and summary["best_params"] == NO_CRF and summary["outcome"] == "no_crf"
     assert summary["best_value"] == summary["none_value"]
     saved = OmegaConf.load(tmp_path / TUNED_FILE)
     assert saved.gaussian_compat == 0.0 and saved.bilateral_compat == 0.0 and "no trial beat no CRF" in (
         tmp_path / TUNED_FILE).read_text()
+
+
+def test_under_the_origin_protocol_the_tuning_maximises_its_per_image_iu(trained_run, tmp_path):  # noqa: F811
+    summary = tune_densecrf(trained_run, tmp_path / "t", trials=3, overrides=["head.num_workers=1", "metrics=unet_crfrnn"])
+    assert summary["metric"] == "val/unet_crfrnn/iu"
+    none = evaluate(eval_cfg(trained_run, tmp_path / "none", "split=val", "metrics=unet_crfrnn"))
+    assert summary["none_value"] == pytest.approx(none["val/unet_crfrnn/iu"], abs=1e-9)
+    segrefine = evaluate(eval_cfg(trained_run, tmp_path / "s", "split=val", "head=densecrf", "head.num_workers=1",
+                                  "metrics=unet_crfrnn", *(f"head.{k}={v}" for k, v in ENQUEUED["segrefine"].items())))
+    assert summary["trials"][1]["value"] == pytest.approx(segrefine["val/unet_crfrnn/iu"], abs=1e-9)

@@ -22,7 +22,7 @@ from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.runs import evaluation_record, headline, headline_key, run_record, run_recording_failure
+from segrefine.runs import evaluation_record, headline_key, objective_key, run_record, run_recording_failure
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_console(is_verbose(cfg))
     metrics = run_recording_failure(evaluate, cfg)
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg, cfg.split)), flush=True)
-    # The value Hydra sweepers (e.g. Optuna) optimise.
-    return headline(metrics, cfg, cfg.split)
+    # The value Hydra sweepers (e.g. Optuna over head parameters) optimise: what the report's Δ is on.
+    return (metrics or {}).get(objective_key(cfg.metrics.protocol, cfg.split))
 
 
 def main() -> None:

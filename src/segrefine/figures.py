@@ -42,7 +42,7 @@ def _labels(rows: list[Any]) -> list[str]:
 
 def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
     """Top: each paired column's mean over seeds (error bar: 95 % t-interval across seeds).
-    Bottom: Δ to the baseline with its hierarchical-bootstrap 95 % CI (none when n = 1)."""
+    Bottom: Δ to the baseline with its 95 % interval as the report computed it (none without a test)."""
     longest = max(len(line) for label in _labels(rows) for line in label.splitlines())
     fig = Figure(figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 6.5 + 0.07 * longest))  # room for the labels
     axes = fig.subplots(2, len(columns), squeeze=False)
@@ -65,18 +65,20 @@ def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
             if test is None:
                 continue
             mean = test["mean"] * column.scale
-            if test["level"] == "seeds":
+            if test.get("ci_low") is not None:  # across seeds (orange) or conditional on one model (grey, †)
                 err = [[mean - test["ci_low"] * column.scale], [test["ci_high"] * column.scale - mean]]
-                bottom.errorbar(j, mean, yerr=err, fmt="o", color="C1", capsize=3)
+                bottom.errorbar(j, mean, yerr=err, fmt="o", color="C1" if test["level"] == "seeds" else "0.5",
+                                capsize=3)
             else:
-                bottom.plot(j, mean, "o", color="C1", mfc="white")  # one seed: no across-seed CI
+                bottom.plot(j, mean, "o", color="C1", mfc="white")  # one seed, retrained: no test
         bottom.axhline(0, color="0.3", lw=0.8)
         bottom.set_title(f"Δ {column.title} vs none")
         bottom.set_xticks(x, _labels(rows), rotation=60, ha="right", fontsize="x-small")
     caption = ("Bars: mean over seeds, error bars 95 % t-interval across seeds. Δ: mean paired difference, "
-               "error bars hierarchical-bootstrap 95 % CI across seeds.")
+               "error bars 95 % t-interval across seeds.")
     if single:
-        caption += " Rows with one seed have no error bar (open markers: no inference across seeds)."
+        caption += (" One seed: grey error bars are conditional on that one model (†, same weights); open markers "
+                    "have no test (retrained).")
     fig.text(0.01, 0.005, caption, fontsize="x-small", wrap=True)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ from torch import nn
 
 from segrefine.distributed import gather_objects
 from segrefine.heads.base import auxiliary_losses
-from segrefine.metrics import SegmentationMetrics, per_image_metrics
+from segrefine.metrics import SegmentationMetrics, per_image_metrics, tolerance_pixels
 from segrefine.types import IGNORE_INDEX
 
 
@@ -119,6 +119,7 @@ class SegmentationModule(pl.LightningModule):
     # -- test ----------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         self.test_rows, self._test_seconds, self._test_images = [], 0.0, 0
+        self.test_sizes: set[tuple[int, int]] = set()  # (H, W) the boundary tolerance was computed at
         self.saved_predictions = []
         self.test_metrics.reset()
 
@@ -139,6 +140,7 @@ class SegmentationModule(pl.LightningModule):
         preds = logits.argmax(1)
         self.test_metrics.update(preds, mask)
         rows = per_image_metrics(preds, mask, self.num_classes, self.boundary_tolerance, self.boundary_tolerance_unit)
+        self.test_sizes.add((int(preds.shape[-2]), int(preds.shape[-1])))
         for i, sample_id in enumerate(batch["id"]):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
             self._keep_prediction(str(sample_id), image[i], mask[i], preds[i])
@@ -191,6 +193,12 @@ class SegmentationModule(pl.LightningModule):
             "masks": np.stack([e[3] for e in kept]),
             "predictions": np.stack([e[4] for e in kept]),
         }
+
+    def boundary_tolerance_px(self) -> dict[str, float]:
+        """Boundary F1's matching distance in pixels at each test image size this rank saw
+        (``"HxW"``: the size the tolerance is computed at, padding included)."""
+        return {f"{h}×{w}": tolerance_pixels(self.boundary_tolerance, self.boundary_tolerance_unit, h, w)
+                for h, w in sorted(getattr(self, "test_sizes", ()))}
 
     def parameter_counts(self) -> dict[str, int]:
         """``params`` (backbone + head: the report's column) and ``params/trainable``."""

@@ -7,8 +7,12 @@ without the seed and run-only keys (``segrefine.runconfig.comparable_config``), 
 what differs between rows; the seeds of a row are its replicates. Each head is paired with
 the ``none`` row whose config differs only in the head, seed with seed and image with
 image: per seed the mean per-image difference (the aggregation of the column beside it),
-across seeds its mean with a hierarchical bootstrap CI (seeds, then images within seeds) and
-a sign-flip permutation p-value on the per-seed means, Holm-corrected across the table.
+across seeds its mean. The inference follows the design (``paired_stats``): with two or more
+seeds a t-interval and an exact sign-flip p on the per-seed Δ; with one seed on the same
+weights a test conditional on that model over its images (or subjects, when rows name them),
+marked †; with one retrained model per side no test. Holm's correction runs within the
+across-seed and the conditional family separately. ``benchmarks/calibration.py`` shows by
+simulation that the stars and intervals hold their nominal rates.
 Runs that did not complete, duplicates and non-test evaluations are listed, never averaged.
 Writes Markdown, CSV, LaTeX and figures (from saved predictions; nothing is re-run) and
 prints the Markdown.
@@ -35,6 +39,7 @@ BASELINE_HEAD = "none"
 HEAD_ORDER = ("none", "densecrf", "crfrnn", "pointrend")
 BOOTSTRAP_SAMPLES = 10_000
 EXACT_PERMUTATION_MAX = 16  # exact sign-flip enumeration up to 2**16 patterns
+MONTE_CARLO_RESAMPLES = 9_999  # beyond: Monte Carlo sign flips, p >= 1 / 10 000
 ALPHA = 0.05
 
 
@@ -91,6 +96,40 @@ class Study:
 # -- loading ---------------------------------------------------------------------------
 
 
+# Metric values a results.json may hold: fractions in [0, 1], times, distances and counts >= 0.
+# Keys are matched by their last path part (``test/unet_crfrnn/iu`` -> ``iu``), which may carry
+# a suffix (``iou_image``, ``dice_<class>``); keys not listed are not checked.
+FRACTION_METRICS = ("iou", "dice", "pixel_acc", "boundary_f1", "iu", "dsc", "pa", "nsd")
+NON_NEGATIVE_METRICS = ("ms_per_image", "fit_seconds", "hd95", "params", "trainable", "steps")
+
+
+def metric_range(key: str) -> tuple[float, float] | None:
+    """The values ``key`` can take, or None when segrefine defines no range for it."""
+    leaf = key.rsplit("/", 1)[-1]
+    matches = lambda names: any(leaf == n or leaf.startswith(n + "_") for n in names)  # noqa: E731
+    if matches(FRACTION_METRICS):
+        return (0.0, 1.0)
+    if matches(NON_NEGATIVE_METRICS):
+        return (0.0, math.inf)
+    return None
+
+
+def out_of_range(run: dict[str, Any]) -> list[str]:
+    """``key=value`` for every metric (and per-image value) outside the range it can take."""
+    found = []
+    for key, value in run.get("metrics", {}).items():
+        bounds = metric_range(key)
+        if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not bounds[0] <= value <= bounds[1]:
+            found.append(f"{key}={value:g}")
+    for row in run.get("per_image") or ():
+        for key, value in row.items():
+            bounds = None if key == "id" or key == "subject" else metric_range(key)
+            if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not bounds[0] <= value <= bounds[1]:
+                found.append(f"per_image[{row['id']}].{key}={value:g}")
+    return found
+
+
+
 def check_run(run: Any) -> str | None:
     """Why a parsed results.json cannot go into the table (None if it can)."""
     if not isinstance(run, dict):
@@ -104,6 +143,10 @@ def check_run(run: Any) -> str | None:
     per_image = run.get("per_image", [])
     if not isinstance(per_image, list) or not all(isinstance(r, dict) and "id" in r for r in per_image):
         return "per_image is not a list of rows with ids"
+    bad = out_of_range(run)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return f"metrics outside the range they can take ({shown}): fractions lie in [0, 1], times and counts >= 0"
     return None
 
 
@@ -379,6 +422,9 @@ class Row:
     pairing: str = ""  # same weights | retrained | mixed
     notes: list[str] = field(default_factory=list)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per paired column key
+    same_as: "Row | None" = None  # an earlier row with the same per-image values and baseline: not tested again
+    plain: "Row | None" = None  # the backbone's own `none` when the baseline is a matched control (PointRend's)
+    plain_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # Δ against ``plain``
 
     @staticmethod
     def value(run: dict[str, Any], column: Column) -> float | None:
@@ -415,6 +461,7 @@ def group_rows(runs: list[dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
     order = {h: i for i, h in enumerate(HEAD_ORDER)}
     rows.sort(key=lambda r: (r.label, order.get(r.head, len(order)), r.head, json.dumps(r.config, sort_keys=True, default=str)))
     _find_baselines(rows)
+    _find_plain_baselines(rows)
     return rows, duplicates
 
 
@@ -431,6 +478,25 @@ def _find_baselines(rows: list[Row]) -> None:
             row.notes.append("unpaired: no `none` row whose config differs only in the head")
         else:
             row.notes.append(f"unpaired: {len(matches)} `none` rows differ only in the head")
+
+
+def _output_stride(row: Row) -> Any:
+    return (row.config.get("backbone") or {}).get("output_stride")
+
+
+def _find_plain_baselines(rows: list[Row]) -> None:
+    """A row whose baseline is a matched control (the backbone stopped at a coarser output
+    stride, as PointRend's U-Net) also gets the plain backbone's ``none``: the row that differs
+    from the baseline only in ``backbone.output_stride``, at a finer one."""
+    bases = [r for r in rows if r.head == BASELINE_HEAD]
+    for row in rows:
+        if row.baseline is None or not isinstance(_output_stride(row.baseline), (int, float)):
+            continue
+        matches = [b for b in bases if b is not row.baseline
+                   and config_differences(row.baseline.config, b.config) == ["backbone.output_stride"]
+                   and isinstance(_output_stride(b), (int, float)) and _output_stride(b) < _output_stride(row.baseline)]
+        if matches:
+            row.plain = min(matches, key=_output_stride)
 
 
 def _label_head_variants(rows: list[Row]) -> None:
@@ -483,22 +549,84 @@ def mean_spread(values: list[float | None]) -> tuple[float, float | None, int]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None), len(values)
 
 
-def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tuple[np.ndarray | None, str]:
-    """Per-image ``run - base`` on ``key``, images matched by id; (None, why) if they do not pair."""
-    ours = {r["id"]: r.get(key) for r in run.get("per_image", [])}
-    theirs = {r["id"]: r.get(key) for r in base.get("per_image", [])}
+@dataclass
+class ImageDifferences:
+    """Per-image ``run - base`` of one seed: ``values`` over the finite pairs, sorted by id;
+    ``subjects`` (the cluster of each value) when every image row names its subject."""
+
+    values: np.ndarray
+    subjects: np.ndarray | None = None
+    dropped: int = 0  # pairs with a non-finite (or null) value on either side
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tuple[ImageDifferences | None, str]:
+    """Per-image ``run - base`` on ``key``, images matched by id; (None, why) if they do not pair.
+
+    A null/NaN/inf value is missing data: its pair is dropped and counted (never a number in
+    the Δ); when no pair is left the Δ is not computed."""
+    ours = {r["id"]: r for r in run.get("per_image", [])}
+    theirs = {r["id"]: r for r in base.get("per_image", [])}
     if not ours or not theirs:
         return None, "no per-image rows"
     if set(ours) != set(theirs):
         return None, f"test images differ ({len(set(ours) ^ set(theirs))} ids in one run only)"
     ids = sorted(ours)
-    if any(not isinstance(ours[i], (int, float)) or not isinstance(theirs[i], (int, float)) for i in ids):
-        return None, f"per-image {key} missing"
-    return np.array([ours[i] - theirs[i] for i in ids], dtype=np.float64), ""
+    if any(key not in ours[i] or key not in theirs[i] for i in ids):
+        return None, f"per-image {key} not recorded"
+    kept = [i for i in ids if _finite(ours[i][key]) and _finite(theirs[i][key])]
+    if not kept:
+        return None, f"every per-image {key} pair has a non-finite value"
+    values = np.array([ours[i][key] - theirs[i][key] for i in kept], dtype=np.float64)
+    subjects = None
+    if all(ours[i].get("subject") is not None for i in kept):
+        if any(ours[i]["subject"] != theirs[i].get("subject") for i in kept):
+            return None, "the runs assign the same image ids to different subjects"
+        subjects = np.array([str(ours[i]["subject"]) for i in kept])
+    return ImageDifferences(values, subjects, len(ids) - len(kept)), ""
+
+
+def cluster_totals(values: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the values, number of values) per cluster; each value its own cluster when None."""
+    if clusters is None:
+        return values.astype(np.float64), np.ones(len(values))
+    names, index = np.unique(clusters, return_inverse=True)
+    return np.bincount(index, weights=values, minlength=len(names)), np.bincount(index, minlength=len(names)).astype(float)
+
+
+def t_quantile(df: float, confidence: float = 0.95) -> float:
+    from scipy.special import stdtrit  # scipy.special loads in ~0.1 s; scipy.stats takes 1.5 s
+
+    return float(stdtrit(df, 0.5 + confidence / 2))
+
+
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of independent values (n - 1 degrees of freedom)."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    half = t_quantile(n - 1, confidence) * values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def clustered_t_interval(values: np.ndarray, clusters: np.ndarray | None, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean of ``values`` whose clusters (subjects) are the independent units:
+    the cluster-robust standard error (CR1) with k - 1 degrees of freedom for k clusters. With
+    one value per cluster, or clusters of equal size, it is the t-interval of the cluster means."""
+    totals, sizes = cluster_totals(values, clusters)
+    k, mean = len(totals), float(values.mean())
+    variance = k / (k - 1) * float(np.sum((totals - sizes * mean) ** 2)) / float(sizes.sum()) ** 2
+    half = t_quantile(k - 1, confidence) * math.sqrt(variance)
+    return mean - half, mean + half
 
 
 def hierarchical_bootstrap(per_seed: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
-    """Bootstrap means of the mean Δ: resample seeds, then images within each drawn seed."""
+    """Bootstrap means of the mean Δ: resample seeds, then images within each drawn seed.
+
+    Not what the table's intervals use: with few seeds its percentile interval is far too
+    narrow (benchmarks/calibration.py measures its coverage beside the t-interval's)."""
     rng = np.random.default_rng(seed)
     n = len(per_seed)
     pick = rng.integers(0, n, (samples, n))
@@ -515,10 +643,10 @@ def hierarchical_bootstrap(per_seed: list[np.ndarray], samples: int = BOOTSTRAP_
     return values.mean(1)
 
 
-def sign_flip_p(values: np.ndarray, seed: int = 0, resamples: int = 9_999) -> float:
+def sign_flip_p(values: np.ndarray, seed: int = 0, resamples: int = MONTE_CARLO_RESAMPLES) -> float:
     """Two-sided paired sign-flip permutation p-value of the mean: the share of sign patterns
     whose |mean| reaches the observed one. Exact (every pattern) up to 2**16 patterns, else
-    Monte Carlo with the observed pattern counted, ``(hits + 1) / (resamples + 1)``.
+    Monte Carlo with the observed pattern counted, ``(hits + 1) / (resamples + 1)``; never 0.
 
     Written with numpy rather than ``scipy.stats.permutation_test`` (the tests check it
     against that and against enumeration): importing scipy.stats alone costs about 1.5 s,
@@ -526,6 +654,8 @@ def sign_flip_p(values: np.ndarray, seed: int = 0, resamples: int = 9_999) -> fl
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("sign_flip_p: non-finite values (drop them first: they are missing data)")
     if n == 0 or np.all(values == 0):
         return 1.0
     observed = abs(values.mean())
@@ -541,17 +671,45 @@ def sign_flip_p(values: np.ndarray, seed: int = 0, resamples: int = 9_999) -> fl
     return (hits + 1) / (resamples + 1)
 
 
-def paired_stats(per_seed: list[np.ndarray]) -> dict[str, Any]:
-    """Mean Δ over seeds, its spread, CI and p. With one seed, CI and p are over that
-    model's test images (``level = "images"``): no inference across seeds is possible."""
-    deltas = np.array([d.mean() for d in per_seed])
-    out: dict[str, Any] = {"mean": float(deltas.mean()), "per_seed": deltas.tolist(), "n": len(deltas)}
-    boot = hierarchical_bootstrap(per_seed)  # one seed: a plain bootstrap over its images
-    if len(deltas) > 1:
-        out.update(std=float(deltas.std(ddof=1)), p=sign_flip_p(deltas), level="seeds")
-    else:
-        out.update(std=None, p=sign_flip_p(per_seed[0]), level="images")
-    out["ci_low"], out["ci_high"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+def smallest_sign_flip_p(n: int) -> float:
+    """The smallest p ``sign_flip_p`` can return for n values: every sign the same."""
+    return 2.0 / 2**n if n <= EXACT_PERMUTATION_MAX else 1.0 / (MONTE_CARLO_RESAMPLES + 1)
+
+
+# Which test a Δ gets, by design (``paired_stats``): across seeds, conditional on one model, or none.
+ACROSS_SEEDS, CONDITIONAL, NO_TEST = "seeds", "images", "none"
+
+
+def paired_stats(per_seed: list[ImageDifferences], pairing: str) -> dict[str, Any]:
+    """The Δ of one column: its mean over seeds (each seed's mean per-image difference) and
+    the inference its design allows (``level``):
+
+    - two or more seeds (``seeds``): on the per-seed Δ, the trained model being the unit; a
+      t-interval with n - 1 degrees of freedom and the exact sign-flip p;
+    - one seed, same weights (``images``): conditional on that one trained model, over its test
+      images, or over subjects when the rows name them (``unit``): the cluster-robust
+      t-interval and a sign-flip p on the subjects' summed differences;
+    - one seed, retrained (``none``): no test. The difference of two independently trained
+      models includes their training variation, which one model per side cannot measure.
+    """
+    deltas = np.array([d.values.mean() for d in per_seed])
+    n = len(deltas)
+    out: dict[str, Any] = {"mean": float(deltas.mean()), "per_seed": deltas.tolist(), "n": n,
+                           "std": float(deltas.std(ddof=1)) if n > 1 else None,
+                           "dropped": int(sum(d.dropped for d in per_seed)),
+                           "ci_low": None, "ci_high": None, "p": None, "unit": None}
+    if n > 1:
+        out.update(level=ACROSS_SEEDS, unit="seeds", p=sign_flip_p(deltas))
+        out["ci_low"], out["ci_high"] = t_interval(deltas)
+        return out
+    diffs = per_seed[0]
+    totals, _ = cluster_totals(diffs.values, diffs.subjects)
+    if pairing != "same weights" or len(totals) < 2:
+        out.update(level=NO_TEST)
+        return out
+    out.update(level=CONDITIONAL, unit="subjects" if diffs.subjects is not None else "images", p=sign_flip_p(totals),
+               units=len(totals))
+    out["ci_low"], out["ci_high"] = clustered_t_interval(diffs.values, diffs.subjects)
     return out
 
 
@@ -567,56 +725,152 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def _pairs(row: Row, base: Row) -> tuple[list[Any], list[Any]]:
+    """(seeds the row shares with ``base``, seeds only the row has)."""
+    return [s for s in row.seeds if s in base.runs], [s for s in row.seeds if s not in base.runs]
+
+
+def _column_stats(row: Row, base: Row, seeds: list[Any], column: Column, pairing: str) -> tuple[dict | None, str]:
+    diffs, reasons = [], []
+    for s in seeds:
+        d, why = image_differences(row.runs[s], base.runs[s], column.per_image)
+        (diffs.append(d) if d is not None else reasons.append(f"seed {s}: {why}"))
+    if reasons or not diffs:
+        return None, "; ".join(reasons)
+    return paired_stats(diffs, pairing), ""
+
+
+def _same_values(a: Row, b: Row, columns: tuple[Column, ...]) -> bool:
+    """Whether two rows hold the same per-image values of every paired column, seed for seed."""
+    if a.seeds != b.seeds:
+        return False
+    for s in a.seeds:
+        ours = {r["id"]: [r.get(c.per_image) for c in columns] for r in a.runs[s].get("per_image", [])}
+        theirs = {r["id"]: [r.get(c.per_image) for c in columns] for r in b.runs[s].get("per_image", [])}
+        if not ours or ours != theirs:
+            return False
+    return True
+
+
 def summarise(runs: list[dict[str, Any]], protocol: str = "standard") -> tuple[list[Row], list[tuple[str, str]]]:
-    """Rows with their metric summaries and paired tests (Holm across the whole table)."""
+    """Rows with their metric summaries and paired tests.
+
+    Holm's correction runs within two families: the across-seed tests and the conditional (†)
+    ones, never mixed. A row whose per-image values equal an earlier row's against the same
+    baseline (a tuning that kept the defaults) is not tested again: ``same_as`` names that row."""
     rows, duplicates = group_rows(runs)
     columns = PROTOCOLS[protocol]["paired"]
     for row in rows:
         if row.baseline is None:
             continue
-        seeds = [s for s in row.seeds if s in row.baseline.runs]
-        missing = [s for s in row.seeds if s not in row.baseline.runs]
+        seeds, missing = _pairs(row, row.baseline)
         if missing:
             row.notes.append(f"seeds {', '.join(map(str, missing))} have no `none` run: not in the Δ")
         kinds = {_pairing_kind(row.runs[s], row.baseline.runs[s]) for s in seeds}
         row.pairing = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
+        row.same_as = next((r for r in rows if r is not row and r.baseline is row.baseline and r.stats
+                            and r.same_as is None and _same_values(row, r, columns)), None)
         for column in columns:
-            diffs, reasons = [], []
-            for s in seeds:
-                d, why = image_differences(row.runs[s], row.baseline.runs[s], column.per_image)
-                (diffs.append(d) if d is not None else reasons.append(f"seed {s}: {why}"))
-            if reasons:
-                row.notes.append(f"Δ {column.title} not computed: {'; '.join(reasons)}")
-            elif diffs:
-                row.stats[column.key] = paired_stats(diffs)
-    tests = [row.stats[c.key] for row in rows for c in columns if c.key in row.stats]
-    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
-        test["p_holm"] = adjusted
+            test, why = _column_stats(row, row.baseline, seeds, column, row.pairing)
+            if test is None:
+                row.notes.append(f"Δ {column.title} not computed: {why}")
+                continue
+            row.stats[column.key] = test
+            if test["dropped"]:
+                row.notes.append(f"Δ {column.title}: {test['dropped']} image pairs with a non-finite value left out")
+        if row.plain is not None:
+            plain_seeds, _ = _pairs(row, row.plain)
+            for column in columns:
+                test, _ = _column_stats(row, row.plain, plain_seeds, column, "retrained")
+                if test is not None:
+                    row.plain_stats[column.key] = test
+    for level in (ACROSS_SEEDS, CONDITIONAL):
+        tests = [t for row in rows if row.same_as is None for t in (*row.stats.values(), *row.plain_stats.values())
+                 if t["level"] == level]
+        for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+            test["p_holm"] = adjusted
+    for row in rows:
+        if row.same_as is not None:
+            for key, test in row.stats.items():
+                test.update(same_as=f"{row.same_as.label} {row.same_as.head}", p_holm=row.same_as.stats.get(key, {}).get("p_holm"))
     return rows, duplicates
+
+
+def holm_families(rows: list[Row]) -> dict[str, list[dict[str, Any]]]:
+    """The tests of each Holm family (rows marked ``same_as`` are not tested again)."""
+    return {level: [t for r in rows if r.same_as is None for t in (*r.stats.values(), *r.plain_stats.values())
+                    if t["level"] == level] for level in (ACROSS_SEEDS, CONDITIONAL)}
+
+
+def reachability(rows: list[Row]) -> list[str]:
+    """Per Holm family: the smallest Holm-adjusted p it can reach, and (across seeds) how many
+    seeds a star would need with this many tests."""
+    lines = []
+    for level, tests in holm_families(rows).items():
+        if not tests:
+            continue
+        m = len(tests)
+        sizes = [t["n"] if level == ACROSS_SEEDS else t.get("units", 0) for t in tests]
+        best = min(1.0, m * min(smallest_sign_flip_p(k) for k in sizes))
+        needed = next((k for k in range(2, 64) if m * smallest_sign_flip_p(k) < ALPHA), None)
+        if level == ACROSS_SEEDS:
+            star = "a star is reachable" if best < ALPHA else "no star is reachable"
+            need = (f"with {m} tests a star needs at least {needed} seeds (every seed agreeing in sign)" if needed
+                    else f"with {m} tests no seed count makes a star reachable")
+            lines.append(f"Across-seed family: {m} tests with {_span(sizes)} paired seeds; the smallest Holm-adjusted p "
+                         f"this table can reach is {best:.2g} ({star}); {need}.")
+        else:
+            lines.append(f"Conditional (†) family: {m} tests over {_span(sizes)} {tests[0]['unit']}; "
+                         f"the smallest Holm-adjusted p this table can reach is {best:.2g}.")
+    return lines
+
+
+def _span(values: list[int]) -> str:
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
 # -- tables ------------------------------------------------------------------------------
 
 
-def _stars(p: float) -> str:
-    return "**" if p < 0.01 else "*" if p < ALPHA else ""
+def _stars(p: float | None) -> str:
+    return "" if p is None else "**" if p < 0.01 else "*" if p < ALPHA else ""
 
 
 def _metric_cell(row: Row, column: Column) -> str:
     mean, std, _ = mean_spread([run_value(r, column) for r in row.runs.values()])
     if math.isnan(mean):
         return "–"
-    spread = "–" if std is None else f"{std * column.scale:.2f}"
-    return f"{mean * column.scale:.2f} ± {spread}"
+    if std is None:  # one seed: no spread to show
+        return f"{mean * column.scale:.2f}"
+    return f"{mean * column.scale:.2f} ± {std * column.scale:.2f}"
 
 
-def _delta_cell(test: dict[str, Any] | None, column: Column) -> str:
+def _delta_text(test: dict[str, Any], column: Column, seeds_in_row: int) -> str:
+    """``+1.00 [-0.99, +2.99] p=0.25 (Holm 1) n=3``; † marks a test conditional on one model;
+    a one-seed retrained pair has no test."""
+    s = column.scale
+    n = f"n={test['n']}" + (f" of {seeds_in_row}" if seeds_in_row > test["n"] else "")
+    dropped = f", {test['dropped']} non-finite pairs left out" if test.get("dropped") else ""
+    if test["level"] == NO_TEST:
+        return f"{test['mean'] * s:+.2f} (1 seed: no test{dropped})"
+    mark = "†" if test["level"] == CONDITIONAL else ""
+    holm_p = test.get("p_holm")
+    holm_text = f" (Holm {holm_p:.2g})" if holm_p is not None else ""
+    return (f"{test['mean'] * s:+.2f} [{test['ci_low'] * s:+.2f}, {test['ci_high'] * s:+.2f}]{mark} "
+            f"p={test['p']:.2g}{holm_text}{_stars(holm_p)} {n}{dropped}")
+
+
+def _delta_cell(row: Row, column: Column) -> str:
+    test = row.stats.get(column.key)
     if test is None:
         return "–"
-    s = column.scale
-    mark = "" if test["level"] == "seeds" else "†"
-    return (f"{test['mean'] * s:+.2f} [{test['ci_low'] * s:+.2f}, {test['ci_high'] * s:+.2f}]{mark} "
-            f"p={test['p']:.2g} (Holm {test['p_holm']:.2g}){_stars(test['p_holm'])}")
+    if row.same_as is not None:
+        return f"= {test['same_as']} (same per-image values)"
+    text = _delta_text(test, column, len(row.runs))
+    plain = row.plain_stats.get(column.key)
+    if plain is not None:
+        text += f"; vs plain {row.plain.label} none: {_delta_text(plain, column, len(row.runs))}"
+    return text
 
 
 def header(protocol: str) -> list[str]:
@@ -625,35 +879,121 @@ def header(protocol: str) -> list[str]:
     return ["configuration", "head", "pairing", "seeds", *[c.title for c in spec["pooled"]], *paired, COST.title, "params"]
 
 
-def cells(row: Row, protocol: str) -> list[str]:
+def head_cell(row: Row, rows: list[Row]) -> str:
+    outcome = tuning_outcome(row, rows)
+    return f"{row.head} ({outcome})" if outcome else row.head
+
+
+def tuning_outcome(row: Row, rows: list[Row]) -> str:
+    """For a tuned head: whether the tuning kept the untuned head's parameters, chose no CRF
+    (zero kernel weights) or a new point, per seed where the seeds differ ('' otherwise)."""
+    outcomes = {}
+    for seed, run in row.runs.items():
+        head = (run.get("config") or {}).get("head") or {}
+        tuned = head.get("tuned")
+        if not isinstance(tuned, dict) or not tuned.get("keys"):
+            return ""
+        keys, by = list(tuned["keys"]), tuned.get("by")
+        untuned = next((r.runs.get(seed) for r in rows if r.head == by and r.baseline is row.baseline
+                        and r is not row and seed in r.runs), None)
+        values = [head.get(k) for k in keys]
+        if all(head.get(k) == 0 for k in keys if k.endswith("_compat")) and any(k.endswith("_compat") for k in keys):
+            outcomes[seed] = "no CRF won"
+        elif untuned is not None and values == [(untuned["config"].get("head") or {}).get(k) for k in keys]:
+            outcomes[seed] = "tuning kept the defaults"
+        else:
+            outcomes[seed] = "tuning chose new parameters"
+    if len(set(outcomes.values())) == 1:
+        return next(iter(outcomes.values()))
+    return "; ".join(f"seed {s}: {o}" for s, o in sorted(outcomes.items(), key=lambda x: str(x[0])))
+
+
+def cells(row: Row, protocol: str, rows: list[Row] = ()) -> list[str]:
     spec = PROTOCOLS[protocol]
     params = next(iter(row.runs.values()))["metrics"].get("params")
-    out = [row.label, row.head, row.pairing or ("baseline" if row.head == BASELINE_HEAD else "–"), str(len(row.runs))]
+    out = [row.label, head_cell(row, list(rows)), row.pairing or ("baseline" if row.head == BASELINE_HEAD else "–"),
+           str(len(row.runs))]
     out += [_metric_cell(row, c) for c in spec["pooled"]]
     for c in spec["paired"]:
-        out += [_metric_cell(row, c), _delta_cell(row.stats.get(c.key), c)]
+        out += [_metric_cell(row, c), _delta_cell(row, c)]
     out += [_metric_cell(row, COST), f"{params / 1e6:.2f}M" if params else "–"]
     return out
 
 
 def footnotes(rows: list[Row], protocol: str) -> list[str]:
-    tests = sum(len(r.stats) for r in rows)
     lines = [
         PROTOCOL_NOTES[protocol],
-        "Cells: mean ± sample std over seeds (the trained model is the unit of replication; – = one seed). "
-        "Δ: the row minus its `none` baseline (the `none` row whose config differs only in the head), "
-        "per seed the mean per-image difference, then the mean over seeds; 95 % CI from a hierarchical "
-        "bootstrap (seeds, then images within seeds); p from an exact paired sign-flip permutation test on the "
-        "per-seed Δ (with n seeds the smallest possible p is 2/2^n: 0.25 for 3, 0.0625 for 5). "
-        f"Holm correction across the {tests} tests of this table; * / ** = Holm-adjusted p < 0.05 / 0.01.",
+        "Cells: mean ± sample std over seeds (the trained model is the unit of replication; one seed: the value). "
+        "Δ: the row minus its `none` baseline (the `none` row whose config differs only in the head), per seed the "
+        "mean per-image difference, then the mean over seeds; n = paired seeds (\"n=2 of 3\": the row's cells "
+        "average 3 seeds, its Δ pairs 2).",
+        "Inference follows the design. With n ≥ 2 seeds: a 95 % t-interval (n − 1 degrees of freedom) and an exact "
+        "sign-flip p on the per-seed Δ (the smallest possible p with n seeds is 2/2^n). † = one seed, same weights: "
+        "the interval and p are over that single model's test " + _image_unit(rows) + ", so they say whether this "
+        "model's Δ is real, not whether retraining would reproduce it. \"1 seed: no test\" = one independently trained "
+        "model per side: its Δ includes training variation that one model per side cannot measure, so it is "
+        "shown without interval, p or star. Holm's correction runs within each family; * / ** = Holm-adjusted "
+        "p < 0.05 / 0.01.",
+        *reachability(rows),
         "Pairing: *same weights* = the baseline's own checkpoint evaluated under a post-hoc head; *retrained* = "
         "an independently trained model per seed, so the Δ includes training variation.",
     ]
+    if any(r.same_as is not None for r in rows):
+        lines.append("\"= <row>\": the same per-image values as that row against the same baseline (e.g. a tuning "
+                     "that kept the defaults); tested once.")
+    if any(r.plain_stats for r in rows):
+        lines.append("\"vs plain\": a row whose baseline is a matched control (its backbone stopped at a coarser "
+                     "output stride) is also compared with the plain backbone's `none`.")
+    bf1 = boundary_tolerance_note(rows) if protocol == "standard" else ""
+    if bf1:
+        lines.append(bf1)
     lines.append(timing_note(rows))
-    if any(t["level"] == "images" for r in rows for t in r.stats.values()):
-        lines.append("† one seed: no inference across seeds is possible; this CI and p are over the test images of "
-                     "that single model (image-level test, labelled as such).")
     return lines
+
+
+def _image_unit(rows: list[Row]) -> str:
+    units = {t.get("unit") for r in rows for t in r.stats.values() if t["level"] == CONDITIONAL}
+    return "subjects (the images of one subject are not independent: each subject's summed Δ is one unit)" \
+        if "subjects" in units else "images"
+
+
+def _size_text(size: Any) -> str | None:
+    if isinstance(size, int):
+        return f"{size}×{size}"
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return f"{size[0]}×{size[1]}"
+    return None
+
+
+def boundary_tolerance_note(rows: list[Row]) -> str:
+    """Boundary F1's matching distance in pixels at each image size of the table: the
+    recorded one (``boundary_tolerance_px``), else computed from the config."""
+    sizes: dict[str, float] = {}
+    rules = set()
+    for row in rows:
+        for run in row.runs.values():
+            metrics_cfg = run["config"].get("metrics") or {}
+            tolerance, unit = metrics_cfg.get("boundary_tolerance", 0.0075), metrics_cfg.get("boundary_tolerance_unit",
+                                                                                             "diagonal")
+            rules.add(f"{tolerance * 100:g} % of the image diagonal" if unit == "diagonal" else f"{tolerance:g} px")
+            recorded = run.get("boundary_tolerance_px")
+            if isinstance(recorded, dict) and recorded:
+                sizes.update({k: float(v) for k, v in recorded.items() if isinstance(v, (int, float))})
+                continue
+            data = run["config"].get("data") or {}
+            size = _size_text(data.get("pad_to")) or _size_text(data.get("image_size"))
+            if size is None:
+                sizes.setdefault("sizes not recorded", math.nan)
+            elif unit == "diagonal":
+                h, w = (int(v) for v in size.split("×"))
+                sizes[size] = tolerance * math.hypot(h, w)
+            else:
+                sizes[size] = float(tolerance)
+    if not sizes:
+        return ""
+    shown = ", ".join(k if math.isnan(v) else f"{v:.2f} px at {k}" + (" (under 1 px: exact matching)" if v < 1 else "")
+                      for k, v in sorted(sizes.items()))
+    return f"Boundary F1 tolerance: {' / '.join(sorted(rules))} = {shown}."
 
 
 def timing_note(rows: list[Row]) -> str:
@@ -686,6 +1026,12 @@ def pair_lines(rows: list[Row], protocol: str) -> list[str]:
             seeds = [s for s in row.seeds if row.baseline and s in row.baseline.runs]
             lines.append(f"- {row.label} {row.head} vs {row.baseline.label} none ({row.pairing}; seeds "
                          f"{', '.join(map(str, seeds))}): per seed {per_seed}")
+        if row.plain_stats:
+            per_seed = "; ".join(
+                f"Δ {c.title}: " + ", ".join(f"{v * c.scale:+.2f}" for v in row.plain_stats[c.key]["per_seed"])
+                for c in PROTOCOLS[protocol]["paired"] if c.key in row.plain_stats
+            )
+            lines.append(f"- {row.label} {row.head} vs plain {row.plain.label} none (retrained): per seed {per_seed}")
         lines += [f"- {row.label} {row.head}: {note}" for note in row.notes]
     return lines
 
@@ -693,7 +1039,7 @@ def pair_lines(rows: list[Row], protocol: str) -> list[str]:
 def to_markdown(rows: list[Row], protocol: str = "standard") -> str:
     head = header(protocol)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells(row, protocol)) + " |" for row in rows]
+    lines += ["| " + " | ".join(cells(row, protocol, rows)) + " |" for row in rows]
     lines += ["", *footnotes(rows, protocol)]
     pairs = pair_lines(rows, protocol)
     if pairs:
@@ -708,20 +1054,27 @@ def to_latex(rows: list[Row], protocol: str = "standard") -> str:
     lines = [r"\begin{tabular}{" + "l" * 3 + "r" * (len(head) - 3) + "}", r"\toprule"]
     lines.append(" & ".join(escape(h) for h in head) + r" \\")
     lines.append(r"\midrule")
-    lines += [" & ".join(escape(c) for c in cells(row, protocol)) + r" \\" for row in rows]
+    lines += [" & ".join(escape(c) for c in cells(row, protocol, rows)) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
 
-DELTA_STATS = ("mean", "std", "ci_low", "ci_high", "p", "p_holm", "n", "level", "per_seed")
+DELTA_STATS = ("mean", "std", "ci_low", "ci_high", "p", "p_holm", "n", "level", "unit", "dropped", "same_as", "per_seed")
 
 
-def numeric_record(row: Row, protocol: str) -> dict[str, Any]:
-    """One row as plain numbers (unscaled; None where a value does not apply)."""
+TEXT_FIELDS = ("configuration", "head", "pairing", "baseline", "plain_baseline", "tuning")
+TEXT_DELTA_STATS = ("level", "unit", "same_as")
+
+
+def numeric_record(row: Row, protocol: str, rows: Iterable[Row] = ()) -> dict[str, Any]:
+    """One row as plain numbers (unscaled; None where a value does not apply). ``rows`` (the
+    whole table) lets a tuned head say what its tuning chose."""
     spec = PROTOCOLS[protocol]
     record: dict[str, Any] = {
         "configuration": row.label, "head": row.head, "pairing": row.pairing,
         "baseline": row.baseline.label if row.baseline else None,
+        "plain_baseline": row.plain.label if row.plain_stats else None,
+        "tuning": tuning_outcome(row, list(rows)) or None,
         "n": len(row.runs), "seeds": " ".join(map(str, row.seeds)),
         "params": next(iter(row.runs.values()))["metrics"].get("params"),
     }
@@ -734,12 +1087,16 @@ def numeric_record(row: Row, protocol: str) -> dict[str, Any]:
         for stat in DELTA_STATS:
             value = test.get(stat)
             record[f"delta_{column.per_image}_{stat}"] = " ".join(map(repr, value)) if stat == "per_seed" and value else value
+    for column in spec["paired"]:
+        test = row.plain_stats.get(column.key, {})
+        for stat in ("mean", "ci_low", "ci_high", "p", "p_holm", "n", "level"):
+            record[f"delta_vs_plain_{column.per_image}_{stat}"] = test.get(stat)
     return record
 
 
 def to_csv(rows: list[Row], protocol: str = "standard") -> str:
     """Unscaled numbers, one row per configuration; empty cells where a value does not apply."""
-    records = [numeric_record(r, protocol) for r in rows]
+    records = [numeric_record(r, protocol, rows) for r in rows]
     out = io.StringIO()
     columns = list(numeric_record(Row(config={}, runs={0: {"metrics": {}}}), protocol))
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
@@ -755,7 +1112,7 @@ def frame_records(rows: list[Row], protocol: str = "standard") -> list[dict[str,
     it does not apply). The same numbers as the CSV, without the per-seed lists."""
     records = []
     for row in rows:
-        numbers = numeric_record(row, protocol)
+        numbers = numeric_record(row, protocol, rows)
         record: dict[str, Any] = {
             "configuration": numbers.pop("configuration"),
             "backbone": str((row.config.get("backbone") or {}).get("name", "")),
@@ -763,13 +1120,15 @@ def frame_records(rows: list[Row], protocol: str = "standard") -> list[dict[str,
             "protocol": protocol,
             "pairing": numbers.pop("pairing") or ("baseline" if row.head == BASELINE_HEAD else ""),
             "baseline": numbers.pop("baseline") or "",
+            "plain_baseline": numbers.pop("plain_baseline") or "",
+            "tuning": numbers.pop("tuning") or "",
             "n_seeds": numbers.pop("n"),
         }
         del numbers["seeds"]
         for key, value in numbers.items():
             if key.endswith("_per_seed"):
                 continue
-            if key.endswith("_level"):  # "seeds" | "images": what the CI and p are over
+            if key.rsplit("_", 1)[-1] in TEXT_DELTA_STATS or key.endswith("_same_as"):  # level, unit, same_as
                 record[key] = value or ""
             else:
                 record[key] = math.nan if value is None else float(value)
@@ -830,7 +1189,7 @@ def write_report(study: Study, out_dir: str | Path, figures: bool = True, protoc
     if duplicates:
         markdown += "\n\nDuplicate runs (not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in duplicates)
     if study.incomplete:
-        markdown += "\n\nIncomplete or unreadable runs (not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in study.incomplete)
+        markdown += "\n\nRuns left out (incomplete, unreadable or out of range; not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in study.incomplete)
     if study.skipped:
         markdown += "\n\nSkipped (not test results):\n" + "\n".join(f"- {w}: {r}" for w, r in study.skipped)
     if figure_notes:
@@ -850,7 +1209,7 @@ def log_to_wandb(report: Report, project: str = "segrefine", mode: str = "offlin
     run = wandb.init(project=project, entity=entity, group=group, job_type="report", mode=mode, dir=str(save_dir),
                      config={"metrics_protocol": report.protocol, "sources": list(sources)})
     try:
-        records = [numeric_record(r, report.protocol) for r in report.rows]
+        records = [numeric_record(r, report.protocol, report.rows) for r in report.rows]
         columns = list(records[0]) if records else []
         table = wandb.Table(columns=columns, data=[[rec[c] for c in columns] for rec in records])
         payload: dict[str, Any] = {"report/table": table}

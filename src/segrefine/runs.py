@@ -156,6 +156,13 @@ def headline(metrics: dict[str, float], cfg: DictConfig, split: str = "test") ->
     return metrics.get(headline_key(cfg, split))
 
 
+def objective_key(protocol: str, split: str = "val") -> str:
+    """What a tuning of post-hoc parameters maximises (``segrefine.tuning``, and the value
+    ``segrefine-eval`` hands a Hydra sweeper): the quantity the report's Δ is on, the
+    protocol's per-image mean of its headline metric (``iou_image``; ``unet_crfrnn/iu``)."""
+    return f"{split}/unet_crfrnn/iu" if protocol == "unet_crfrnn" else f"{split}/iou_image"
+
+
 def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     """What results.json says about the test numbers besides the numbers: the metric
     definitions, the classes, and the saved predictions file for the report's figure."""
@@ -168,6 +175,7 @@ def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, An
             **PROTOCOLS,
             "boundary_tolerance": f"{cfg.metrics.boundary_tolerance} ({cfg.metrics.boundary_tolerance_unit})",
         },
+        "boundary_tolerance_px": module.boundary_tolerance_px(),
         "num_classes": module.num_classes,
         "class_names": module.class_names,
         "predictions": None,

@@ -211,7 +211,8 @@ def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterabl
             if not tuned_file(job).is_file():
                 source = plan.get("train", job.source).folder(out)
                 summary = tune_densecrf(source, folder, trials=tune_trials, overrides=eval_overrides)
-                log(f"[study]   val/iou {summary['best_value']:.4f} tuned, {summary['none_value']:.4f} without CRF")
+                log(f"[study]   {summary['metric']} {summary['best_value']:.4f} tuned ({summary['outcome']} won), "
+                    f"{summary['none_value']:.4f} without CRF")
         elif job.kind == "train":
             overrides = runtime_overrides(job, plan, out, tuned_file)
             cfg = compose_train([*overrides, f"paths.output_dir={folder}"])

@@ -3,7 +3,9 @@
 ``tune_densecrf`` searches the DenseCRF parameters of one trained checkpoint with Optuna
 (TPE, log-scale ranges) and writes the tuned head config to a folder of the caller's (never
 into the package's conf/). The backbone runs over the validation split once; each trial only
-re-runs the CRF, scored exactly as ``segrefine-eval split=val`` scores it (``val/iou``).
+re-runs the CRF, scored on what the report's Δ is on: the protocol's per-image headline metric
+averaged over images (``val/iou_image``, or ``val/unet_crfrnn/iu``), exactly as
+``segrefine-eval split=val`` computes it.
 
 ``SaveTunedHead`` does the same bookkeeping for a Hydra Optuna sweep over ``segrefine-eval``
 (experiments/tune_densecrf).
@@ -21,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.crf.params import PYDENSECRF_KERNELS, CRFKernels
+from segrefine.runs import objective_key
 
 # Log-scale ranges. The weights reach ~0, so a CRF too weak to change most predictions is in the
 # space (and enqueued). Even 1e-3 can flip a pixel whose class margin is tiny, so when no trial
@@ -76,9 +79,10 @@ def _hydra_value(value: Any) -> str:
 # -- tuning ------------------------------------------------------------------------------------
 
 
-def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]]]:
-    """The densecrf head and, per validation batch, (padded image, backbone logits at that
-    size, mask, height, width): everything a trial needs, the backbone run once."""
+def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]], str]:
+    """The densecrf head, per validation batch (padded image, backbone logits at that size,
+    mask, height, width): everything a trial needs, the backbone run once; and the metric
+    protocol the run reports under."""
     from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.evaluate import eval_config
     from segrefine.build import build_data, build_module
@@ -105,22 +109,35 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
             # What the head would upsample itself; the cached logits are then at the image's size.
             logits = upsample_logits(out, image.shape[-2:])
             cache.append((image, BackboneOutput(logits, [], (), 1), batch["mask"], height, width))
-    return module.head, cache
+    return module.head, cache, run_cfg.metrics.protocol
 
 
-def _val_iou(head, cache, num_classes: int) -> float:
-    """``val/iou`` as SegmentationMetrics computes it (pooled confusion, foreground mean)."""
+def _val_objective(head, cache, num_classes: int, protocol: str) -> float:
+    """``objective_key(protocol)`` as segrefine-eval computes it: the per-image headline
+    metric (``metrics.per_image_metrics``' definitions) averaged over the validation images."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from segrefine.metrics import foreground_mean, per_class_iou
+    from segrefine.metrics import foreground_mean, per_class_iou, protocol_per_image
     from segrefine.types import IGNORE_INDEX
 
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    values = []
     with torch.no_grad():
         for image, out, mask, height, width in cache:
             preds = (head(out, image) if head is not None else out.logits)[..., :height, :width].argmax(1)
-            confusion += multiclass_confusion_matrix(preds, mask, num_classes, ignore_index=IGNORE_INDEX)
-    return float(foreground_mean(per_class_iou(confusion)))
+            confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
+                                     for p, t in zip(preds, mask)])
+            per_image = protocol_per_image(confusion)["iu"] if protocol == "unet_crfrnn" else \
+                foreground_mean(per_class_iou(confusion))
+            values.append(per_image)
+    return float(torch.cat(values).mean())
+
+
+def tuning_outcome(best: dict[str, float]) -> str:
+    """Which point won: ``no_crf`` (zero kernel weights), one of the enqueued starting points
+    (``pydensecrf``, ``segrefine`` = the head's defaults, ``weakest``) or ``new``."""
+    if best == NO_CRF:
+        return "no_crf"
+    return next((name for name, point in ENQUEUED.items() if point == best), "new")
 
 
 def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: Iterable[str] = (), seed: int = 0) -> dict:
@@ -141,14 +158,14 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
                                          f"paths.output_dir={output}", *overrides])
-    head, cache = _validation_cache(cfg)
+    head, cache, protocol = _validation_cache(cfg)
     num_classes = head.num_classes
-    none_value = _val_iou(None, cache, num_classes)
+    none_value = _val_objective(None, cache, num_classes, protocol)
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
         head.kernels = CRFKernels(**values)
-        return _val_iou(head, cache, num_classes)
+        return _val_objective(head, cache, num_classes, protocol)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -165,19 +182,21 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     no_crf = best_value <= none_value
     if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
         head.kernels = CRFKernels(**NO_CRF)
-        best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)
+        best, best_value = dict(NO_CRF), _val_objective(head, cache, num_classes, protocol)
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
     saved.tuned = tuned_record(trials, best)
+    metric = objective_key(protocol)
     summary = {
-        "checkpoint": str(ckpt_path), "split": "val", "metric": "val/iou", "none_value": none_value,
-        "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "search_space": SEARCH_SPACE,
+        "checkpoint": str(ckpt_path), "split": "val", "metric": metric, "none_value": none_value,
+        "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "outcome": tuning_outcome(best),
+        "search_space": SEARCH_SPACE,
         "enqueued": ENQUEUED, "trials": [{"params": t.params, "value": t.value} for t in study.trials],
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / TUNED_FILE).write_text(
-        f"# Tuned on the validation split of {ckpt_path}: val/iou {best_value:.4f} "
+        f"# Tuned on the validation split of {ckpt_path}: {metric} {best_value:.4f} "
         f"(no CRF: {none_value:.4f}), {trials} trials{'; no trial beat no CRF' if no_crf else ''}.\n"
         + OmegaConf.to_yaml(saved))
     (output / "tuning.json").write_text(json.dumps(summary, indent=2))
