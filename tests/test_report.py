@@ -21,6 +21,7 @@ from segrefine.report import (
     to_csv,
     to_latex,
     to_markdown,
+    to_markdown_full,
     write_report,
 )
 from segrefine.results import read_results, write_results
@@ -83,11 +84,13 @@ def test_mean_and_sample_std_over_seeds_and_a_dash_for_one_seed(tmp_path):
         run(tmp_path / f"unet{seed}", [iou] * 4, seed=seed)
     run(tmp_path / "fcn0", [0.4] * 4, backbone="fcn")
     rows, _ = rows_of(tmp_path)
-    unet = rows[("unet", "none")]
+    unet = rows[("U-Net", "none")]
     assert unet.seeds == [0, 1, 2]
     table = to_markdown(list(rows.values()))
-    assert f"| unet | none | baseline | 3 | {(np.mean(ious) + 0.01) * 100:.2f} ± {np.std(ious, ddof=1) * 100:.2f} |" in table
-    assert "| fcn | none | baseline | 1 | 41.00 |" in table  # one seed: the value, no spread (not "± 0.00")
+    assert f"| U-Net | none | – | {np.mean(ious) * 100:.2f} ± {np.std(ious, ddof=1) * 100:.2f} |" in table
+    assert "| FCN | none | – | 40.00 |" in table  # one seed: the value, no spread (not "± 0.00" nor "± –")
+    full = to_markdown_full(list(rows.values()))
+    assert f"| U-Net | none | baseline | 3 | {(np.mean(ious) + 0.01) * 100:.2f} ± {np.std(ious, ddof=1) * 100:.2f} |" in full
 
 
 def test_fcn_variants_and_encoders_are_separate_rows_named_by_what_differs(tmp_path):
@@ -96,15 +99,16 @@ def test_fcn_variants_and_encoders_are_separate_rows_named_by_what_differs(tmp_p
     run(tmp_path / "c", [0.7] * 4, backbone="fcn", variant="8s", encoder="resnet34")
     run(tmp_path / "d", [0.8] * 4, backbone="fcn", variant="8s", size=320)
     rows, _ = rows_of(tmp_path)
-    assert sorted(rows) == [("fcn-32s r18 64px", "none"), ("fcn-8s r18 320px", "none"), ("fcn-8s r18 64px", "none"),
-                            ("fcn-8s r34 64px", "none")]
+    # In words; each key's most common value (ResNet-18, 64 px) goes without saying.
+    assert sorted(rows) == [("FCN-32s", "none"), ("FCN-8s", "none"), ("FCN-8s, 320 px", "none"),
+                            ("FCN-8s, ResNet-34", "none")]
     assert all(len(r.runs) == 1 for r in rows.values())
 
 
 def test_labels_name_the_backbone_not_its_defaults():
     unet = config()
     fcn = config(backbone="fcn", variant="8s")
-    assert config_labels([unet, fcn]) == ["unet", "fcn-8s"]
+    assert config_labels([unet, fcn]) == ["U-Net", "FCN-8s"]
 
 
 def test_a_duplicate_run_is_listed_not_averaged_nor_replacing(tmp_path, capsys):
@@ -113,7 +117,7 @@ def test_a_duplicate_run_is_listed_not_averaged_nor_replacing(tmp_path, capsys):
     run(tmp_path / "seed1", [0.6] * 4, seed=1)
     rows, duplicates = rows_of(tmp_path)
     assert sorted(p.split("/")[-1] for p, _ in duplicates) == ["again", "first"]
-    assert rows[("all runs", "none")].seeds == [1]
+    assert rows[("U-Net", "none")].seeds == [1]
     assert main([str(tmp_path), "--no-figures"]) == 0
     assert "Duplicate runs (not averaged)" in capsys.readouterr().out
 
@@ -124,8 +128,9 @@ def test_baseline_is_the_none_row_differing_only_in_the_head(tmp_path):
     run(tmp_path / "c320", [b - 0.1 for b in BASE], head="crfrnn", size=320)
     run(tmp_path / "p64", BASE, head="pointrend", extra_key=1)  # differs outside the head too: unpaired
     rows, _ = rows_of(tmp_path)
-    crf = rows[("extra_key=– 320px", "crfrnn")]
-    assert crf.baseline is rows[("extra_key=– 320px", "none")] and crf.pairing == "retrained"
+    (crf,) = [r for r in rows.values() if r.head == "crfrnn"]
+    assert crf.baseline.config["data"]["image_size"] == 320 and crf.pairing == "retrained"
+    assert len({r.label for r in rows.values() if r.head == "none"}) == 2  # 64 and 320 px: two labels
     assert crf.stats["test/iou_image"]["mean"] == pytest.approx(0.1)
     (pointrend,) = [r for r in rows.values() if r.head == "pointrend"]
     assert pointrend.baseline is None and "differs only in the head" in pointrend.notes[0]
@@ -139,7 +144,7 @@ def test_eval_runs_pair_on_the_same_weights_and_other_splits_are_skipped(tmp_pat
     study = load_study([tmp_path])
     assert [p.split("/")[-1] for p, _ in study.skipped] == ["tune"] and not study.incomplete
     rows, _ = rows_of(tmp_path)
-    crf = rows[("all runs", "densecrf")]
+    crf = rows[("U-Net", "densecrf")]
     assert crf.pairing == "same weights" and crf.stats["test/iou_image"]["mean"] == pytest.approx(np.mean(GAIN))
 
 
@@ -198,7 +203,7 @@ def test_seeds_disagreeing_in_sign_are_not_significant_however_many_images(tmp_p
         run(tmp_path / f"n{seed}", base, seed=seed)
         run(tmp_path / f"c{seed}", [b + shift + rng.uniform(0, 0.002) for b in base], head="crfrnn", seed=seed)
     rows, _ = rows_of(tmp_path)
-    test = rows[("all runs", "crfrnn")].stats["test/iou_image"]
+    test = rows[("U-Net", "crfrnn")].stats["test/iou_image"]
     assert test["level"] == "seeds" and test["n"] == 3
     assert test["per_seed"] == pytest.approx([0.051, 0.041, -0.029], abs=0.002)
     assert test["p"] >= 0.25 and test["p_holm"] >= 0.25
@@ -214,7 +219,7 @@ def test_delta_is_on_the_aggregation_of_the_column_beside_it(tmp_path):
         run(tmp_path / f"n{seed}", [b + 0.01 * seed for b in BASE], seed=seed)
         run(tmp_path / f"c{seed}", [b + g + 0.02 * seed for b, g in zip(BASE, GAIN)], head="crfrnn", seed=seed)
     rows, _ = rows_of(tmp_path)
-    crf, none = rows[("all runs", "crfrnn")], rows[("all runs", "none")]
+    crf, none = rows[("U-Net", "crfrnn")], rows[("U-Net", "none")]
     column = Column("test/iou_image", "IoU % (img mean)", "iou")
     means = [np.mean([crf.value(r, column) for r in x.runs.values()]) for x in (crf, none)]
     assert crf.stats["test/iou_image"]["mean"] == pytest.approx(means[0] - means[1])
@@ -225,8 +230,9 @@ def test_unet_crfrnn_protocol_columns_and_mixed_protocols_refused(tmp_path, caps
     run(tmp_path / "crf", [b + g for b, g in zip(BASE, GAIN)], head="crfrnn")
     rows, _ = rows_of(tmp_path, "unet_crfrnn")
     markdown = to_markdown(list(rows.values()), "unet_crfrnn")
-    assert "| IU % | Δ IU % | DSC % | Δ DSC % | PA (fg recall) % |" in markdown and "IoU % (pooled)" not in markdown
-    assert rows[("all runs", "crfrnn")].stats["test/unet_crfrnn/iu"]["mean"] == pytest.approx(np.mean(GAIN))
+    assert "| IU % | Δ IU % [95 % CI] | p (Holm) | Δ DSC % | Δ PA (fg recall) % | ms/img | params |" in markdown
+    assert "IoU % (pooled)" not in markdown and "IoU % (pooled)" not in to_markdown_full(list(rows.values()), "unet_crfrnn")
+    assert rows[("U-Net", "crfrnn")].stats["test/unet_crfrnn/iu"]["mean"] == pytest.approx(np.mean(GAIN))
     record = read_results(tmp_path / "crf")
     record["metrics_protocol"] = "unet_crfrnn"
     (tmp_path / "crf" / "results.json").write_text(json.dumps(record))
@@ -242,17 +248,22 @@ def test_markdown_csv_latex_carry_the_same_numbers(tmp_path):
     rows = list(rows_of(tmp_path)[0].values())
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     md = [line.split(" | ") for line in to_markdown(rows).splitlines()[2:4]]
-    tex = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("all runs")]
-    for row, from_csv, from_md, from_tex in zip(rows, parsed, md, tex):
-        values = [row.value(r, Column("test/iou", "")) for r in row.runs.values()]
-        assert float(from_csv["test/iou_mean"]) == pytest.approx(np.mean(values))
-        assert from_md[4] == f"{np.mean(values) * 100:.2f} ± {np.std(values, ddof=1) * 100:.2f}"
-        assert from_tex[4] == f"{np.mean(values) * 100:.2f} $\\pm$ {np.std(values, ddof=1) * 100:.2f}"
+    full = [line.split(" | ") for line in to_markdown_full(rows).splitlines()[2:4]]
+    tex = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("U-Net")]
+    for row, from_csv, from_md, from_full, from_tex in zip(rows, parsed, md, full, tex):
+        pooled = [row.value(r, Column("test/iou", "")) for r in row.runs.values()]
+        image = [row.value(r, Column("test/iou_image", "")) for r in row.runs.values()]
+        assert float(from_csv["test/iou_mean"]) == pytest.approx(np.mean(pooled))
+        assert float(from_csv["test/iou_image_mean"]) == pytest.approx(np.mean(image))
+        assert from_full[4] == f"{np.mean(pooled) * 100:.2f} ± {np.std(pooled, ddof=1) * 100:.2f}"
+        assert from_md[3] == f"{np.mean(image) * 100:.2f} ± {np.std(image, ddof=1) * 100:.2f}"
+        assert from_tex[3] == f"{np.mean(image) * 100:.2f} $\\pm$ {np.std(image, ddof=1) * 100:.2f}"
         if row.stats:
             test = row.stats["test/iou_image"]
             assert float(from_csv["delta_iou_p_holm"]) == test["p_holm"]
             assert [float(v) for v in from_csv["delta_iou_per_seed"].split()] == test["per_seed"]
-            assert from_md[9].startswith(f"{test['mean'] * 100:+.2f} [")
+            assert from_md[4].startswith(f"{test['mean'] * 100:+.2f} [") and from_full[9].startswith(from_md[4])
+            assert from_md[5] == f"{test['p']:.2g} ({test['p_holm']:.2g})"
 
 
 # -- loading: every bad folder listed, the report still printed --------------------------------
@@ -273,7 +284,7 @@ def test_bad_run_folders_are_listed_with_reasons_and_the_report_prints(tmp_path,
     (tmp_path / "dir_error" / "error.txt").mkdir()  # unreadable as a file
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| all runs | none | baseline | 1 |" in out
+    assert "| U-Net | none | – |" in out
     for expected in ("list: results.json holds a JSON list", "broken: unreadable results.json",
                      "empty: failed (error.txt is empty)", "crashed: failed: ValueError: boom",
                      "dir_error: failed (error.txt unreadable"):
@@ -367,7 +378,8 @@ def test_table_logged_to_wandb_offline_with_numeric_columns(tmp_path):
     run_id = log_to_wandb(report, mode="offline", save_dir=tmp_path)
     (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     media = run_dir / "files" / "media"
-    (table_file,) = media.glob("table/report/table_*.table.json")
+    (table_file,) = media.glob("table/report/table_full_*.table.json")
+    assert len(list(media.glob("table/report/table_*.table.json"))) == 2  # the main table and the full one
     table = json.loads(table_file.read_text())
     record = dict(zip(table["columns"], table["data"][1]))
     test = report.rows[1].stats["test/iou_image"]
@@ -375,7 +387,7 @@ def test_table_logged_to_wandb_offline_with_numeric_columns(tmp_path):
         assert record[f"delta_iou_{stat}"] == pytest.approx(test[stat])
         assert isinstance(record[f"delta_iou_{stat}"], float)  # numbers, not formatted cells
     assert record["test/iou_image_mean"] == pytest.approx(np.mean(BASE) + 1.5 * np.mean(GAIN))
-    assert list(media.glob("images/report/metrics_figure_*.png"))
+    assert list(media.glob("images/report/metrics_*.png")) and list(media.glob("images/report/forest_*.png"))
 
 
 # -- a real tiny run: saved predictions agree with its per-image metrics -------------------------
@@ -411,7 +423,8 @@ def test_a_real_run_saves_hash_chosen_predictions_that_match_its_metrics(make_cf
     assert record["metrics"]["test/iou_image"] == pytest.approx(np.mean([r["iou"] for r in rows.values()]))
     report = write_report(load_study([out]), tmp_path / "report")
     assert {"metrics_figure", "cost_figure"} <= set(report.paths)
-    assert report.problems == [("qualitative.png", "not drawn: no head paired with a `none` baseline")]
+    assert report.problems == [("forest.png", "not drawn: no row has a Δ"),
+                               ("qualitative.png", "not drawn: no head paired with a `none` baseline")]
     assert "Boundary F1 tolerance: 0.75 % of the image diagonal = 0.34 px at 32×32 (under 1 px" in \
         report.paths["markdown"].read_text()
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from segrefine.report import holm, load_study, main, sign_flip_p, summarise, to_csv, to_markdown
+from segrefine.report import holm, load_study, main, sign_flip_p, summarise, to_csv, to_markdown_full as to_markdown
 from segrefine.results import write_results
 from segrefine.runconfig import comparable_config
 
@@ -160,7 +160,7 @@ def test_identical_rows_are_tested_once_and_a_kept_default_tuning_says_so(tmp_pa
     heads, rows = rows_by_head(tmp_path)
     assert heads["densecrf_tuned"].same_as is heads["densecrf"]
     line = table_line(rows, "densecrf_tuned (tuning kept the defaults)")
-    assert "= all runs densecrf (same per-image values)" in line and "p=" not in line
+    assert "= U-Net densecrf (same per-image values)" in line and "p=" not in line
     assert "Conditional (†) family: 2 tests" in to_markdown(rows)  # the densecrf row's IoU and BF1 only
     assert heads["densecrf"].stats["test/iou_image"]["p_holm"] == pytest.approx(
         holm([heads["densecrf"].stats[k]["p"] for k in ("test/iou_image", "test/boundary_f1_image")])[0])
@@ -189,7 +189,7 @@ def test_a_matched_control_row_also_shows_its_delta_against_the_plain_backbone(t
     assert pointrend.stats["test/iou_image"]["mean"] == pytest.approx(0.02)
     assert pointrend.plain_stats["test/iou_image"]["mean"] == pytest.approx(-0.03)
     line = next(line for line in to_markdown(rows).splitlines() if "| pointrend |" in line)
-    assert "+2.00 (1 seed: no test); vs plain unet output_stride=1 none: -3.00 (1 seed: no test)" in line
+    assert "+2.00 (1 seed: no test); vs plain U-Net none: -3.00 (1 seed: no test)" in line
     assert "delta_vs_plain_iou_mean" in to_csv(rows).splitlines()[0]
 
 
@@ -228,3 +228,14 @@ def test_the_table_says_how_many_seeds_a_star_needs(tmp_path):
     # 4 tests with 3 seeds: the smallest p is 2/8, times 4 = 1 (capped); 4 * 2/2^n < 0.05 needs 2^n > 160, n >= 8.
     assert ("Across-seed family: 4 tests with 3 paired seeds; the smallest Holm-adjusted p this table can reach is 1 "
             "(no star is reachable); with 4 tests a star needs at least 8 seeds") in text
+
+
+def test_a_crf_rnn_started_from_tuned_densecrf_values_is_not_called_a_tuning_outcome(tmp_path):
+    run(tmp_path / "none", BASE)
+    path = run(tmp_path / "crf", [b + 0.01 for b in BASE], head="crfrnn")
+    record = json.loads(path.read_text())
+    record["config"]["head"].update(gaussian_compat=0.0, bilateral_compat=0.0,
+                                    tuned={"split": "val", "by": "densecrf", "keys": ["gaussian_compat", "bilateral_compat"]})
+    path.write_text(json.dumps(record))
+    _, rows = rows_by_head(tmp_path)
+    assert "no CRF won" not in to_markdown(rows)  # its initial values were tuned; then it was trained

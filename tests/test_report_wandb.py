@@ -26,6 +26,7 @@ from segrefine.report import (
     summarise,
     to_dataframe,
     to_markdown,
+    to_markdown_full,
     wandb_filters,
     write_report,
 )
@@ -95,7 +96,7 @@ class FakeApi:
 
 def fake_wandb_module(monkeypatch, api=None):
     """``wandb`` replaced in sys.modules: ``Api`` returns ``api``; ``init`` and ``Table`` record what they get."""
-    logged = {"init": None, "log": [], "finished": 0}
+    logged = {"init": None, "log": [], "finished": 0, "summary": {}}
 
     class Table:
         def __init__(self, columns, data):
@@ -103,6 +104,9 @@ def fake_wandb_module(monkeypatch, api=None):
 
     class Run:
         id = "rep1"
+
+        def __init__(self):
+            self.summary = logged["summary"]
 
         def log(self, payload):
             logged["log"].append(payload)
@@ -161,8 +165,8 @@ def test_wandb_rows_and_pairing_equal_those_from_the_runs_folders(tmp_path):
     wandb_rows, _ = summarise(wandb_study.runs)
     assert [(r.label, r.head, r.pairing) for r in wandb_rows] == [(r.label, r.head, r.pairing) for r in folder_rows]
     pairs = {(r.label, r.head): (r.baseline.label, r.pairing) for r in wandb_rows if r.baseline}
-    assert pairs == {("320px", "crfrnn"): ("320px", "retrained"), ("64px", "crfrnn"): ("64px", "retrained"),
-                     ("64px", "densecrf"): ("64px", "same weights")}
+    assert pairs == {("U-Net, 320 px", "crfrnn"): ("U-Net, 320 px", "retrained"), ("U-Net", "crfrnn"): ("U-Net", "retrained"),
+                     ("U-Net", "densecrf"): ("U-Net", "same weights")}
     for ours, theirs in zip(wandb_rows, folder_rows):
         assert numeric_record(ours, "standard") == numeric_record(theirs, "standard")
     assert to_markdown(wandb_rows) == to_markdown(folder_rows)
@@ -241,7 +245,7 @@ def test_filters_on_the_command_line(tmp_path, monkeypatch, capsys):
                  "--group", "unet-crfrnn-synthetic", "--no-figures", "--out", str(out)]) == 0
     (_, filters), = api.calls
     assert filters == wandb_filters("unet-crfrnn-synthetic", "train", "a", ["final", "unet"])
-    assert "| all runs | crfrnn | – | 1 |" in capsys.readouterr().out
+    assert "| U-Net | CRF-RNN | – |" in capsys.readouterr().out  # no baseline selected: no Δ
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--experiment", "a"])
     assert "--experiment select runs of a wandb project: add --wandb" in capsys.readouterr().err
@@ -286,7 +290,7 @@ def test_nan_from_wandb_is_treated_as_null_in_results_json(tmp_path, nan):
     assert rows[1].stats["test/iou_image"]["mean"] == pytest.approx(np.mean(kept))
     assert rows[1].stats["test/iou_image"]["dropped"] == 1 and rows[1].stats["test/boundary_f1_image"]["dropped"] == 0
     assert to_markdown(rows) == to_markdown(folder_rows)
-    assert "| all runs | crfrnn | retrained | 1 | 58.05 | 57.05 | 90.00 | – |" in to_markdown(rows)
+    assert "| U-Net | crfrnn | retrained | 1 | 58.05 | 57.05 | 90.00 | – |" in to_markdown_full(rows)
 
 
 def test_duplicate_wandb_runs_are_listed_not_averaged(tmp_path, monkeypatch, capsys):
@@ -348,9 +352,9 @@ def test_to_dataframe_has_the_report_rows_numbers(tmp_path, monkeypatch):
     assert to_dataframe(study).records == frame.records  # a Study is summarised the same way
     assert list(frame.records[0]) == frame.columns
     none, crf = frame.records
-    assert (none["configuration"], none["backbone"], none["head"], none["protocol"]) == ("all runs", "unet", "none",
+    assert (none["configuration"], none["backbone"], none["head"], none["protocol"]) == ("U-Net", "unet", "none",
                                                                                           "standard")
-    assert none["pairing"] == "baseline" and crf["pairing"] == "retrained" and crf["baseline"] == "all runs"
+    assert none["pairing"] == "baseline" and crf["pairing"] == "retrained" and crf["baseline"] == "U-Net"
     assert none["n_seeds"] == crf["n_seeds"] == 2
     # By hand: the fabricated test/iou is the mean per-image IoU + 0.01.
     crf_iou = [np.mean([b + g - 0.01 * s for b, g in zip(BASE, GAIN)]) + 0.01 for s in (0, 1)]
@@ -407,10 +411,17 @@ def test_log_wandb_options_and_numeric_columns(tmp_path, monkeypatch, capsys):
     init = logged["init"]
     assert (init["mode"], init["project"], init["entity"], init["group"], init["job_type"]) == (
         "online", "p", "team", "g", "report")
-    assert init["config"]["sources"] == [str(tmp_path / "runs")] and logged["finished"] == 1
-    table = logged["log"][0]["report/table"]
-    crf = dict(zip(table.columns, table.data[1]))
+    assert init["name"] == "report-t" and init["tags"] == ["report", "t", "standard"]
+    assert init["config"]["sources"] == ["runs"] and logged["finished"] == 1  # no machine path
+    assert str(tmp_path) not in json.dumps(init["config"])
     rows, _ = summarise(load_study([tmp_path / "runs"]).runs)
+    main_table = logged["log"][0]["report/table"]
+    crf_main = dict(zip(main_table.columns, main_table.data[1]))
+    assert (crf_main["configuration"], crf_main["head"], crf_main["paired_n"]) == ("U-Net", "crfrnn", 2)
+    assert crf_main["delta"] == rows[1].stats["test/iou_image"]["mean"] and crf_main["test"] == "seeds"
+    assert logged["summary"] == {"delta iou/U-Net · crfrnn": rows[1].stats["test/iou_image"]["mean"]}
+    table = logged["log"][0]["report/table_full"]
+    crf = dict(zip(table.columns, table.data[1]))
     test = rows[1].stats["test/iou_image"]
     for stat in ("mean", "ci_low", "ci_high", "p", "p_holm"):
         assert crf[f"delta_iou_{stat}"] == test[stat] and type(crf[f"delta_iou_{stat}"]) is float
@@ -421,4 +432,5 @@ def test_log_wandb_options_and_numeric_columns(tmp_path, monkeypatch, capsys):
     assert "wandb run: rep1" in capsys.readouterr().out
     logged = fake_wandb_module(monkeypatch)
     assert main([str(tmp_path / "runs"), "--no-figures", "--out", str(tmp_path / "report"), "--log-wandb"]) == 0
-    assert (logged["init"]["mode"], logged["init"]["project"], logged["init"]["group"]) == ("offline", "segrefine", None)
+    assert (logged["init"]["mode"], logged["init"]["project"], logged["init"]["group"]) == ("offline", "segrefine",
+                                                                                           "report-t")

@@ -53,7 +53,7 @@ def test_multirun_one_job_per_backbone_each_with_results_and_own_wandb_run(tmp_p
         wandb_ids.add(run["wandb"]["id"])
     assert len(wandb_ids) == 2
     rows, _ = summarise(load_study([sweep]).runs)
-    assert [(r.label, len(r.runs)) for r in rows] == [("fcn-8s", 1), ("pspnet-lite", 1)]
+    assert [(r.label, len(r.runs)) for r in rows] == [("FCN-8s", 1), ("PSPNet", 1)]
 
 
 def test_train_returns_metrics_and_writes_results(make_cfg, tmp_path, capsys):

@@ -1,8 +1,11 @@
-"""Report figures: metric means with across-seed CIs, paired Δ with their CIs, accuracy vs
-cost, and a qualitative grid drawn from the predictions runs saved (``predictions.npz``).
+"""Report figures: a forest plot of every paired Δ with its interval, the headline metric per
+configuration, accuracy against cost with its Pareto front, and a qualitative grid drawn from
+the predictions runs saved (``predictions.npz``).
 
 Nothing here builds a model or reads a checkpoint: figures only read results.json contents
-(passed in by ``segrefine.report``) and the saved arrays, loaded without pickle.
+(passed in by ``segrefine.report``) and the saved arrays, loaded without pickle. Labels come
+from configs, so they are drawn as plain text (no mathtext: a ``$`` in a label stays a ``$``).
+Every figure grows with its rows and keeps its text inside (tests/test_figures.py).
 """
 
 from __future__ import annotations
@@ -13,10 +16,21 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # files only: no pyplot, no display backend
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 PREDICTION_KEYS = ("ids", "images", "masks", "predictions")
 IGNORE = 255
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+ROW_INCHES = 0.26  # height per table row in the row-wise figures
+HEAD_COLOURS = {"none": "0.55", "densecrf": "C0", "densecrf_tuned": "C9", "crfrnn": "C3", "pointrend": "C2"}
+
+
+def _head_colour(head: str, others: list[str]) -> str:
+    if head in HEAD_COLOURS:
+        return HEAD_COLOURS[head]
+    return f"C{4 + others.index(head) % 5}" if head in others else "C4"
 
 
 def _t_interval(values: list[float]) -> tuple[float, float] | None:
@@ -36,92 +50,154 @@ def _row_values(row: Any, column: Any) -> list[float] | None:
     return None if any(v is None for v in values) else values
 
 
-def _labels(rows: list[Any]) -> list[str]:
-    return [f"{r.label}\n{r.head}" for r in rows]
+def _row_name(row: Any) -> str:
+    head = row.head if row.head != "none" else "none (baseline)"
+    return f"{row.label} · {head}"
 
 
-def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
-    """Top: each paired column's mean over seeds (error bar: 95 % t-interval across seeds).
-    Bottom: Δ to the baseline with its 95 % interval as the report computed it (none without a test)."""
-    longest = max(len(line) for label in _labels(rows) for line in label.splitlines())
-    fig = Figure(figsize=(max(4.5, 0.55 * len(rows)) * len(columns), 6.5 + 0.07 * longest))  # room for the labels
-    axes = fig.subplots(2, len(columns), squeeze=False)
-    x = np.arange(len(rows))
-    single = any(len(r.runs) == 1 for r in rows)
-    for i, column in enumerate(columns):
-        top, bottom = axes[0][i], axes[1][i]
+def _label_inches(labels: list[str], fontsize: float = 8.0) -> float:
+    """Room for the longest label at ``fontsize`` points (a generous average glyph width)."""
+    return 0.3 + max((len(s) for s in labels), default=0) * fontsize * 0.56 / 72
+
+
+def _legend_below(fig: Figure, handles: list, ncol: int) -> None:
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize="small", frameon=False)
+
+
+def forest_figure(rows: list[Any], column: Any) -> Figure | None:
+    """Each paired row's Δ of ``column`` with its 95 % interval, grouped by backbone, a zero line;
+    colour by head; grey = conditional on one model (†); open markers = no test."""
+    shown = [r for r in rows if r.stats.get(column.key)]
+    if not shown:
+        return None
+    heads = list(dict.fromkeys(r.head for r in shown))
+    labels = [_row_name(r) for r in shown]
+    fig = Figure(figsize=(_label_inches(labels) + 6.0, 1.9 + ROW_INCHES * len(shown)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(shown))[::-1]
+    for yi, row in zip(y, shown):
+        test = row.stats[column.key]
+        mean = test["mean"] * column.scale
+        colour = _head_colour(row.head, heads)
+        if row.same_as is not None or test.get("ci_low") is None:
+            ax.plot(mean, yi, "o", mfc="white", mec=colour, ms=6)
+            continue
+        low, high = test["ci_low"] * column.scale, test["ci_high"] * column.scale
+        conditional = test["level"] != "seeds"
+        ax.errorbar(mean, yi, xerr=[[mean - low], [high - mean]], fmt="s" if conditional else "o",
+                    color="0.5" if conditional else colour, mfc=colour, capsize=3, ms=6)
+    ax.axvline(0, color="0.2", lw=0.8)
+    backbones = [str((r.config.get("backbone") or {}).get("name", "")) for r in shown]
+    for k in range(1, len(shown)):
+        if backbones[k] != backbones[k - 1]:
+            ax.axhline(y[k] + 0.5, color="0.85", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(-0.7, len(shown) - 0.3)
+    ax.set_xlabel(f"Δ {column.title} vs the row's none baseline (points), 95 % interval")
+    ax.grid(axis="x", color="0.92")
+    handles = [Line2D([], [], marker="o", color=_head_colour(h, heads), linestyle="", label=h) for h in heads]
+    handles += [Line2D([], [], marker="s", color="0.5", mfc="white", linestyle="-", label="† one model (same weights)"),
+                Line2D([], [], marker="o", color="0.3", mfc="white", linestyle="", label="no test / = another row")]
+    _legend_below(fig, handles, ncol=3)
+    return fig
+
+
+def metrics_figure(rows: list[Any], columns: tuple) -> Figure:
+    """Horizontal bars: each row's mean of each paired column (error bar: 95 % t-interval across
+    seeds); grey = baseline, colour = head."""
+    heads = list(dict.fromkeys(r.head for r in rows))
+    labels = [_row_name(r) for r in rows]
+    fig = Figure(figsize=(_label_inches(labels) + 3.2 * len(columns), 1.9 + ROW_INCHES * len(rows)),
+                 layout="constrained")
+    axes = fig.subplots(1, len(columns), sharey=True, squeeze=False)[0]
+    y = np.arange(len(rows))[::-1]
+    for ax, column in zip(axes, columns):
         means, errors = [], []
         for row in rows:
             values = _row_values(row, column)
             means.append(np.mean(values) * column.scale if values else np.nan)
             half = _t_interval(values) if values else None
-            errors.append(half[0] * column.scale if half else np.nan)  # NaN: no error bar drawn (one seed)
-        top.bar(x, means, 0.7, yerr=None if np.all(np.isnan(errors)) else errors, capsize=2,
-                color=["0.6" if r.head == "none" else "C0" for r in rows])
-        top.set_title(column.title)
-        top.set_xticks(x, [""] * len(rows))
-        deltas = [r.stats.get(column.key) for r in rows]
-        for j, test in enumerate(deltas):
-            if test is None:
-                continue
-            mean = test["mean"] * column.scale
-            if test.get("ci_low") is not None:  # across seeds (orange) or conditional on one model (grey, †)
-                err = [[mean - test["ci_low"] * column.scale], [test["ci_high"] * column.scale - mean]]
-                bottom.errorbar(j, mean, yerr=err, fmt="o", color="C1" if test["level"] == "seeds" else "0.5",
-                                capsize=3)
-            else:
-                bottom.plot(j, mean, "o", color="C1", mfc="white")  # one seed, retrained: no test
-        bottom.axhline(0, color="0.3", lw=0.8)
-        bottom.set_title(f"Δ {column.title} vs none")
-        bottom.set_xticks(x, _labels(rows), rotation=60, ha="right", fontsize="x-small")
-    caption = ("Bars: mean over seeds, error bars 95 % t-interval across seeds. Δ: mean paired difference, "
-               "error bars 95 % t-interval across seeds.")
-    if single:
-        caption += (" One seed: grey error bars are conditional on that one model (†, same weights); open markers "
-                    "have no test (retrained).")
-    fig.text(0.01, 0.005, caption, fontsize="x-small", wrap=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    return path
+            errors.append(half[0] * column.scale if half else 0.0)
+        ax.barh(y, means, 0.7, xerr=errors if any(errors) else None, capsize=2,
+                color=[_head_colour(r.head, heads) for r in rows])
+        ax.set_title(column.title, fontsize="small")
+        ax.grid(axis="x", color="0.92")
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+    axes[0].set_yticks(y, labels, fontsize=8)
+    handles = [Patch(color=_head_colour(h, heads), label=h + (" (baseline)" if h == "none" else "")) for h in heads]
+    _legend_below(fig, handles, ncol=min(5, len(handles)))
+    return fig
 
 
-def plot_cost(rows: list[Any], column: Any, cost: Any, path: Path) -> Path:
-    """``column`` against inference ms/image (log axis, plain-number ticks); error bars are
-    95 % t-intervals across seeds, none for rows with one seed."""
-    fig = Figure(figsize=(6.5, 4.5))
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and score (higher),
+    ordered by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def cost_figure(rows: list[Any], column: Any, cost: Any) -> Figure:
+    """``column`` (error bars: 95 % t-interval across seeds) against inference ms/image (log
+    axis), colour by head, marker by backbone, the Pareto front as a step line; legend outside
+    the axes."""
+    heads = list(dict.fromkeys(r.head for r in rows))
+    backbones = list(dict.fromkeys(str((r.config.get("backbone") or {}).get("name", "")) for r in rows))
+    markers = dict(zip(backbones, "osD^vP*Xh<>p"))
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    heads = sorted({r.head for r in rows}, key=lambda h: (h != "none", h))
-    labels = sorted({r.label for r in rows})
-    colours = dict(zip(heads, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
-    markers = dict(zip(labels, "osD^vP*Xh<>p"))
-    single = False
+    points = []
     for row in rows:
         ms, score = _row_values(row, cost), _row_values(row, column)
         if not ms or not score:
             continue
-        xerr, yerr = _t_interval(ms), _t_interval(score)
-        single |= xerr is None
-        ax.errorbar(np.mean(ms), np.mean(score) * column.scale,
-                    xerr=None if xerr is None else [[xerr[0]], [xerr[1]]],
-                    yerr=None if yerr is None else [[yerr[0] * column.scale], [yerr[1] * column.scale]],
-                    fmt=markers.get(row.label, "o"), color=colours[row.head], capsize=2)
-    for label, marker in markers.items():
-        ax.plot([], [], marker, color="grey", label=label, linestyle="")
-    for head, colour in colours.items():
-        ax.plot([], [], "s", color=colour, label=head, linestyle="")
+        x, yv = float(np.mean(ms)), float(np.mean(score)) * column.scale
+        points.append((x, yv))
+        yerr = _t_interval(score)  # timing spread is left out: it says little and hides the points
+        backbone = str((row.config.get("backbone") or {}).get("name", ""))
+        ax.errorbar(x, yv, yerr=None if yerr is None else [[yerr[0] * column.scale], [yerr[1] * column.scale]],
+                    fmt=markers.get(backbone, "o"), color=_head_colour(row.head, heads), capsize=2, ms=6)
+    front = pareto_front(points)
+    if len(front) > 1:
+        xs, ys = zip(*(points[i] for i in front))
+        ax.step(xs, ys, where="post", color="0.4", lw=1, ls="--")
     ax.set_xscale("log")
-    # Ticks at 1, 2, 5 x 10^k as plain numbers; no crowded minor labels.
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ms / image (backbone + head), log scale")
     ax.set_ylabel(column.title)
-    ax.legend(fontsize="x-small", ncol=2)
-    if single:
-        ax.set_title("one seed: no error bars", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.grid(color="0.92")
+    handles = [Line2D([], [], marker="s", color=_head_colour(h, heads), linestyle="", label=h) for h in heads]
+    handles += [Line2D([], [], marker=markers[b], color="0.3", linestyle="", label=b) for b in backbones]
+    handles.append(Line2D([], [], color="0.4", ls="--", label="Pareto front"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    return fig
+
+
+def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    fig.savefig(path, dpi=dpi)
     return path
+
+
+def plot_forest(rows: list[Any], column: Any, path: Path) -> Path | None:
+    with matplotlib.rc_context(PLAIN_TEXT):
+        fig = forest_figure(rows, column)
+        return None if fig is None else _save(fig, path)
+
+
+def plot_metrics(rows: list[Any], columns: tuple, path: Path) -> Path:
+    with matplotlib.rc_context(PLAIN_TEXT):
+        return _save(metrics_figure(rows, columns), path)
+
+
+def plot_cost(rows: list[Any], column: Any, cost: Any, path: Path) -> Path:
+    with matplotlib.rc_context(PLAIN_TEXT):
+        return _save(cost_figure(rows, column, cost), path, dpi=120)
 
 
 def load_predictions(run: dict[str, Any]) -> tuple[dict[str, tuple] | None, str]:
@@ -179,7 +255,8 @@ def plot_qualitative(rows: list[Any], column: Any, path: Path, count: int = 4) -
             if not set.intersection(*(set(arrays) for _, arrays in loaded.values())):
                 notes.append((base_run_path(loaded, base), "saved predictions of the paired runs share no image id"))
                 continue
-            return _draw_grid(base, seed, loaded, column, path, count), notes
+            with matplotlib.rc_context(PLAIN_TEXT):
+                return _save(grid_figure(base, seed, loaded, column, count), path), notes
     if not groups:
         notes.append(("qualitative.png", "not drawn: no head paired with a `none` baseline"))
     else:
@@ -199,7 +276,8 @@ def base_run_path(loaded: dict[str, tuple], base: Any) -> str:
     return loaded[base.head][0]["_path"]
 
 
-def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path: Path, count: int) -> Path:
+def grid_figure(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, count: int = 4) -> Figure:
+    """The qualitative grid of one baseline and seed; ``loaded``: head -> (run, predictions)."""
     base_run, base_arrays = loaded[base.head]
     ids = sorted(set.intersection(*(set(a) for _, a in loaded.values())))
     value = {head: {r["id"]: r.get(column.per_image) for r in run.get("per_image", [])} for head, (run, _) in loaded.items()}
@@ -217,7 +295,7 @@ def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path
     cmap = matplotlib.colormaps["viridis"].resampled(max(num_classes, 2))
     heads = [base.head, *others]
     titles = ["image", "ground truth", *heads]
-    fig = Figure(figsize=(2.3 * len(titles), 2.4 * len(chosen)))
+    fig = Figure(figsize=(2.3 * len(titles), 2.4 * len(chosen) + 0.9), layout="constrained")
     axes = fig.subplots(len(chosen), len(titles), squeeze=False)
     for r, sample_id in enumerate(chosen):
         image, mask, _ = base_arrays[sample_id]
@@ -238,11 +316,15 @@ def _draw_grid(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, path
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{base.label} / seed {seed}: saved test images with the largest and smallest Δ of {best} "
+    fig.suptitle(f"{base.label} / seed {seed}: saved test images with the largest and smallest Δ of {best}\n"
                  f"({column.title}, per image, head minus none); red outlines = errors", fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    names = list(base_run.get("class_names") or [])
+    names += [str(c) for c in range(len(names), num_classes)]
+    handles = [Patch(color=cmap(c), label=names[c]) for c in range(num_classes)]
+    handles.append(Patch(facecolor="white", edgecolor="red", label="error"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize="x-small",
+               frameon=False)
+    return fig
 
 
 def draw_all(rows: list[Any], columns: tuple, cost: Any, out_dir: Path, paths: dict[str, Path]) -> list[tuple[str, str]]:
@@ -250,6 +332,11 @@ def draw_all(rows: list[Any], columns: tuple, cost: Any, out_dir: Path, paths: d
     notes: list[tuple[str, str]] = []
     if not rows:
         return [("figures", "no rows")]
+    forest = plot_forest(rows, columns[0], out_dir / "forest.png")
+    if forest is not None:
+        paths["forest_figure"] = forest
+    else:
+        notes.append(("forest.png", "not drawn: no row has a Δ"))
     paths["metrics_figure"] = plot_metrics(rows, columns, out_dir / "metrics.png")
     paths["cost_figure"] = plot_cost(rows, columns[0], cost, out_dir / "cost.png")
     grid, grid_notes = plot_qualitative(rows, columns[0], out_dir / "qualitative.png")

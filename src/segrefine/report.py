@@ -362,54 +362,131 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _short(key: str, value: Any) -> str:
+BACKBONE_WORDS = {"fcn": "FCN", "unet": "U-Net", "pspnet": "PSPNet", "segnet": "SegNet"}
+HEAD_WORDS = {"none": "none", "densecrf": "DenseCRF", "densecrf_tuned": "DenseCRF, tuned", "crfrnn": "CRF-RNN",
+              "pointrend": "PointRend"}
+LABEL_MAX = 60
+
+
+def head_words(head: str) -> str:
+    return HEAD_WORDS.get(head, head)
+
+
+def _encoder_words(name: Any) -> str:
+    text = str(name)
+    if text.startswith("resnet") and text[len("resnet"):].isdigit():
+        return f"ResNet-{text[len('resnet'):]}"
+    if text.startswith("vgg") and text[len("vgg"):].isdigit():
+        return f"VGG-{text[len('vgg'):]}"
+    return text
+
+
+def _value_words(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_value_words, value))
+    return str(value)
+
+
+def _phrase(key: str, value: Any, flat: dict[str, Any]) -> str | None:
+    """``key: value`` in words for a label; None for a value that says "off" (None, False)."""
+    if value is None or value is False:
+        return None
     leaf = key.rsplit(".", 1)[-1]
+    if key == "init_from":
+        epochs = flat.get("trainer.max_epochs")
+        return f"+{epochs} ep from a trained run" if epochs is not None else "from a trained run"
+    if key == "trainer.max_epochs":
+        return None if flat.get("init_from") else f"{value} epochs"  # said by the init_from phrase
+    if key == "backbone.fine_skip":
+        return "stride-4 skip"
+    if key == "backbone.output_stride":
+        return None if value == 1 else f"output stride {value}"  # 1: full resolution, nothing to say
+    if key == "backbone.encoder_name":
+        return _encoder_words(value)
+    if key == "data.image_size":
+        return f"{_value_words(value)} px"
+    if key.startswith("callbacks.") and isinstance(value, dict):
+        return leaf.replace("_", " ")
     if leaf == "name":
         return str(value)
-    if leaf == "image_size":
-        return f"{value}px"
-    if leaf == "encoder_name" and isinstance(value, str) and value.startswith("resnet"):
-        return "r" + value[len("resnet"):]
-    if isinstance(value, (list, tuple)):
-        value = ",".join(map(str, value))
-    return f"{leaf}={value}"
+    if value is True:
+        return leaf.replace("_", " ")
+    return f"{leaf.replace('_', ' ')} {_value_words(value)}"
+
+
+def _flatten_for_labels(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; a callback stays one value, so adding one reads as one phrase."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix == "callbacks." and "_target_" in value):
+            out.update(_flatten_for_labels(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _backbone_words(flat: dict[str, Any], variants_differ: bool) -> str:
+    name = flat.get("backbone.name")
+    words = BACKBONE_WORDS.get(str(name), str(name)) if name is not None else ""
+    variant = flat.get("backbone.variant")
+    if name == "fcn" and variant:  # FCN-8s: the variant is the model's name
+        return f"FCN-{variant}"
+    if variant and variants_differ:
+        return f"{words} ({variant})"
+    return words
 
 
 def config_labels(configs: list[dict[str, Any]]) -> list[str]:
-    """A short label per config naming what differs between them (the head aside).
-
-    A differing subtree with a ``name`` (backbone, optim, ...) is named by it, with its
-    variant (``fcn-8s``); its other keys appear only where they do not follow from the name.
-    The data name appears only when it differs itself (e.g. ``fcn-8s r18 64px``).
-    """
-    flat = [_flatten(c) for c in configs]
+    """A short label in words per config (the head aside): the backbone, then what differs
+    between the configs, leaving out values that say "off" (None, False) and each key's most
+    common value (within the backbone for ``backbone.*`` keys), e.g. ``FCN-8s, stride-4 skip``,
+    ``U-Net, +4 ep from a trained run``, ``FCN-8s, ResNet-34, 320 px``. At most 60 characters."""
+    flat = [_flatten_for_labels(c) for c in configs]
     differing = sorted({k for f in flat[1:] for k in config_differences(flat[0], f)}) if len(flat) > 1 else []
-    subtrees: dict[str, list[str]] = {}
-    for key in differing:
-        prefix = key.rsplit(".", 1)[0] if "." in key else ""
-        if prefix.split(".")[0] != "head" and not key.endswith("._target_"):
-            subtrees.setdefault(prefix, []).append(key)
-    order = sorted(subtrees, key=lambda p: (p == "data", p != "backbone", p))
-    labels = []
-    for f in flat:
-        parts: list[str] = []
-        for prefix in order:
-            keys = subtrees[prefix]
-            name_key = f"{prefix}.name" if prefix else "name"
-            shown = [k for k in keys if k != name_key]
-            if name_key in keys:  # keys that follow from the name (e.g. a backbone's defaults) are not news
-                same_name = [g for g in flat if g.get(name_key) == f.get(name_key)]
-                shown = [k for k in shown
-                         if len({json.dumps(g.get(k), sort_keys=True, default=str) for g in same_name}) > 1]
-            if name_key in f and (name_key in keys or (prefix != "data" and shown)):
-                part = str(f[name_key])
-                variant = f"{prefix}.variant"
-                if variant in f:  # fcn-8s: the variant is part of the model's name
-                    part, shown = f"{part}-{f.get(variant)}", [k for k in shown if k != variant]
-                parts.append(part)
-            parts += [_short(k, f.get(k, "–")) for k in shown]
-        labels.append(" ".join(parts) or "all runs")
+    keys = [k for k in differing if k.split(".")[0] != "head" and not k.endswith("_target_")
+            and k not in ("backbone.name", "backbone.variant")]
+
+    def same(a: Any, b: Any) -> bool:
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+    def usual(key: str, f: dict[str, Any]) -> Any:
+        scope = [g for g in flat if not key.startswith("backbone.") or g.get("backbone.name") == f.get("backbone.name")]
+        values = [json.dumps(g.get(key), sort_keys=True, default=str) for g in scope]
+        return json.loads(max(values, key=values.count))  # ties: the first seen
+
+    def label(f: dict[str, Any], level: int) -> str:
+        """level 0: usual values left out; 1: only "off" values left out; 2: every differing key."""
+        variants = {g.get("backbone.variant") for g in flat if g.get("backbone.name") == f.get("backbone.name")}
+        parts = [_backbone_words(f, len(variants) > 1)]
+        for key in keys:
+            value = f.get(key)
+            if level == 0 and same(value, usual(key, f)) and not (key == "trainer.max_epochs" and f.get("init_from")):
+                continue
+            phrase = _phrase(key, value, f) if level < 2 else f"{key.rsplit('.', 1)[-1]} {_value_words(value)}"
+            if phrase and phrase not in parts:
+                parts.append(phrase)
+        text = ", ".join(p for p in parts if p) or "all runs"
+        return text if len(text) <= LABEL_MAX else text[:LABEL_MAX - 1] + "…"
+
+    def without_head(f: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in f.items() if k.split(".")[0] != "head"}, sort_keys=True, default=str)
+
+    levels = [0] * len(flat)
+    labels = [label(f, 0) for f in flat]
+    for level in (1, 2):  # configurations that differ outside the head never share a label
+        for i, f in enumerate(flat):
+            if any(labels[j] == labels[i] and without_head(g) != without_head(f) for j, g in enumerate(flat)):
+                levels[i] = level
+        labels = [label(f, lv) for f, lv in zip(flat, levels)]
     return labels
+
+
+def given_label(runs: Iterable[dict[str, Any]]) -> str | None:
+    """The label a user or study gave every run of a row (config ``label``), if they agree."""
+    labels = {str((run.get("config") or {}).get("label") or "") for run in runs}
+    return labels.pop() or None if len(labels) == 1 else None
 
 
 @dataclass
@@ -456,13 +533,22 @@ def group_rows(runs: list[dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
         if kept:
             rows.append(Row(config=config, runs=kept, head=head_name(next(iter(kept.values())))))
     for row, label in zip(rows, config_labels([r.config for r in rows])):
-        row.label = label
+        row.label = given_label(row.runs.values()) or label
     _label_head_variants(rows)
-    order = {h: i for i, h in enumerate(HEAD_ORDER)}
-    rows.sort(key=lambda r: (r.label, order.get(r.head, len(order)), r.head, json.dumps(r.config, sort_keys=True, default=str)))
     _find_baselines(rows)
     _find_plain_baselines(rows)
+    rows.sort(key=_table_order)
     return rows, duplicates
+
+
+def _table_order(row: Row) -> tuple:
+    """Grouped by backbone; within it each baseline first, then the heads paired with it."""
+    order = {h: i for i, h in enumerate(HEAD_ORDER)}
+    base = row if row.head == BASELINE_HEAD else row.baseline
+    backbone = str((row.config.get("backbone") or {}).get("name", ""))
+    anchor = base.label if base is not None else row.label
+    return (backbone, base is None, len(anchor), anchor, row is not base, order.get(row.head, len(order)), row.head,
+            row.label, json.dumps(row.config, sort_keys=True, default=str))
 
 
 def _find_baselines(rows: list[Row]) -> None:
@@ -510,7 +596,8 @@ def _label_head_variants(rows: list[Row]) -> None:
         flat = [_flatten(r.config.get("head") or {}, "head.") for r in same]
         keys = sorted({k for f in flat[1:] for k in config_differences(flat[0], f)})
         for row, f in zip(same, flat):
-            row.label = " ".join([row.label, *(_short(k, f.get(k, "–")) for k in keys)])
+            row.label = ", ".join([row.label, *(f"head {k.rsplit('.', 1)[-1]} {_value_words(f.get(k, '–'))}"
+                                                for k in keys)])
 
 
 def _pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
@@ -894,6 +981,8 @@ def tuning_outcome(row: Row, rows: list[Row]) -> str:
         if not isinstance(tuned, dict) or not tuned.get("keys"):
             return ""
         keys, by = list(tuned["keys"]), tuned.get("by")
+        if not row.head.startswith(str(by)):  # e.g. CRF-RNN initialised from a tuned DenseCRF, then trained
+            return ""
         untuned = next((r.runs.get(seed) for r in rows if r.head == by and r.baseline is row.baseline
                         and r is not row and seed in r.runs), None)
         values = [head.get(k) for k in keys]
@@ -1036,7 +1125,115 @@ def pair_lines(rows: list[Row], protocol: str) -> list[str]:
     return lines
 
 
+def compact_header(protocol: str) -> list[str]:
+    """The main table: at most 10 columns (the full one is ``full_header``)."""
+    headline, *others = PROTOCOLS[protocol]["paired"]
+    short = headline.title.replace(" (img mean)", "")
+    return ["configuration", "head", "paired n", headline.title, f"Δ {short} [95 % CI]", "p (Holm)",
+            *(f"Δ {c.title.replace(' (img mean)', '')}" for c in others), COST.title, "params"]
+
+
+def _paired_n(row: Row) -> str:
+    test = next(iter(row.stats.values()), None)
+    if test is None:
+        return "–"
+    return f"{test['n']}" + (f" of {len(row.runs)}" if len(row.runs) > test["n"] else "")
+
+
+def _interval_text(test: dict[str, Any], column: Column) -> str:
+    s = column.scale
+    if test["level"] == NO_TEST:
+        return f"{test['mean'] * s:+.2f} (no test)"
+    mark = "†" if test["level"] == CONDITIONAL else ""
+    return f"{test['mean'] * s:+.2f} [{test['ci_low'] * s:+.2f}, {test['ci_high'] * s:+.2f}]{mark}"
+
+
+def _compact_delta(row: Row, column: Column, rows: list[Row]) -> str:
+    test = row.stats.get(column.key)
+    if test is None:
+        return "–"
+    if row.same_as is not None:
+        return f"= {head_words(row.same_as.head)}" + ("" if row.same_as.label == row.label else f" of {row.same_as.label}")
+    text = _interval_text(test, column)
+    plain = row.plain_stats.get(column.key)
+    if plain is not None:
+        text += f"; vs plain {row.plain.label}: {plain['mean'] * column.scale:+.2f}"
+    if test.get("dropped"):
+        text += f" ({test['dropped']} non-finite left out)"
+    return text
+
+
+def _compact_p(row: Row, column: Column) -> str:
+    test = row.stats.get(column.key)
+    if test is None or row.same_as is not None or test["p"] is None:
+        return "–"
+    return f"{test['p']:.2g} ({test['p_holm']:.2g}){_stars(test['p_holm'])}"
+
+
+def _delta_only(row: Row, column: Column) -> str:
+    test = row.stats.get(column.key)
+    if test is None:
+        return "–"
+    if row.same_as is not None:
+        return "="
+    mark = "†" if test["level"] == CONDITIONAL else ""
+    return f"{test['mean'] * column.scale:+.2f}{mark}{_stars(test.get('p_holm'))}"
+
+
+def compact_cells(row: Row, protocol: str, rows: list[Row]) -> list[str]:
+    headline, *others = PROTOCOLS[protocol]["paired"]
+    params = next(iter(row.runs.values()))["metrics"].get("params")
+    outcome = tuning_outcome(row, rows)
+    head = head_words(row.head) + (f" ({outcome})" if outcome else "")
+    return [row.label, head, _paired_n(row), _metric_cell(row, headline), _compact_delta(row, headline, rows),
+            _compact_p(row, headline), *(_delta_only(row, c) for c in others), _cost_cell(row),
+            f"{params / 1e6:.2f}M" if params else "–"]
+
+
+def _cost_cell(row: Row) -> str:
+    mean, std, _ = mean_spread([run_value(r, COST) for r in row.runs.values()])
+    return "–" if math.isnan(mean) else f"{mean:.1f}"
+
+
+def compact_footnotes(rows: list[Row], protocol: str) -> list[str]:
+    headline = PROTOCOLS[protocol]["paired"][0]
+    lines = [
+        f"Δ = the row minus its `none` baseline (the same configuration but the head; seed with seed, image with "
+        f"image), in points of {headline.title}; paired n = seeds in the Δ (\"2 of 3\": the cells average 3). "
+        "Cells with several seeds: mean ± sample std over seeds.",
+        "Inference by design: several seeds: 95 % t-interval and exact sign-flip p across seeds. † one seed, same "
+        "weights: the interval and p are over that one model's test " + _image_unit(rows) + " (is this model's Δ "
+        "real?), not a claim about retraining. (no test): one retrained model per side, whose Δ includes training "
+        "variation one model cannot measure. p (Holm): raw p, Holm-adjusted within its family in brackets; "
+        "* / ** = Holm-adjusted p < 0.05 / 0.01.",
+        *reachability(rows),
+    ]
+    if any(r.same_as is not None for r in rows):
+        lines.append("\"= <row>\": the same per-image values as that row against the same baseline; tested once.")
+    if any(r.plain_stats for r in rows):
+        lines.append("\"vs plain\": the Δ against the plain backbone's `none` (this row's baseline is a matched "
+                     "control with a coarser output stride).")
+    lines.append(PROTOCOL_NOTES[protocol])
+    bf1 = boundary_tolerance_note(rows) if protocol == "standard" else ""
+    if bf1:
+        lines.append(bf1)
+    lines.append(timing_note(rows))
+    lines.append("Every column, spread and per-seed value: table_full.md and table.csv.")
+    return lines
+
+
 def to_markdown(rows: list[Row], protocol: str = "standard") -> str:
+    """The main table (at most 10 columns, grouped by backbone, each baseline first) and its notes."""
+    head = compact_header(protocol)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(compact_cells(row, protocol, rows)) + " |" for row in rows]
+    lines += ["", *compact_footnotes(rows, protocol)]
+    return "\n".join(lines)
+
+
+def to_markdown_full(rows: list[Row], protocol: str = "standard") -> str:
+    """Every column: pooled and per-image metrics with their spread, each Δ with interval, p,
+    Holm p and n, and the per-seed Δ of every pair."""
     head = header(protocol)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells(row, protocol, rows)) + " |" for row in rows]
@@ -1048,13 +1245,14 @@ def to_markdown(rows: list[Row], protocol: str = "standard") -> str:
 
 
 def to_latex(rows: list[Row], protocol: str = "standard") -> str:
-    head = header(protocol)
+    """The main table (``to_markdown``'s columns) as a LaTeX tabular."""
+    head = compact_header(protocol)
     escape = lambda s: (s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
                         .replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("–", "--"))
     lines = [r"\begin{tabular}{" + "l" * 3 + "r" * (len(head) - 3) + "}", r"\toprule"]
     lines.append(" & ".join(escape(h) for h in head) + r" \\")
     lines.append(r"\midrule")
-    lines += [" & ".join(escape(c) for c in cells(row, protocol, rows)) + r" \\" for row in rows]
+    lines += [" & ".join(escape(c) for c in compact_cells(row, protocol, rows)) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -1179,44 +1377,99 @@ def write_report(study: Study, out_dir: str | Path, figures: bool = True, protoc
     out_dir.mkdir(parents=True, exist_ok=True)
     protocol = study_protocol(study.runs, protocol)
     rows, duplicates = summarise(study.runs, protocol)
-    paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
+    paths = {"markdown": out_dir / "table.md", "full_markdown": out_dir / "table_full.md", "csv": out_dir / "table.csv",
+             "latex": out_dir / "table.tex"}
     figure_notes: list[tuple[str, str]] = []
     if figures:
         from segrefine import figures as figs
 
         figure_notes = figs.draw_all(rows, PROTOCOLS[protocol]["paired"], COST, out_dir, paths)
-    markdown = to_markdown(rows, protocol)
+    problems = ""
     if duplicates:
-        markdown += "\n\nDuplicate runs (not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in duplicates)
+        problems += "\n\nDuplicate runs (not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in duplicates)
     if study.incomplete:
-        markdown += "\n\nRuns left out (incomplete, unreadable or out of range; not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in study.incomplete)
+        problems += ("\n\nRuns left out (incomplete, unreadable or out of range; not averaged):\n"
+                     + "\n".join(f"- {w}: {r}" for w, r in study.incomplete))
     if study.skipped:
-        markdown += "\n\nSkipped (not test results):\n" + "\n".join(f"- {w}: {r}" for w, r in study.skipped)
+        problems += "\n\nSkipped (not test results):\n" + "\n".join(f"- {w}: {r}" for w, r in study.skipped)
     if figure_notes:
-        markdown += "\n\nFigures:\n" + "\n".join(f"- {w}: {r}" for w, r in figure_notes)
-    paths["markdown"].write_text(markdown + "\n")
+        problems += "\n\nFigures:\n" + "\n".join(f"- {w}: {r}" for w, r in figure_notes)
+    paths["markdown"].write_text(to_markdown(rows, protocol) + problems + "\n")
+    paths["full_markdown"].write_text(to_markdown_full(rows, protocol) + problems + "\n")
     paths["csv"].write_text(to_csv(rows, protocol))
     paths["latex"].write_text(to_latex(rows, protocol) + "\n")
     return Report(rows, protocol, paths, [*duplicates, *study.incomplete, *figure_notes])
 
 
+def main_records(rows: list[Row], protocol: str) -> list[dict[str, Any]]:
+    """The main table's rows as numbers (unscaled; None where a value does not apply): what
+    ``--log-wandb`` logs as its table."""
+    headline, *others = PROTOCOLS[protocol]["paired"]
+    records = []
+    for row in rows:
+        test = row.stats.get(headline.key) or {}
+        mean, std, _ = mean_spread([run_value(r, headline) for r in row.runs.values()])
+        cost, _, _ = mean_spread([run_value(r, COST) for r in row.runs.values()])
+        record = {"configuration": row.label, "head": row.head, "tuning": tuning_outcome(row, rows) or None,
+                  "seeds": len(row.runs), "paired_n": test.get("n"), f"{headline.per_image}_mean": _number(mean),
+                  f"{headline.per_image}_std": std, "delta": test.get("mean"), "ci_low": test.get("ci_low"),
+                  "ci_high": test.get("ci_high"), "p": test.get("p"), "p_holm": test.get("p_holm"),
+                  "test": test.get("level"), "same_as": test.get("same_as")}
+        for column in others:
+            record[f"delta_{column.per_image}"] = (row.stats.get(column.key) or {}).get("mean")
+        record["ms_per_image"] = _number(cost)
+        record["params"] = next(iter(row.runs.values()))["metrics"].get("params")
+        records.append(record)
+    return records
+
+
+def _number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def report_experiment(report: Report) -> str:
+    """The experiment the report's runs belong to (the most common ``experiment``)."""
+    names = [str(run.get("experiment") or "") for row in report.rows for run in row.runs.values()]
+    names = [n for n in names if n] or ["runs"]
+    return max(dict.fromkeys(names), key=names.count)
+
+
+def _source_name(source: str) -> str:
+    """A source as the wandb run shows it: a project as given, a folder by its name only (no machine path)."""
+    path = Path(source)
+    return source if not path.exists() else (path.resolve().name or str(source))
+
+
 def log_to_wandb(report: Report, project: str = "segrefine", mode: str = "offline", entity: str | None = None,
                  save_dir: str | Path = ".", group: str | None = None, sources: Iterable[str] = ()) -> str:
-    """The table (numbers as numbers, unscaled) and figures as a wandb run of job_type=report
-    in ``group`` (e.g. the experiment's); returns the run id."""
+    """The report as a wandb run named ``report-<experiment>`` (job_type ``report``, its own
+    group unless ``group`` is given, tags report / experiment / protocol): the main table and the
+    full one as ``wandb.Table``s (numbers unscaled), the figures as ``wandb.Image``s and each
+    row's headline Δ in the summary. Sources are named without machine paths. Returns the run id."""
     import wandb
 
-    run = wandb.init(project=project, entity=entity, group=group, job_type="report", mode=mode, dir=str(save_dir),
-                     config={"metrics_protocol": report.protocol, "sources": list(sources)})
+    experiment = report_experiment(report)
+    name = f"report-{experiment}"
+    run = wandb.init(project=project, entity=entity, name=name, group=group or name, job_type="report",
+                     tags=["report", experiment, report.protocol], mode=mode, dir=str(save_dir),
+                     config={"metrics_protocol": report.protocol, "experiment": experiment, "rows": len(report.rows),
+                             "sources": [_source_name(s) for s in sources]})
     try:
-        records = [numeric_record(r, report.protocol, report.rows) for r in report.rows]
-        columns = list(records[0]) if records else []
-        table = wandb.Table(columns=columns, data=[[rec[c] for c in columns] for rec in records])
-        payload: dict[str, Any] = {"report/table": table}
-        for name, path in report.paths.items():
+        def table(records: list[dict[str, Any]]) -> Any:
+            columns = list(records[0]) if records else []
+            return wandb.Table(columns=columns, data=[[rec[c] for c in columns] for rec in records])
+
+        payload: dict[str, Any] = {
+            "report/table": table(main_records(report.rows, report.protocol)),
+            "report/table_full": table([numeric_record(r, report.protocol, report.rows) for r in report.rows]),
+        }
+        for key, path in report.paths.items():
             if path.suffix == ".png":
-                payload[f"report/{name}"] = wandb.Image(str(path))
+                payload[f"report/{key.removesuffix('_figure')}"] = wandb.Image(str(path))
         run.log(payload)
+        headline = PROTOCOLS[report.protocol]["paired"][0]
+        run.summary.update({f"delta {headline.per_image}/{row.label} · {row.head}": row.stats[headline.key]["mean"]
+                            for row in report.rows if headline.key in row.stats})
         return run.id
     finally:
         wandb.finish()
@@ -1234,7 +1487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--wandb-project", default="segrefine")
     parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--wandb-group", default=None, help="wandb group of the --log-wandb run (default: none)")
+    parser.add_argument("--wandb-group", default=None,
+                        help="wandb group of the --log-wandb run (default: its own, report-<experiment>)")
     selection = parser.add_argument_group("selecting runs of --wandb ENTITY/PROJECT (server-side, checked again here)")
     selection.add_argument("--group", help="only runs of this wandb group (backbone-head-data)")
     selection.add_argument("--job-type", choices=["train", "eval"], help="only training or only evaluation runs")
