@@ -2,7 +2,7 @@
 
 PointRend's point head sees, at each point, the stride-4 features and the coarse logits
 sampled there, and predicts the class with a small MLP. ``FineSkip`` runs that same MLP
-(``segrefine.heads.pointrend.PointHead``, same layers and initialisation) at *every* cell of
+(``segrefine.layers.PointHead``, same layers and initialisation) at *every* cell of
 the stride-4 map, on the coarse logits upsampled bilinearly (which equals PointRend's
 ``point_sample`` at the cell centres). A ``none`` run on such a backbone has everything
 PointRend's point head sees, so ``pointrend`` vs this control isolates point-wise
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segrefine.heads.pointrend import PointHead
+from segrefine.layers import PointHead
 
 FINE_STRIDE = 4
 
