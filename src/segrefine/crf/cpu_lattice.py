@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
-__all__ = ["build"]
+__all__ = ["CompiledLattice", "build"]
 
-from .lattice import EXACT_LIMIT, features_too_large
+from .limits import EXACT_LIMIT, features_too_large
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 _EXACT_LIMIT = np.float32(EXACT_LIMIT)  # a float32 constant inside the compiled loop
@@ -345,7 +346,21 @@ def _chunks(total: int, parts: int) -> list[tuple[int, int]]:
     return [(a, min(total, a + step)) for a in range(0, total, step)]
 
 
-def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32) -> dict:
+class CompiledLattice(NamedTuple):
+    """What ``build`` returns (numpy arrays; see its docstring)."""
+
+    num_points: int
+    vid: np.ndarray
+    bary: np.ndarray
+    splat_pixels: np.ndarray
+    splat_offsets: np.ndarray
+    splat_weights: np.ndarray
+    blur_nb: np.ndarray
+    blur_w: np.ndarray
+    ones: np.ndarray
+
+
+def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32) -> CompiledLattice:
     """The lattice of ``f (B, Np, d)`` float32 (each image's last ``Np - num_real`` pixels are
     phantom padding: hashed, never splatted or sliced), with ``threads`` worker threads.
 
@@ -473,6 +488,6 @@ def build(f: np.ndarray, num_real: int, threads: int, alpha: np.float32) -> dict
     finally:
         if pool is not None:
             pool.shutdown()
-    return dict(num_points=M, vid=vid, bary=bary, splat_pixels=pixels, splat_offsets=splat_off,
-                splat_weights=splat_w, blur_nb=nb, blur_w=w, ones=ones)
+    return CompiledLattice(num_points=M, vid=vid, bary=bary, splat_pixels=pixels, splat_offsets=splat_off,
+                           splat_weights=splat_w, blur_nb=nb, blur_w=w, ones=ones)
 

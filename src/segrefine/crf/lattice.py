@@ -91,6 +91,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .limits import EXACT_LIMIT, features_too_large
+
 __all__ = ["PermutohedralLattice"]
 
 # simplexes are sorted by one packed int64 key when its range is below this,
@@ -102,15 +104,6 @@ _CHUNK = 2**17
 # splat entries per chunk when scaling them in place: the gathered factors (256 KiB) stay a
 # small temporary next to the N (d+1) weights they scale
 _SCALE_CHUNK = 2**16
-# Elevated coordinates (float32, as densecrf) are rounded to lattice points; from 2^22 on their
-# spacing approaches 1 and the rounding, ranks and weights stop making sense. Both builds refuse.
-EXACT_LIMIT = 2.0**22
-
-
-def features_too_large(largest: float) -> ValueError:
-    return ValueError(
-        f"features up to {largest:.3g} are too large for the lattice's float32 coordinates "
-        "(elevated values must stay below 2^22): use larger bandwidths")
 
 
 # --------------------------------------------------------------------------
@@ -663,7 +656,7 @@ class PermutohedralLattice:
         """The CPU build (:mod:`segrefine.crf.cpu_lattice`, compiled, hash-based) on ``f (B, Np,
         d)``, with torch's intra-op thread count; False when its int64 key packing does not fit
         and ``fallback`` allows the torch build to try (it packs differently)."""
-        from . import cpu_lattice
+        from . import cpu_lattice  # numba loads on first use, not with segrefine.crf
 
         try:
             out = cpu_lattice.build(f.numpy(), N, torch.get_num_threads(), np.float32(self.alpha))
@@ -671,20 +664,20 @@ class PermutohedralLattice:
             if fallback:
                 return False
             raise
-        self._ones = torch.from_numpy(out["ones"])
+        self._ones = torch.from_numpy(out.ones)
         d1 = self.dim + 1
-        M = self.num_points = out["num_points"]
+        M = self.num_points = out.num_points
         self.unique_keys = None
-        vid = torch.from_numpy(out["vid"]).view(-1)
-        bary = torch.from_numpy(out["bary"]).view(-1)
-        offsets = torch.from_numpy(out["splat_offsets"])
+        vid = torch.from_numpy(out.vid).view(-1)
+        bary = torch.from_numpy(out.bary).view(-1)
+        offsets = torch.from_numpy(out.splat_offsets)
         rows = None
         if self.backend == "index":
             rows = torch.repeat_interleave(torch.arange(M, dtype=torch.int32), offsets.diff(), output_size=vid.numel())
-        splat = _SplatRows(torch.from_numpy(out["splat_pixels"]), offsets, torch.from_numpy(out["splat_weights"]), rows)
+        splat = _SplatRows(torch.from_numpy(out.splat_pixels), offsets, torch.from_numpy(out.splat_weights), rows)
         self._set_splat_slice(vid, bary, splat)
         blur_off = torch.arange(0, 3 * M + 1, 3, dtype=torch.int32 if 3 * M < 2**31 else torch.int64)
-        nb, w = torch.from_numpy(out["blur_nb"]), torch.from_numpy(out["blur_w"])
+        nb, w = torch.from_numpy(out.blur_nb), torch.from_numpy(out.blur_w)
         self._blur = [_Bags(nb[j].reshape(-1), blur_off, w[j].reshape(-1), None, M, M, 3) for j in range(d1)]
         return True
 
