@@ -134,7 +134,25 @@ TRAIN = ["backbone=pspnet", "data.batch_size=8", "+trainer.limit_train_batches=2
          "data.split_fractions=[0.5,0.25,0.25]", "data.empty_slice_fraction=0"]
 
 
-def test_train_and_volume_crf_evaluation_write_per_volume_results(task, make_cfg, tmp_path):
+@pytest.fixture(scope="module")
+def msd_run(task, tmp_path_factory):
+    """A head=none run on the fixture task (one test subject, one validation subject)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR, TINY
+    from segrefine.train import train
+
+    root, _ = task
+    run = tmp_path_factory.mktemp("msd_run")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*(o for o in TINY if not o.startswith("data.")), "data=msd",
+                                          f"data.root={root}", f"paths.data_dir={tmp_path_factory.mktemp('d')}",
+                                          f"paths.output_dir={run}", *TRAIN])
+    train(cfg)
+    return run
+
+
+def test_train_and_volume_crf_evaluation_write_per_volume_results(task, msd_run, make_cfg, tmp_path):
     from test_evaluate import eval_cfg
 
     from segrefine.evaluate import evaluate
@@ -145,8 +163,7 @@ def test_train_and_volume_crf_evaluation_write_per_volume_results(task, make_cfg
         train(make_cfg("data=msd", f"data.root={root}", "head=densecrf", "head.volume=true", *TRAIN,
                        output_dir=tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
-    run = tmp_path / "run"
-    train(make_cfg("data=msd", f"data.root={root}", *TRAIN, output_dir=run))
+    run = msd_run
     saved = json.loads((run / "results.json").read_text())
     (row,) = saved["per_volume"]
     subject = row["subject"]
@@ -170,3 +187,20 @@ def test_train_and_volume_crf_evaluation_write_per_volume_results(task, make_cfg
     train(make_cfg(output_dir=synthetic))
     with pytest.raises(ValueError, match="not a volumetric source"):
         evaluate(eval_cfg(synthetic, tmp_path / "o", "head=densecrf", "head.volume=true"))
+
+
+def test_volume_crf_is_tuned_on_validation_subjects_as_eval_scores_it(msd_run, tmp_path):
+    from test_evaluate import eval_cfg
+
+    from segrefine.evaluate import evaluate
+    from segrefine.tuning import TUNED_FILE, tune_densecrf, tuned_overrides
+
+    summary = tune_densecrf(msd_run, tmp_path / "tune", trials=3, overrides=["head.volume=true", "head.backend=torch"])
+    assert summary["volume"] is True and summary["best_value"] >= summary["none_value"]
+    none = evaluate(eval_cfg(msd_run, tmp_path / "none", "split=val"))
+    assert summary["none_value"] == pytest.approx(none["val/iou"])
+    tuned = evaluate(eval_cfg(msd_run, tmp_path / "tuned", "split=val", "head=densecrf", "head.backend=torch",
+                              *tuned_overrides(tmp_path / "tune" / TUNED_FILE)))
+    assert tuned["val/iou"] == pytest.approx(summary["best_value"], abs=1e-6)
+    saved = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    assert saved["config"]["head"]["volume"] is True and saved["per_volume"]

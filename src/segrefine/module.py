@@ -150,10 +150,11 @@ class SegmentationModule(pl.LightningModule):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
             self._keep_prediction(str(sample_id), image[i], mask[i], preds[i])
 
-    def volume_logits(self, batch: dict) -> torch.Tensor:
+    def volume_logits(self, batch: dict, refine: bool = True) -> torch.Tensor:
         """Logits (or log-probabilities) ``(S, C, H, W)`` of a subject volume's slices, run
         ``batch["batch_size"]`` slices at a time; a volume head (``head.volume``) then refines
-        the restacked softmax of the whole volume (padding removed) at once."""
+        the restacked softmax of the whole volume (padding removed) at once, unless ``refine``
+        is False (the tuner caches the unrefined logits)."""
         image = batch["image"]
         volume_head = bool(getattr(self.head, "volume", False))
         parts = []
@@ -164,7 +165,7 @@ class SegmentationModule(pl.LightningModule):
             logits = self.head.slice_logits(out, padded) if volume_head else self.head(out, padded)
             parts.append(logits[..., :height, :width])
         logits = torch.cat(parts)
-        if volume_head:
+        if volume_head and refine:
             logits = self.head.refine_volume(logits, image, batch["spacing"], batch["height"], batch["width"])
         return logits
 

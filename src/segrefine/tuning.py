@@ -3,7 +3,9 @@
 ``tune_densecrf`` searches the DenseCRF parameters of one trained checkpoint with Optuna
 (TPE, log-scale ranges) and writes the tuned head config to a folder of the caller's (never
 into the package's conf/). The backbone runs over the validation split once; each trial only
-re-runs the CRF, scored exactly as ``segrefine-eval split=val`` scores it (``val/iou``).
+re-runs the CRF, scored exactly as ``segrefine-eval split=val`` scores it (``val/iou``). With
+``head.volume=true`` among the overrides it tunes the 3-D CRF: on whole validation subjects,
+widths in mm, ``val/iou`` over the split's slices of the refined volumes (as segrefine-eval).
 
 ``SaveTunedHead`` does the same bookkeeping for a Hydra Optuna sweep over ``segrefine-eval``
 (experiments/tune_densecrf).
@@ -58,6 +60,8 @@ def tuned_overrides(head_file: Path, name: str | None = None) -> list[str]:
     tuned = saved["tuned"]
     record = {**tuned, "by": tuned.get("by", "densecrf")}
     overrides = [f"head.{key}={float(saved[key])!r}" for key in tuned["keys"]]
+    if saved.get("volume"):  # tuned as the 3-D CRF (widths in mm): only valid as that
+        overrides.append("head.volume=true")
     overrides.append("+head.tuned=" + _hydra_value(record))
     if name:
         overrides.append(f"head.name={name}")
@@ -97,6 +101,16 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
     load_weights(module, checkpoint, ckpt_file, with_head=False)
     module.eval()
     cache = []
+    if module.head.volume:  # the 3-D CRF: whole subjects, their slices' logits restacked
+        from segrefine.data.common import evaluation_loader
+
+        if not hasattr(datamodule, "volume_dataloader"):
+            raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
+                             "is not a volumetric source")
+        with torch.no_grad():
+            for batch in evaluation_loader(datamodule, "val"):
+                cache.append((batch, _VolumeLogits(module.volume_logits(batch, refine=False))))
+        return module.head, cache
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             height, width = batch["image"].shape[-2:]
@@ -108,6 +122,13 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
     return module.head, cache
 
 
+class _VolumeLogits:
+    """A cached volume's per-slice logits (what ``refine_volume`` takes)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
 def _val_iou(head, cache, num_classes: int) -> float:
     """``val/iou`` as SegmentationMetrics computes it (pooled confusion, foreground mean)."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
@@ -117,6 +138,14 @@ def _val_iou(head, cache, num_classes: int) -> float:
 
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
+        if cache and isinstance(cache[0][1], _VolumeLogits):  # volumes: the split's slices, as segrefine-eval
+            for batch, cached in cache:
+                logits = cached.logits if head is None else head.refine_volume(
+                    cached.logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
+                chosen = batch["scored"].bool()
+                confusion += multiclass_confusion_matrix(logits[chosen].argmax(1), batch["mask"][chosen], num_classes,
+                                                         ignore_index=IGNORE_INDEX)
+            return float(foreground_mean(per_class_iou(confusion)))
         for image, out, mask, height, width in cache:
             preds = (head(out, image) if head is not None else out.logits)[..., :height, :width].argmax(1)
             confusion += multiclass_confusion_matrix(preds, mask, num_classes, ignore_index=IGNORE_INDEX)
@@ -169,9 +198,12 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
+    if head.volume:
+        saved.volume = True
     saved.tuned = tuned_record(trials, best)
     summary = {
-        "checkpoint": str(ckpt_path), "split": "val", "metric": "val/iou", "none_value": none_value,
+        "checkpoint": str(ckpt_path), "split": "val", "metric": "val/iou", "volume": bool(head.volume),
+        "none_value": none_value,
         "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "search_space": SEARCH_SPACE,
         "enqueued": ENQUEUED, "trials": [{"params": t.params, "value": t.value} for t in study.trials],
     }
