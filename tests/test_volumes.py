@@ -103,6 +103,20 @@ def test_per_volume_rows_score_the_restacked_volume_with_its_spacing(task, tmp_p
     # Slice rows: only the split's slices, each with its subject.
     assert {r["subject"] for r in module.test_rows} == {row["subject"]}
     assert [r["id"] for r in module.test_rows] == dm.datasets["test"].ids
+    # A data.pad_to smaller than the slices: the volume is still scored whole, and the kept
+    # predictions are the slice loader's centre crops (so they stack).
+    cropped = msd(root, tmp_path / "crop", normalise="none", clip_percentiles=None, empty_slice_fraction=0.0,
+                  split_fractions=[0.5, 0.25, 0.25], batch_size=7, pad_to=[30, 40])
+    module = SegmentationModule(LabelBackbone(3), NoHead(3), num_classes=3, class_names=dm.class_names,
+                                nsd_tolerance_mm=2.0, save_predictions=1000)
+    trainer.test(module, dataloaders=evaluation_loader(cropped, "test"), verbose=False)
+    assert module.volume_rows[0]["hd95"] == pytest.approx(row["hd95"])
+    arrays = module.prediction_arrays()
+    assert arrays["predictions"].shape[1:] == (30, 40) and len(arrays["ids"]) == len(cropped.datasets["test"])
+    first = cropped.datasets["test"][0]
+    at = list(arrays["ids"]).index(first["id"])
+    assert np.array_equal(arrays["masks"][at], first["mask"].numpy())
+    assert np.array_equal(arrays["predictions"][at], first["image"][0].round().numpy())  # LabelBackbone's reading
 
 
 @pytest.mark.parametrize("backend", ["torch", "pydensecrf"])

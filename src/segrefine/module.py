@@ -192,12 +192,25 @@ class SegmentationModule(pl.LightningModule):
                 sample_id = str(batch["id"][i])
                 self.test_rows.append({"id": sample_id, "subject": batch["subject"],
                                        **{k: float(v[j]) for k, v in rows.items()}})
-                self._keep_prediction(sample_id, image[i], mask[i], preds[i])
+                self._keep_prediction(*self._split_size(batch, sample_id, image[i], mask[i], preds[i]))
         height, width = batch["height"], batch["width"]
         values = volume_metrics(preds[:, :height, :width], mask[:, :height, :width], batch["spacing"],
                                 self.num_classes, self.nsd_tolerance_mm)
         self.volume_rows.append({**volume_row(batch["subject"], len(image), values, self.class_names),
                                  "spacing": [float(v) for v in batch["spacing"]]})
+
+    @staticmethod
+    def _split_size(batch: dict, sample_id: str, image, mask, pred):
+        """A volume's slice at the split's common size (the slice loader's centre crop where the
+        volume is larger than ``data.pad_to``), so the kept predictions stack into one array."""
+        size = batch.get("size")
+        if size is None or tuple(mask.shape[-2:]) == tuple(size):
+            return sample_id, image, mask, pred
+        from segrefine.data.transforms import fit_to
+
+        _, pred = fit_to(image, pred, size)
+        image, mask = fit_to(image, mask, size)
+        return sample_id, image, mask, pred
 
     def _keep_prediction(self, sample_id: str, image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> None:
         """Keep the ``save_predictions`` images with the smallest id hash: the same ids in

@@ -294,7 +294,7 @@ class VolumeDataset(Dataset):
     the slice loader gives them), ``height``/``width`` the slices' own size (the volume is
     ``[..., :height, :width]``), ``id`` the S slice ids, ``scored`` which slices the split's
     slice loader holds (``empty_slice_fraction``), ``subject``, ``spacing`` ``(sz, sy, sx)`` mm,
-    ``batch_size`` how many slices the model sees at once.
+    ``batch_size`` how many slices the model sees at once, ``size`` the slice loader's size.
     """
 
     def __init__(self, slices: SliceDataset, keep: list[np.ndarray], letter: str, size, batch_size: int):
@@ -318,6 +318,7 @@ class VolumeDataset(Dataset):
             "subject": subject, "height": int(height), "width": int(width),
             "spacing": tuple(float(v) for v in self.slices.spacings[volume]),
             "batch_size": self.batch_size,  # slices the model sees at once (data.batch_size)
+            "size": None if self.size is None else tuple(int(v) for v in self.size),  # the slice loader's size
         }
 
 
