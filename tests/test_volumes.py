@@ -197,10 +197,10 @@ def test_train_and_volume_crf_evaluation_write_per_volume_results(task, msd_run,
     dice = [r["dice"] for r in crf["per_volume"] if r["dice"] is not None]
     assert metrics["val/volume/dice"] == pytest.approx(float(np.mean(dice)))
     assert crf["config"]["head"]["volume"] is True and list(out.glob("wandb/offline-run-*"))
-    synthetic = tmp_path / "synthetic"
-    train(make_cfg(output_dir=synthetic))
-    with pytest.raises(ValueError, match="not a volumetric source"):
-        evaluate(eval_cfg(synthetic, tmp_path / "o", "head=densecrf", "head.volume=true"))
+    with pytest.raises(ValueError, match="not a volumetric source"):  # 2-D data: refused before any output
+        evaluate(eval_cfg(run, tmp_path / "o", "data=synthetic", "data.num_train=2", "data.num_val=2",
+                          "data.num_test=2", "head=densecrf", "head.volume=true"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_volume_crf_is_tuned_on_validation_subjects_as_eval_scores_it(msd_run, tmp_path):
