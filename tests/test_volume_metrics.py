@@ -70,6 +70,7 @@ def test_identical_missed_and_absent_classes():
     row = volume_row("s1", 6, missed, ["background", "a", "b"])
     assert row["dice"] == pytest.approx(0.5) and row["hd95"] == math.inf and row["nsd/b"] == 0.0
     assert row["subject"] == "s1" and row["n_slices"] == 6 and row["dice/a"] == 1.0
+    assert row["infinite"] == ["hd95", "hd95/b"]  # null in results.json, but named as infinite
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.7, 1.1)])
@@ -105,6 +106,9 @@ def test_means_over_subjects_leave_absent_out_and_keep_inf():
     rows = [{"subject": "a", "n_slices": 3, "dice": 0.5, "hd95": 2.0},
             {"subject": "b", "n_slices": 3, "dice": math.nan, "hd95": math.nan},
             {"subject": "c", "n_slices": 3, "dice": 0.7, "hd95": 4.0}]
-    assert volume_means(rows) == {"volume/dice": pytest.approx(0.6), "volume/hd95": pytest.approx(3.0)}
+    means = volume_means(rows)
+    assert means["volume/dice"] == pytest.approx(0.6) and means["volume/hd95"] == pytest.approx(3.0)
+    assert volume_means(rows)["volume/subjects_hd95_infinite"] == 0
     rows[2]["hd95"] = math.inf
     assert volume_means(rows)["volume/hd95"] == math.inf
+    assert volume_means(rows)["volume/subjects_hd95_infinite"] == 1

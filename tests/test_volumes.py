@@ -197,6 +197,9 @@ def test_train_and_volume_crf_evaluation_write_per_volume_results(task, msd_run,
     dice = [r["dice"] for r in crf["per_volume"] if r["dice"] is not None]
     assert metrics["val/volume/dice"] == pytest.approx(float(np.mean(dice)))
     assert crf["config"]["head"]["volume"] is True and list(out.glob("wandb/offline-run-*"))
+    for r in [*crf["per_volume"], row]:  # null + a Dice: infinite, and named so
+        for c in ("Anterior", "Posterior"):
+            assert (r[f"hd95/{c}"] is None and r[f"dice/{c}"] is not None) == (f"hd95/{c}" in r["infinite"])
     with pytest.raises(ValueError, match="not a volumetric source"):  # 2-D data: refused before any output
         evaluate(eval_cfg(run, tmp_path / "o", "data=synthetic", "data.num_train=2", "data.num_val=2",
                           "data.num_test=2", "head=densecrf", "head.volume=true"))

@@ -310,8 +310,8 @@ VOLUME_DEFINITIONS = (
     "distances exact Euclidean in mm with the voxel spacing; NSD (surface Dice) = surface voxels of either mask "
     "within metrics.nsd_tolerance_mm of the other's surface / all surface voxels of both; HD95 = max of the two "
     "directed 95th percentiles (linear interpolation) of surface-to-surface distances, mm. A class in only one of "
-    "prediction and truth: Dice/IoU/NSD 0, HD95 inf (null in results.json); in neither: NaN (null), left out of "
-    "means. The subject's value is the mean over its foreground classes; test/volume/* the mean over subjects. "
+    "prediction and truth: Dice/IoU/NSD 0, HD95 inf (null in results.json, its key listed in the row's "
+    "'infinite'); in neither: NaN (null), left out of means. The subject's value is the mean over its foreground classes; test/volume/* the mean over subjects. "
     "Ignored (255) target voxels count as no class in both maps."
 )
 
@@ -383,11 +383,19 @@ def volume_row(subject: str, n_slices: int, values: dict, class_names: list[str]
     for name in VOLUME_METRIC_NAMES:
         for c, value in enumerate(values[name], start=1):
             row[f"{name}/{class_names[c]}"] = float(value)
+    # results.json stores inf and NaN alike as null: name the infinite ones (a class missed or
+    # hallucinated), which a reader must not drop as missing
+    row["infinite"] = [key for key, value in row.items() if isinstance(value, float) and value == math.inf]
     return row
 
 
 def volume_means(rows: list[dict]) -> dict[str, float]:
     """``volume/<key>`` = the mean over subjects of every metric key of the rows (NaN left out;
-    one infinite HD95 makes the mean infinite: a missed class is never averaged away)."""
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("subject", "n_slices")]
-    return {f"volume/{key}": _class_mean([row[key] for row in rows]) for key in keys}
+    one infinite HD95 makes the mean infinite: a missed class is never averaged away), and
+    ``volume/subjects_hd95_infinite``: how many subjects have an infinite HD95."""
+    keys = [k for k, v in (rows[0] if rows else {}).items()
+            if k not in ("subject", "n_slices") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    means = {f"volume/{key}": _class_mean([row[key] for row in rows]) for key in keys}
+    if rows and "hd95" in rows[0]:
+        means["volume/subjects_hd95_infinite"] = float(sum(row["hd95"] == math.inf for row in rows))
+    return means

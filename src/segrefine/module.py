@@ -250,7 +250,7 @@ class SegmentationModule(pl.LightningModule):
             name = key if key.startswith("unet_crfrnn/") else f"{key}_image"
             values[name] = float(np.mean(scores)) if scores else float("nan")
         if self.volume_rows:  # means over subjects: volume/dice, volume/hd95, volume/dice/<class>, ...
-            values.update(volume_means([{k: v for k, v in row.items() if k != "spacing"} for row in self.volume_rows]))
+            values.update(volume_means(self.volume_rows))
         self.test_results = {f"{self.eval_prefix}/{k}": v for k, v in values.items()}
         self.log_dict(self.test_results, rank_zero_only=True)
 
