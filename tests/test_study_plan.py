@@ -157,7 +157,10 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     assert jobs == {("train", f"{b}-none") for b in backbones} | {
         ("eval", "fcn-densecrf"), ("eval", "fcn-densecrf_tuned"), ("tune", "fcn-none"), ("tune", "unet-none"),
         ("eval", "unet-densecrf"), ("eval", "unet-densecrf_tuned"), ("train", "unet-none-continued"),
-        ("train", "unet-crfrnn")}
+        ("train", "unet-crfrnn"),
+        # data=msd is volumetric: U-Net's none checkpoint also gets the 3-D CRF, defaults and tuned
+        ("eval", "unet-densecrf_3d"), ("tune", "unet-none-3d"),
+        ("eval", "unet-densecrf_3d_tuned")}
     # Every table row is a job of the plan, and every published row is shown.
     assert {job for _, _, job in origin.ROWS if not job.startswith("segnet") or "segnet" in backbones} <= {
         name for _, name in jobs}
@@ -165,6 +168,9 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     found = check_pairings(plan, out, tuned_file)
     assert found[("train", "unet-crfrnn-s1")] == ["unet-none-continued-s1"]
     assert found[("eval", "fcn-densecrf_tuned-s0")] == ["fcn-none-s0"]
+    assert found[("eval", "unet-densecrf_3d_tuned-s1")] == ["unet-none-s1"]
+    head = job_config(plan.get("eval", "unet-densecrf_3d_tuned-s0"), plan, out, tuned_file)["head"]
+    assert head["volume"] is True and head["name"] == "densecrf_3d_tuned"
     config = job_config(plan.get("train", "unet-none-s0"), plan, out, tuned_file)
     # The origin schedule, on the MSD source.
     assert config["data"]["name"] == "msd" and config["data"]["batch_size"] == 5

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from segrefine.report import load_study, write_report
-from segrefine.study import preset_defaults, run_study, study_args, study_plan
+from segrefine.study import is_volumetric, preset_defaults, run_study, study_args, study_plan
 
 README = Path(__file__).with_name("README.md")
 TABLE_START, TABLE_END = "<!-- smoke-table:start -->", "<!-- smoke-table:end -->"
@@ -60,6 +60,7 @@ def main() -> int:
         backbones={b: (f"backbone={b}",) for b in backbones},
         heads={b: tuple(h for h in heads if h != "none") for b in backbones},
         densecrf=backbones, tune=args.tune_trials > 0, crfrnn_protocol=args.crfrnn_protocol,
+        densecrf_3d=["unet"] if "unet" in backbones and is_volumetric(overrides) else [],
         finetune_epochs=args.finetune_epochs,
         fine_skip_controls=[b for b in args.fine_skip_controls.split(",") if b and "pointrend" in heads and b in backbones],
         overrides=overrides,

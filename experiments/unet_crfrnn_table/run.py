@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from segrefine.report import load_study, write_report
-from segrefine.study import preset_defaults, run_study, study_args, study_plan
+from segrefine.study import is_volumetric, preset_defaults, run_study, study_args, study_plan
 
 # The origin study's metric protocol (its IU, DSC and PA; the report issue's `metrics` group).
 METRICS_OVERRIDES: tuple[str, ...] = ("metrics=unet_crfrnn",)
@@ -65,6 +65,7 @@ def plan_for(args, overrides: list[str], backbones: list[str]):
         backbones={b: BACKBONES[b] for b in backbones},
         heads={"unet": ("crfrnn",)} if "unet" in backbones else {},
         densecrf=[b for b in ("fcn", "unet") if b in backbones], tune=args.tune_trials > 0,
+        densecrf_3d=["unet"] if "unet" in backbones and is_volumetric(overrides) else [],
         crfrnn_protocol=args.crfrnn_protocol, finetune_epochs=args.finetune_epochs,
         overrides=overrides,
     )

@@ -69,6 +69,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         boundary_tolerance=cfg.metrics.boundary_tolerance,
         boundary_tolerance_unit=cfg.metrics.boundary_tolerance_unit,
         save_predictions=cfg.get("save_predictions") or 0,
+        nsd_tolerance_mm=cfg.metrics.get("nsd_tolerance_mm", 1.0),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

@@ -155,6 +155,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     from segrefine.build import build_data, build_logger, build_module, run_info
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
+    from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
     from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
@@ -172,6 +173,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(run_cfg.paths.output_dir)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
+    if run_cfg.head.get("volume") and not hasattr(datamodule, "volume_dataloader"):
+        raise ValueError(f"head.volume=true refines whole subject volumes, but data={run_cfg.data.get('name')} is not "
+                         "a volumetric source (use data=msd, or head.volume=false for the 2-D CRF)")
     module = build_module(run_cfg, datamodule)
     load_weights(module, checkpoint, ckpt_file, with_head=weights == "checkpoint")
     module.eval_prefix = cfg.split
@@ -183,14 +187,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file,
                                                                                             training_id)))
         trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
-        loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-        trainer.test(module, dataloaders=loader, verbose=False)
+        trainer.test(module, dataloaders=evaluation_loader(datamodule, cfg.split), verbose=False)
         params = module.parameter_counts()
         metrics = {**module.test_results, **params}
         if not trainer.is_global_zero:
             return metrics
         log_summary(logger, {**params, "metrics_protocol": run_cfg.metrics.protocol})
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
+        log_per_image_table(logger, module.volume_rows, key=f"{cfg.split}/per_volume")
         wandb_info = close_wandb(logger)
         write_results(
             output_dir,

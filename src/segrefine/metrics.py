@@ -297,3 +297,105 @@ def per_image_metrics(
     }
     rows.update({f"unet_crfrnn/{k}": v for k, v in protocol_per_image(confusion).items()})
     return rows
+
+
+# -- volumes -------------------------------------------------------------------------
+# Per-subject scores of a whole label volume (issue: volumetric data is scored per volume, as
+# the Medical Segmentation Decathlon ranked it), distances in millimetres.
+
+VOLUME_METRIC_NAMES = ("dice", "iou", "nsd", "hd95")
+VOLUME_DEFINITIONS = (
+    "per subject volume (slices restacked, padding removed), per foreground class: Dice and IoU over voxels; "
+    "surface = voxels of a class mask not in its 6-connected erosion (voxels on the volume's faces are surface); "
+    "distances exact Euclidean in mm with the voxel spacing; NSD (surface Dice) = surface voxels of either mask "
+    "within metrics.nsd_tolerance_mm of the other's surface / all surface voxels of both; HD95 = max of the two "
+    "directed 95th percentiles (linear interpolation) of surface-to-surface distances, mm. A class in only one of "
+    "prediction and truth: Dice/IoU/NSD 0, HD95 inf (null in results.json, its key listed in the row's "
+    "'infinite'); in neither: NaN (null), left out of means. The subject's value is the mean over its foreground classes; test/volume/* the mean over subjects. "
+    "Ignored (255) target voxels count as no class in both maps."
+)
+
+
+def _surface(mask):
+    """Voxels of a boolean ``(D, H, W)`` mask not in its 6-connected erosion (outside the volume
+    counts as background, so a mask touching a face of the volume has a surface there)."""
+    from scipy import ndimage
+
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~eroded
+
+
+def volume_metrics(pred, target, spacing, num_classes: int, nsd_tolerance_mm: float = 1.0,
+                   ignore_index: int = IGNORE_INDEX) -> dict[str, "np.ndarray"]:
+    """Dice, IoU, NSD and HD95 (mm) per foreground class of one ``(D, H, W)`` label volume.
+
+    ``spacing`` is ``(sz, sy, sx)``, the voxel size in mm along D, H and W. Returns
+    ``{"dice", "iou", "nsd", "hd95"}``, each a float64 array of length ``num_classes - 1``
+    (classes 1..C-1); definitions in :data:`VOLUME_DEFINITIONS`. Distances are exact
+    (scipy's Euclidean distance transform with the spacing as sampling).
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (D, H, W) label volumes")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be three positive voxel sizes (sz, sy, sx) in mm, got {spacing}")
+    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
+        raise ValueError(f"metrics.nsd_tolerance_mm={nsd_tolerance_mm} must be a distance >= 0 in mm")
+    valid = target != ignore_index
+    out = {name: np.full(num_classes - 1, np.nan) for name in VOLUME_METRIC_NAMES}
+    for c in range(1, num_classes):
+        p, t = (pred == c) & valid, (target == c) & valid
+        n_p, n_t = int(p.sum()), int(t.sum())
+        if n_p == 0 and n_t == 0:
+            continue  # NaN: nothing to find, nothing found
+        overlap = int((p & t).sum())
+        out["dice"][c - 1] = 2 * overlap / (n_p + n_t)
+        out["iou"][c - 1] = overlap / (n_p + n_t - overlap)
+        if n_p == 0 or n_t == 0:  # a missed or hallucinated class: no distance can look good
+            out["nsd"][c - 1], out["hd95"][c - 1] = 0.0, math.inf
+            continue
+        surface_p, surface_t = _surface(p), _surface(t)
+        to_t = ndimage.distance_transform_edt(~surface_t, sampling=spacing)[surface_p]
+        to_p = ndimage.distance_transform_edt(~surface_p, sampling=spacing)[surface_t]
+        within = int((to_t <= nsd_tolerance_mm).sum() + (to_p <= nsd_tolerance_mm).sum())
+        out["nsd"][c - 1] = within / (to_t.size + to_p.size)
+        out["hd95"][c - 1] = max(float(np.percentile(to_t, 95)), float(np.percentile(to_p, 95)))
+    return out
+
+
+def _class_mean(values) -> float:
+    """Mean over classes leaving NaN (absent) out; NaN when every class is absent; inf stays inf."""
+    finite_or_inf = [float(v) for v in values if not math.isnan(float(v))]
+    return sum(finite_or_inf) / len(finite_or_inf) if finite_or_inf else math.nan
+
+
+def volume_row(subject: str, n_slices: int, values: dict, class_names: list[str]) -> dict:
+    """One ``per_volume`` row of results.json: ``{subject, n_slices, dice, iou, nsd, hd95}``
+    (the means over foreground classes) and ``<metric>/<class name>`` per class."""
+    row: dict = {"subject": subject, "n_slices": int(n_slices)}
+    for name in VOLUME_METRIC_NAMES:
+        row[name] = _class_mean(values[name])
+    for name in VOLUME_METRIC_NAMES:
+        for c, value in enumerate(values[name], start=1):
+            row[f"{name}/{class_names[c]}"] = float(value)
+    # results.json stores inf and NaN alike as null: name the infinite ones (a class missed or
+    # hallucinated), which a reader must not drop as missing
+    row["infinite"] = [key for key, value in row.items() if isinstance(value, float) and value == math.inf]
+    return row
+
+
+def volume_means(rows: list[dict]) -> dict[str, float]:
+    """``volume/<key>`` = the mean over subjects of every metric key of the rows (NaN left out;
+    one infinite HD95 makes the mean infinite: a missed class is never averaged away), and
+    ``volume/subjects_hd95_infinite``: how many subjects have an infinite HD95."""
+    keys = [k for k, v in (rows[0] if rows else {}).items()
+            if k not in ("subject", "n_slices") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    means = {f"volume/{key}": _class_mean([row[key] for row in rows]) for key in keys}
+    if rows and "hd95" in rows[0]:
+        means["volume/subjects_hd95_infinite"] = float(sum(row["hd95"] == math.inf for row in rows))
+    return means

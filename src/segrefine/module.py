@@ -17,7 +17,8 @@ from torch import nn
 
 from segrefine.distributed import gather_objects
 from segrefine.heads.base import auxiliary_losses
-from segrefine.metrics import SegmentationMetrics, per_image_metrics, tolerance_pixels
+from segrefine.metrics import (SegmentationMetrics, per_image_metrics, tolerance_pixels, volume_means, volume_metrics,
+                               volume_row)
 from segrefine.types import IGNORE_INDEX
 
 
@@ -34,6 +35,7 @@ class SegmentationModule(pl.LightningModule):
         config: dict[str, Any] | None = None,
         boundary_tolerance_unit: str = "diagonal",
         save_predictions: int = 0,
+        nsd_tolerance_mm: float = 1.0,
     ):
         super().__init__()
         # The resolved run config travels in every checkpoint so `evaluate` can rebuild the model.
@@ -48,6 +50,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
         self.test_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
         self.test_rows: list[dict[str, Any]] = []
+        # Volumetric sources: one row per subject volume (segrefine.metrics.volume_row).
+        self.nsd_tolerance_mm = float(nsd_tolerance_mm)
+        self.volume_rows: list[dict[str, Any]] = []
         # Test images kept for the report's qualitative figure (see prediction_key).
         self.save_predictions = int(save_predictions)
         self.saved_predictions: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -120,6 +125,7 @@ class SegmentationModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_rows, self._test_seconds, self._test_images = [], 0.0, 0
         self.test_sizes: set[tuple[int, int]] = set()  # (H, W) the boundary tolerance was computed at
+        self.volume_rows = []
         self.saved_predictions = []
         self.test_metrics.reset()
 
@@ -128,6 +134,8 @@ class SegmentationModule(pl.LightningModule):
             torch.cuda.synchronize(tensor.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if "scored" in batch:  # a whole subject volume (segrefine.data.msd.VolumeDataset)
+            return self._test_volume(batch, batch_idx)
         image, mask = batch["image"], batch["mask"]
         if batch_idx == 0:
             self(image)  # warm-up: first-call allocations and lazy inits are not timed
@@ -144,6 +152,69 @@ class SegmentationModule(pl.LightningModule):
         for i, sample_id in enumerate(batch["id"]):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
             self._keep_prediction(str(sample_id), image[i], mask[i], preds[i])
+
+    def volume_logits(self, batch: dict, refine: bool = True) -> torch.Tensor:
+        """Logits (or log-probabilities) ``(S, C, H, W)`` of a subject volume's slices, run
+        ``batch["batch_size"]`` slices at a time; a volume head (``head.volume``) then refines
+        the restacked softmax of the whole volume (padding removed) at once, unless ``refine``
+        is False (the tuner caches the unrefined logits)."""
+        image = batch["image"]
+        volume_head = bool(getattr(self.head, "volume", False))
+        parts = []
+        for part in image.split(int(batch.get("batch_size") or len(image))):
+            height, width = part.shape[-2:]
+            padded, _ = self._pad(part)
+            out = self.backbone(padded)
+            logits = self.head.slice_logits(out, padded) if volume_head else self.head(out, padded)
+            parts.append(logits[..., :height, :width])
+        logits = torch.cat(parts)
+        if volume_head and refine:
+            logits = self.head.refine_volume(logits, image, batch["spacing"], batch["height"], batch["width"])
+        return logits
+
+    def _test_volume(self, batch: dict, batch_idx: int) -> None:
+        """One subject: every slice predicted (and timed, per slice), the split's slices scored
+        per image as usual, the restacked volume without padding scored per volume."""
+        image, mask, scored = batch["image"], batch["mask"], batch["scored"].bool()
+        if batch_idx == 0:  # warm-up, untimed (a volume head refines whole volumes only: the backbone alone)
+            first = image[: int(batch.get("batch_size") or len(image))]
+            self.backbone(self._pad(first)[0]) if getattr(self.head, "volume", False) else self(first)
+        self._synchronise(image)
+        start = time.perf_counter()
+        logits = self.volume_logits(batch)
+        self._synchronise(logits)
+        self._test_seconds += time.perf_counter() - start
+        self._test_images += len(image)
+        preds = logits.argmax(1)
+        chosen = torch.nonzero(scored.to(preds.device)).flatten()
+        if len(chosen):
+            self.test_metrics.update(preds[chosen], mask[chosen])
+            rows = per_image_metrics(preds[chosen], mask[chosen], self.num_classes, self.boundary_tolerance,
+                                     self.boundary_tolerance_unit)
+            self.test_sizes.add((int(preds.shape[-2]), int(preds.shape[-1])))
+            for j, i in enumerate(chosen.tolist()):
+                sample_id = str(batch["id"][i])
+                self.test_rows.append({"id": sample_id, "subject": batch["subject"],
+                                       **{k: float(v[j]) for k, v in rows.items()}})
+                self._keep_prediction(*self._split_size(batch, sample_id, image[i], mask[i], preds[i]))
+        height, width = batch["height"], batch["width"]
+        values = volume_metrics(preds[:, :height, :width], mask[:, :height, :width], batch["spacing"],
+                                self.num_classes, self.nsd_tolerance_mm)
+        self.volume_rows.append({**volume_row(batch["subject"], len(image), values, self.class_names),
+                                 "spacing": [float(v) for v in batch["spacing"]]})
+
+    @staticmethod
+    def _split_size(batch: dict, sample_id: str, image, mask, pred):
+        """A volume's slice at the split's common size (the slice loader's centre crop where the
+        volume is larger than ``data.pad_to``), so the kept predictions stack into one array."""
+        size = batch.get("size")
+        if size is None or tuple(mask.shape[-2:]) == tuple(size):
+            return sample_id, image, mask, pred
+        from segrefine.data.transforms import fit_to
+
+        _, pred = fit_to(image, pred, size)
+        image, mask = fit_to(image, mask, size)
+        return sample_id, image, mask, pred
 
     def _keep_prediction(self, sample_id: str, image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> None:
         """Keep the ``save_predictions`` images with the smallest id hash: the same ids in
@@ -163,8 +234,11 @@ class SegmentationModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()  # torchmetrics syncs the counts across ranks
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        parts = gather_objects((self.test_rows, self._test_seconds, self._test_images, self.saved_predictions), world_size)
+        parts = gather_objects((self.test_rows, self._test_seconds, self._test_images, self.saved_predictions,
+                                self.volume_rows), world_size)
         if len(parts) > 1:
+            volumes = {row["subject"]: row for part in parts for row in part[4]}
+            self.volume_rows = [volumes[key] for key in sorted(volumes)]
             # The distributed sampler repeats images to even out the ranks: keep each id once.
             rows = {row["id"]: row for part in parts for row in part[0]}
             self.test_rows = [rows[key] for key in sorted(rows)]
@@ -174,11 +248,13 @@ class SegmentationModule(pl.LightningModule):
         values["ms_per_image"] = 1000.0 * seconds / max(images, 1)
         # Per-image values averaged over images: the aggregation the report's paired deltas use.
         for key in self.test_rows[0] if self.test_rows else ():
-            if key == "id":
+            if key in ("id", "subject"):
                 continue
             scores = [row[key] for row in self.test_rows if row[key] == row[key]]  # NaN left out
             name = key if key.startswith("unet_crfrnn/") else f"{key}_image"
             values[name] = float(np.mean(scores)) if scores else float("nan")
+        if self.volume_rows:  # means over subjects: volume/dice, volume/hd95, volume/dice/<class>, ...
+            values.update(volume_means(self.volume_rows))
         self.test_results = {f"{self.eval_prefix}/{k}": v for k, v in values.items()}
         self.log_dict(self.test_results, rank_zero_only=True)
 

@@ -167,7 +167,7 @@ def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, An
     """What results.json says about the test numbers besides the numbers: the metric
     definitions, the classes, and the saved predictions file for the report's figure."""
     from segrefine.hardware import describe
-    from segrefine.metrics import PROTOCOLS
+    from segrefine.metrics import PROTOCOLS, VOLUME_DEFINITIONS
 
     record: dict[str, Any] = {
         "metrics_protocol": cfg.metrics.protocol,
@@ -183,6 +183,10 @@ def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, An
         # forward per test image, after one warm-up batch, synchronised on CUDA).
         "timing": {**describe(module.device), "head_workers": cfg.head.get("num_workers")},
     }
+    if module.volume_rows:  # a volumetric source: scored per subject volume too
+        record["metric_definitions"]["volume"] = VOLUME_DEFINITIONS
+        record["metric_definitions"]["nsd_tolerance_mm"] = module.nsd_tolerance_mm
+        record["per_volume"] = module.volume_rows
     arrays = module.prediction_arrays()
     if arrays:
         record["predictions"] = write_predictions(output_dir, arrays).name

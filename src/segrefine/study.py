@@ -35,7 +35,7 @@ class Job:
     seed: int
     source: str | None = None       # train job: init_from; tune/eval job: the checkpoint
     tuned_from: str | None = None   # tune job whose parameters this job's head takes
-    tuned_head: str | None = None   # head given those parameters (densecrf | crfrnn)
+    tuned_head: str | None = None   # head given those parameters (densecrf | densecrf_3d | crfrnn)
     pairs_with: str | None = None   # the none train job this job's Δ is against
     label: str = ""                 # what the row is, in words
 
@@ -115,7 +115,7 @@ def runtime_overrides(job: Job, plan: Plan, out: Path, tuned_file: Callable[[Job
     if job.source is not None and job.kind == "train":
         overrides.append(f"init_from={plan.get('train', job.source).folder(out).resolve()}")
     if job.tuned_from is not None:
-        name = "densecrf_tuned" if job.tuned_head == "densecrf" else None
+        name = {"densecrf": "densecrf_tuned", "densecrf_3d": "densecrf_3d_tuned"}.get(job.tuned_head)
         overrides += tuned_overrides(tuned_file(plan.get("tune", job.tuned_from)), name=name)
     return overrides
 
@@ -210,7 +210,7 @@ def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterabl
         if job.kind == "tune":
             if not tuned_file(job).is_file():
                 source = plan.get("train", job.source).folder(out)
-                summary = tune_densecrf(source, folder, trials=tune_trials, overrides=eval_overrides)
+                summary = tune_densecrf(source, folder, trials=tune_trials, overrides=[*job.overrides, *eval_overrides])
                 log(f"[study]   {summary['metric']} {summary['best_value']:.4f} tuned ({summary['outcome']} won), "
                     f"{summary['none_value']:.4f} without CRF")
         elif job.kind == "train":
@@ -234,6 +234,14 @@ def describe(plan: Plan) -> str:
     for job in plan.jobs:
         lines.append(f"| {job.name} | {job.kind} | {job.seed} | {job.label} | {job.pairs_with or '–'} |")
     return "\n".join(lines)
+
+
+def is_volumetric(overrides: Iterable[str]) -> bool:
+    """Whether the composed data source is scored per subject volume (has ``volume_dataloader``,
+    e.g. msd): the studies then add the 3-D CRF rows."""
+    from hydra.utils import get_class
+
+    return hasattr(get_class(compose_train(list(overrides)).data._target_), "volume_dataloader")
 
 
 # -- the study scripts' shared command line ---------------------------------------------------
@@ -348,6 +356,7 @@ def study_plan(
     backbones: dict[str, tuple[str, ...]],
     heads: dict[str, tuple[str, ...]],
     densecrf: Iterable[str] = (),
+    densecrf_3d: Iterable[str] = (),
     tune: bool = True,
     crfrnn_protocol: str = "finetune",
     finetune_epochs: int | None = None,
@@ -359,6 +368,8 @@ def study_plan(
     ``backbones``: job-name prefix -> backbone overrides (e.g. ``{"fcn": ("backbone=fcn",)}``);
     ``heads``: prefix -> trained heads besides ``none``; ``densecrf``: prefixes whose ``none``
     checkpoints get the offline DenseCRF (defaults, and tuned on validation when ``tune``);
+    ``densecrf_3d``: prefixes whose ``none`` checkpoints get the 3-D CRF per subject volume
+    (``head.volume=true``, rows ``densecrf_3d`` and ``densecrf_3d_tuned``; volumetric data only);
     ``fine_skip_controls``: prefixes trained with ``none`` on ``backbone.fine_skip=true`` beside
     their PointRend (the same stride-4 features fused densely).
 
@@ -372,8 +383,8 @@ def study_plan(
         raise ValueError(f"crfrnn protocol {crfrnn_protocol!r} must be one of {CRFRNN_PROTOCOLS}")
     if crfrnn_protocol == "finetune" and any("crfrnn" in h for h in heads.values()) and not finetune_epochs:
         raise ValueError("the finetune CRF-RNN protocol needs finetune_epochs > 0")
-    densecrf, controls = set(densecrf), set(fine_skip_controls)
-    unknown = (densecrf | controls | set(heads)) - set(backbones)
+    densecrf, densecrf_3d, controls = set(densecrf), set(densecrf_3d), set(fine_skip_controls)
+    unknown = (densecrf | densecrf_3d | controls | set(heads)) - set(backbones)
     if unknown:
         raise ValueError(f"{sorted(unknown)} are not backbones of this study ({sorted(backbones)})")
     plan = Plan()
@@ -392,6 +403,16 @@ def study_plan(
                     plan.add(Job(f"{prefix}-densecrf_tuned-s{seed}", "eval", ("head=densecrf",), seed,
                                  source=none.name, tuned_from=tuned.name, tuned_head="densecrf", pairs_with=none.name,
                                  label=f"{prefix} + offline DenseCRF (tuned on val, same weights)"))
+            if prefix in densecrf_3d:
+                volume = ("head=densecrf", "head.volume=true", "head.name=densecrf_3d")
+                plan.add(Job(f"{prefix}-densecrf_3d-s{seed}", "eval", volume, seed, source=none.name,
+                             pairs_with=none.name, label=f"{prefix} + 3-D DenseCRF per volume (defaults, same weights)"))
+                if tune:
+                    tuned_3d = plan.add(Job(f"{prefix}-none-3d-s{seed}", "tune", ("head.volume=true",), seed, source=none.name,
+                                            label=f"3-D DenseCRF parameters of {none.name} on val subjects"))
+                    plan.add(Job(f"{prefix}-densecrf_3d_tuned-s{seed}", "eval", volume, seed, source=none.name,
+                                 tuned_from=tuned_3d.name, tuned_head="densecrf_3d", pairs_with=none.name,
+                                 label=f"{prefix} + 3-D DenseCRF per volume (tuned on val subjects, same weights)"))
             for head in heads.get(prefix, ()):
                 trained = (*common, f"head={head}")
                 if head == "crfrnn" and crfrnn_protocol == "finetune":

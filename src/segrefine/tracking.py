@@ -218,4 +218,7 @@ def log_per_image_table(logger: Any, rows: list[dict], key: str = "test/per_imag
     import wandb
 
     columns = list(rows[0])
-    logger.experiment.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+    def cell(value):  # a list (a volume's spacing) as text: table cells are scalars
+        return str(value) if isinstance(value, (list, tuple)) else value
+
+    logger.experiment.log({key: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])})

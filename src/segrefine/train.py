@@ -47,6 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     check_config(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.head.get("volume"):
+        raise ValueError("head.volume=true (the 3-D CRF per subject volume) is post-hoc only: train with "
+                         "head=none and evaluate its checkpoint with segrefine-eval head=densecrf head.volume=true")
     output_dir = Path(cfg.paths.output_dir)
     explicit = cfg.get("force") or cfg.get("ckpt_path")  # the user asks for training here
     if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
@@ -59,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from segrefine.build import build_callbacks, build_data, build_logger, build_module, initialise_from, run_info
     from segrefine.checkpoints import AtomicCheckpointIO
+    from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
     from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
@@ -95,9 +99,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint = None
         if cfg.get("test", True):
             checkpoint = _best_checkpoint(trainer)
-            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False, weights_only=True)
+            trainer.test(module, dataloaders=evaluation_loader(datamodule, "test"), ckpt_path=checkpoint,
+                         verbose=False, weights_only=True)
             metrics.update(module.test_results)
             log_per_image_table(logger, module.test_rows)
+            log_per_image_table(logger, module.volume_rows, key="test/per_volume")
         metrics.update(module.parameter_counts())
         # Training cost of this invocation (validation included; a resumed run counts its own part).
         metrics["train/fit_seconds"] = fit_seconds

@@ -5,7 +5,9 @@
 into the package's conf/). The backbone runs over the validation split once; each trial only
 re-runs the CRF, scored on what the report's Δ is on: the protocol's per-image headline metric
 averaged over images (``val/iou_image``, or ``val/unet_crfrnn/iu``), exactly as
-``segrefine-eval split=val`` computes it.
+``segrefine-eval split=val`` computes it. With ``head.volume=true`` among the overrides it
+tunes the 3-D CRF: on whole validation subjects, widths in mm, scored on the split's slices of
+the refined volumes (as segrefine-eval).
 
 ``SaveTunedHead`` does the same bookkeeping for a Hydra Optuna sweep over ``segrefine-eval``
 (experiments/tune_densecrf).
@@ -61,6 +63,8 @@ def tuned_overrides(head_file: Path, name: str | None = None) -> list[str]:
     tuned = saved["tuned"]
     record = {**tuned, "by": tuned.get("by", "densecrf")}
     overrides = [f"head.{key}={float(saved[key])!r}" for key in tuned["keys"]]
+    if saved.get("volume"):  # tuned as the 3-D CRF (widths in mm): only valid as that
+        overrides.append("head.volume=true")
     overrides.append("+head.tuned=" + _hydra_value(record))
     if name:
         overrides.append(f"head.name={name}")
@@ -101,6 +105,16 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
     load_weights(module, checkpoint, ckpt_file, with_head=False)
     module.eval()
     cache = []
+    if module.head.volume:  # the 3-D CRF: whole subjects, their slices' logits restacked
+        from segrefine.data.common import evaluation_loader
+
+        if not hasattr(datamodule, "volume_dataloader"):
+            raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
+                             "is not a volumetric source")
+        with torch.no_grad():
+            for batch in evaluation_loader(datamodule, "val"):
+                cache.append((batch, _VolumeLogits(module.volume_logits(batch, refine=False))))
+        return module.head, cache, run_cfg.metrics.protocol
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             height, width = batch["image"].shape[-2:]
@@ -112,23 +126,41 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
     return module.head, cache, run_cfg.metrics.protocol
 
 
+class _VolumeLogits:
+    """A cached volume's per-slice logits (what ``refine_volume`` takes)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
 def _val_objective(head, cache, num_classes: int, protocol: str) -> float:
     """``objective_key(protocol)`` as segrefine-eval computes it: the per-image headline
-    metric (``metrics.per_image_metrics``' definitions) averaged over the validation images."""
+    metric (``metrics.per_image_metrics``' definitions) averaged over the validation images
+    (for volumes: over the split's slices of the refined volumes)."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
     from segrefine.metrics import foreground_mean, per_class_iou, protocol_per_image
     from segrefine.types import IGNORE_INDEX
 
+    def headline(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
+                                 for p, t in zip(preds, masks)])
+        return protocol_per_image(confusion)["iu"] if protocol == "unet_crfrnn" else \
+            foreground_mean(per_class_iou(confusion))
+
     values = []
     with torch.no_grad():
-        for image, out, mask, height, width in cache:
+        for entry in cache:
+            if isinstance(entry[1], _VolumeLogits):  # a volume: the split's slices, as segrefine-eval
+                batch, cached = entry
+                logits = cached.logits if head is None else head.refine_volume(
+                    cached.logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
+                chosen = batch["scored"].bool()
+                values.append(headline(logits[chosen].argmax(1), batch["mask"][chosen]))
+                continue
+            image, out, mask, height, width = entry
             preds = (head(out, image) if head is not None else out.logits)[..., :height, :width].argmax(1)
-            confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
-                                     for p, t in zip(preds, mask)])
-            per_image = protocol_per_image(confusion)["iu"] if protocol == "unet_crfrnn" else \
-                foreground_mean(per_class_iou(confusion))
-            values.append(per_image)
+            values.append(headline(preds, mask))
     return float(torch.cat(values).mean())
 
 
@@ -186,12 +218,14 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
+    if head.volume:
+        saved.volume = True
     saved.tuned = tuned_record(trials, best)
     metric = objective_key(protocol)
     summary = {
-        "checkpoint": str(ckpt_path), "split": "val", "metric": metric, "none_value": none_value,
-        "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf, "outcome": tuning_outcome(best),
-        "search_space": SEARCH_SPACE,
+        "checkpoint": str(ckpt_path), "split": "val", "metric": metric, "volume": bool(head.volume),
+        "none_value": none_value, "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf,
+        "outcome": tuning_outcome(best), "search_space": SEARCH_SPACE,
         "enqueued": ENQUEUED, "trials": [{"params": t.params, "value": t.value} for t in study.trials],
     }
     output.mkdir(parents=True, exist_ok=True)

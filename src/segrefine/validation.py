@@ -26,6 +26,7 @@ RULES: dict[str, tuple[type, float | None, tuple[Any, ...]]] = {
     "data.num_classes": (int, 1, ()),
     "data.val_fraction": (float, 0, ()),
     "data.empty_slice_fraction": (float, 0, ()),
+    "metrics.nsd_tolerance_mm": (float, 0, ()),
     "optim.optimizer.lr": (float, 0, ()),
     "optim.optimizer.weight_decay": (float, 0, ()),
     "head.iterations": (int, 1, ()),

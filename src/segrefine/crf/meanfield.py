@@ -52,6 +52,7 @@ __all__ = [
     "dense_crf",
     "spatial_features",
     "bilateral_features",
+    "volume_features",
     "clear_spatial_cache",
 ]
 
@@ -96,6 +97,28 @@ def bilateral_features(image: Tensor, sxy: float, schan: float) -> Tensor:
     pos = torch.stack([x / th, y / th], 1).expand(B, H * W, 2)
     val = image.detach().to(torch.float32).reshape(B, K, H * W).transpose(1, 2) / tv
     return torch.cat([pos, val], 2).contiguous()
+
+
+def volume_features(shape: tuple[int, int, int], spacing, sxy: float, image: Tensor | None = None,
+                    schan: float = 1.0, device: torch.device | str | None = None) -> Tensor:
+    """``(D*H*W, 3[+K])`` float32 features of a volume, row-major voxels: ``(x, y, z)`` positions in
+    mm divided by ``sxy`` (mm), x along W, y along H, z along D (``spacing = (sz, sy, sx)``), then
+    the ``(K, D, H, W)`` ``image``'s channels divided by ``schan``."""
+    D, H, W = (int(n) for n in shape)
+    sz, sy, sx = (float(s) for s in spacing)
+    width = torch.tensor(float(sxy), dtype=torch.float32, device=device)
+
+    def axis(n: int, step: float) -> Tensor:
+        return torch.arange(n, dtype=torch.float32, device=device) * torch.tensor(step, dtype=torch.float32, device=device) / width
+
+    x = axis(W, sx).repeat(D * H)
+    y = axis(H, sy).repeat_interleave(W).repeat(D)
+    z = axis(D, sz).repeat_interleave(H * W)
+    columns = [x, y, z]
+    if image is not None:
+        values = image.detach().to(device=device, dtype=torch.float32).reshape(image.shape[0], -1)
+        columns += list(values / torch.tensor(float(schan), dtype=torch.float32, device=device))
+    return torch.stack(columns, 1).contiguous()
 
 
 # --------------------------------------------------------------------------
@@ -437,8 +460,10 @@ def dense_crf(
     kernels: CRFKernels = CRFKernels(),
     iterations: int = 5,
     cache_spatial: bool = True,
+    spacing: tuple[float, float, float] | None = None,
 ) -> Tensor:
-    """``pydensecrf``'s README recipe, batched, on any device.
+    """``pydensecrf``'s README recipe, batched, on any device; in 2-D or, on ``(B, C, D, H, W)``
+    volumes with ``spacing``, in 3-D.
 
     Equivalent to, per image, ``d = DenseCRF2D(W, H, C)``,
     ``d.setUnaryEnergy(-log(max(probs, PROB_FLOOR)))``,
@@ -461,9 +486,27 @@ def dense_crf(
             calls with the same image size (it does not depend on the image);
             ``False`` rebuilds it, like ``pydensecrf`` does every call.
 
+        spacing: for 5-D inputs only, and required there: the voxel size
+            ``(sz, sy, sx)`` in mm along D, H and W. The kernel widths
+            ``gaussian_sxy`` and ``bilateral_sxy`` are then in mm (the
+            intensity width ``bilateral_schan`` stays on the image's scale).
+
     Returns:
-        ``(B, C, H, W)`` float32 probabilities ``Q``.
+        ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) float32 probabilities ``Q``.
+
+    **Volumes** (3-D, DeepMedic's fully connected CRF): per volume this equals pydensecrf's
+    general ``DenseCRF(D*H*W, C)`` with ``setUnaryEnergy(-log(max(probs, PROB_FLOOR)))``,
+    ``addPairwiseEnergy(f_s, compat=gaussian_compat)`` and ``addPairwiseEnergy(f_b,
+    compat=bilateral_compat)`` (diagonal kernels, symmetric normalisation), ``inference``, where
+    ``f_s`` are the voxel positions ``(x, y, z)`` in mm over ``gaussian_sxy`` and ``f_b`` the
+    positions over ``bilateral_sxy`` followed by the image channels over ``bilateral_schan``
+    (:func:`volume_features`; x along W). Both lattices are built per call (volumes differ in
+    size; ``cache_spatial`` applies to 2-D images only).
     """
+    if probs.dim() == 5:
+        return _dense_crf_volume(probs, image, kernels, iterations, spacing)
+    if spacing is not None:
+        raise ValueError("spacing is for (B, C, D, H, W) volumes; 2-D images take widths in pixels")
     _check_inputs(probs, image)
     if not isinstance(kernels, CRFKernels):
         raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
@@ -483,3 +526,41 @@ def dense_crf(
     else:
         S = logits
     return _from_flat(_softmax(S), B, H, W)
+
+
+def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterations: int, spacing) -> Tensor:
+    """:func:`dense_crf` on ``(B, C, D, H, W)`` volumes with voxel ``spacing`` (mm)."""
+    if image.dim() != 5 or image.shape[0] != probs.shape[0] or image.shape[2:] != probs.shape[2:]:
+        raise ValueError(f"a volume's probs {tuple(probs.shape)} need an image (B, K, D, H, W) of the same B, D, H, W; "
+                         f"got {tuple(image.shape)}")
+    if image.device != probs.device:
+        raise ValueError(f"probs on {probs.device} but image on {image.device}")
+    if spacing is None:
+        raise ValueError("dense_crf on (B, C, D, H, W) volumes needs spacing=(sz, sy, sx), the voxel size in mm "
+                         "(the kernel widths are then in mm)")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(s > 0 and s < float("inf") for s in spacing):
+        raise ValueError(f"spacing must be three positive voxel sizes (sz, sy, sx) in mm, got {spacing}")
+    if not isinstance(kernels, CRFKernels):
+        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
+                        "build one with CRFKernels(**values)")
+    B, C, D, H, W = probs.shape
+    flat = probs.to(torch.float32).movedim(1, -1).reshape(B * D * H * W, C)
+    logits = torch.log(flat.clamp_min(PROB_FLOOR))
+    del flat
+    if iterations > 0:
+        k, device = kernels, probs.device
+        spatial = PermutohedralLattice(volume_features((D, H, W), spacing, k.gaussian_sxy, device=device),
+                                       transposes=False)
+        spatial = _normalized(spatial, NORMALIZE_SYMMETRIC).repeat(B)  # the same for every volume of the batch
+        bilateral = PermutohedralLattice(
+            torch.stack([volume_features((D, H, W), spacing, k.bilateral_sxy, image[b], k.bilateral_schan, device)
+                         for b in range(B)]),
+            transposes=False)
+        filters = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+        weights = [torch.tensor(w, device=device) for w in (k.gaussian_compat, k.bilateral_compat)]
+        S = _mean_field(logits, filters, weights, None, iterations)
+        del filters, spatial, bilateral
+    else:
+        S = logits
+    return _softmax(S).view(B, D, H, W, C).movedim(-1, 1).contiguous()

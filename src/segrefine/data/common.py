@@ -104,6 +104,16 @@ class ArraySegmentationDataset(Dataset):
         return sample(self.images[index], self.masks[index], self.ids[index], self.transform, self.size)
 
 
+def evaluation_loader(datamodule: pl.LightningDataModule, split: str) -> DataLoader:
+    """The loader a split is tested on: whole subjects, one per batch, for a volumetric source
+    (one with ``volume_dataloader``, e.g. msd: scored per volume and per slice), else the
+    split's own loader."""
+    volumes = getattr(datamodule, "volume_dataloader", None)
+    if volumes is not None:
+        return volumes(split)
+    return datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+
+
 class SplitDataModule(pl.LightningDataModule):
     """Loaders over ``self.datasets[split]`` (set in ``setup``): train shuffled, val/test in order.
 

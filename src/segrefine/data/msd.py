@@ -22,6 +22,12 @@ subject by ``split_seed``, in every split, so every run sees the same slices). S
 are ``<subject>_<axis letter><slice>``, e.g. ``hippocampus_001_z017``. Slices are padded
 (bottom/right; image 0, mask 255 = ignored) or centre-cropped to ``pad_to`` so a batch
 shares one size; ``pad_to: null`` uses the largest slice of the task.
+
+Every slice knows its volume: samples carry ``subject``, ``slice`` (index along ``axis``) and
+``spacing`` = ``(sz, sy, sx)``, the voxel size in mm along the slicing axis and the slice's rows
+and columns, from the affine after reorientation. ``volume_dataloader(split)`` yields whole
+subjects for evaluation per volume (``segrefine.module``): one batch per subject with every
+slice in order (``scored`` marks the slices the split's slice loader holds).
 """
 
 from __future__ import annotations
@@ -36,12 +42,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.data.common import DataError, SplitDataModule, sample, seeded_split, split_transform
-from segrefine.data.transforms import build_augment, parse_size
+from segrefine.data.transforms import build_augment, fit_to, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,18 @@ def _data(img, path: Path, index=None, dtype=np.float32) -> np.ndarray:
         raise DataError(f"{path}: cannot read NIfTI volume data ({type(e).__name__}: {e})") from e
 
 
+def slice_spacing(path: Path, axis: int) -> list[float]:
+    """``[sz, sy, sx]`` in mm of a volume cut along ``axis`` after canonical reorientation: the
+    voxel size along the slicing axis, then along the slice's rows and columns (the other two
+    axes in order). From the affine's column lengths, so an oblique affine gives true sizes."""
+    img = _read_nifti(path)
+    sizes = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        raise DataError(f"{path}: the affine gives voxel sizes {sizes.tolist()} mm; positive finite sizes are needed "
+                        "to measure distances in mm")
+    return [float(sizes[axis]), *(float(sizes[a]) for a in range(3) if a != axis)]
+
+
 def normalise(volume: np.ndarray, method: str, clip: Sequence[float] | None) -> np.ndarray:
     """Percentile clip (``clip=[low, high]`` percentiles, or None) then z-score / min-max / none."""
     volume = volume.astype(np.float32, copy=False)
@@ -230,9 +248,12 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, files: list[tuple[Path, Path]], index: list[tuple[int, int]], ids: list[str],
-                 transform=None, size=None):
+                 transform=None, size=None, subjects: list[str] | None = None,
+                 spacings: list[list[float]] | None = None):
         self.files, self.index, self.ids = files, index, ids
         self.transform, self.size = transform, size
+        # per volume: its subject and voxel spacing (sz, sy, sx) in mm
+        self.subjects, self.spacings = subjects, spacings
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:  # worker processes re-open the memory maps themselves
@@ -257,7 +278,48 @@ class SliceDataset(Dataset):
         images, masks = self.arrays(volume)
         image = torch.from_numpy(np.array(images[s], dtype=np.float32))
         mask = torch.from_numpy(masks[s].astype(np.int64))
-        return sample(image, mask, self.ids[i], self.transform, self.size)
+        item = sample(image, mask, self.ids[i], self.transform, self.size)
+        if self.subjects is not None:
+            item.update(subject=self.subjects[volume], slice=s,
+                        spacing=torch.tensor(self.spacings[volume], dtype=torch.float64))
+        return item
+
+
+class VolumeDataset(Dataset):
+    """Whole subjects of a split, for evaluation per volume: item ``i`` is subject ``i`` with
+    every slice in order, as one batch (use with ``DataLoader(batch_size=None)``).
+
+    ``image (S, K, H, W)``, ``mask (S, H, W)``: the slices padded bottom/right to at least
+    ``size`` (never cropped, so the volume is whole; slices that fit ``size`` look exactly as
+    the slice loader gives them), ``height``/``width`` the slices' own size (the volume is
+    ``[..., :height, :width]``), ``id`` the S slice ids, ``scored`` which slices the split's
+    slice loader holds (``empty_slice_fraction``), ``subject``, ``spacing`` ``(sz, sy, sx)`` mm,
+    ``batch_size`` how many slices the model sees at once, ``size`` the slice loader's size.
+    """
+
+    def __init__(self, slices: SliceDataset, keep: list[np.ndarray], letter: str, size, batch_size: int):
+        self.slices, self.keep, self.letter, self.size, self.batch_size = slices, keep, letter, size, int(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.slices.files)
+
+    def __getitem__(self, volume: int) -> dict:
+        images, masks = self.slices.arrays(volume)
+        image = torch.from_numpy(np.array(images, dtype=np.float32))
+        mask = torch.from_numpy(masks.astype(np.int64))
+        height, width = mask.shape[-2:]
+        if self.size is not None:
+            image, mask = fit_to(image, mask, (max(height, self.size[0]), max(width, self.size[1])))
+        subject = self.slices.subjects[volume]
+        return {
+            "image": image.contiguous(), "mask": mask.contiguous(),
+            "id": [f"{subject}_{self.letter}{s:03d}" for s in range(len(mask))],
+            "scored": torch.from_numpy(np.asarray(self.keep[volume], dtype=bool)),
+            "subject": subject, "height": int(height), "width": int(width),
+            "spacing": tuple(float(v) for v in self.slices.spacings[volume]),
+            "batch_size": self.batch_size,  # slices the model sees at once (data.batch_size)
+            "size": None if self.size is None else tuple(int(v) for v in self.size),  # the slice loader's size
+        }
 
 
 def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
@@ -328,6 +390,7 @@ class MSDDataModule(SplitDataModule):
         self.splits: dict[str, list[str]] = {}
         self.size: tuple[int, int] | None = None
         self.datasets: dict[str, SliceDataset] = {}
+        self.volume_datasets: dict[str, VolumeDataset] = {}
 
     # -- cache ---------------------------------------------------------------------
     def _paths(self, case: Case, signature: str) -> dict[str, Path]:
@@ -345,6 +408,9 @@ class MSDDataModule(SplitDataModule):
                 try:
                     entry = json.loads(paths["json"].read_text())
                     _check_cached(paths, entry["shape"])
+                    if "spacing" not in entry:  # cached before slices knew their spacing: the header suffices
+                        entry["spacing"] = slice_spacing(case.image, self.axis)
+                        atomic_write_text(paths["json"], json.dumps(entry))
                     entries[case.subject] = {**entry, "paths": paths, "case": case}
                     continue
                 except (ValueError, KeyError, OSError, TypeError) as e:
@@ -375,6 +441,7 @@ class MSDDataModule(SplitDataModule):
             "shape": list(image.shape),
             "foreground": [bool(m.any()) for m in mask],
             "label_values": [int(v) for v in np.unique(mask)],
+            "spacing": slice_spacing(case.image, self.axis),
         }
         atomic_write_text(paths["json"], json.dumps(entry))  # last: its presence marks a complete entry
         return entry
@@ -401,12 +468,13 @@ class MSDDataModule(SplitDataModule):
                 log.warning("%d volume(s) have slices larger than data.pad_to=%s; they are centre-cropped", cropped, list(self.size))
         letter = "xyz"[self.axis]
         for split, subjects in self.splits.items():
-            files, index, ids = [], [], []
+            files, index, ids, kept = [], [], [], []
             for subject in subjects:
                 entry = entries[subject]
                 foreground = np.asarray(entry["foreground"], dtype=bool)
                 rng = np.random.default_rng([self.split_seed, zlib.crc32(subject.encode())])
                 keep = foreground | (rng.random(len(foreground)) < self.empty_slice_fraction)
+                kept.append(keep)
                 volume = len(files)
                 files.append((entry["paths"]["image.npy"], entry["paths"]["mask.npy"]))
                 for s in np.flatnonzero(keep):
@@ -416,7 +484,8 @@ class MSDDataModule(SplitDataModule):
                 raise DataError(f"split {split!r} of {self.root} has no slices "
                                 f"(subjects {subjects}; raise data.empty_slice_fraction?)")
             transform, size = split_transform(split, self.augment, self.size)
-            dataset = SliceDataset(files, index, ids, transform=transform, size=size)
+            dataset = SliceDataset(files, index, ids, transform=transform, size=size, subjects=list(subjects),
+                                   spacings=[entries[subject]["spacing"] for subject in subjects])
             for volume in range(len(files)):  # fail now, naming the file, if the cache is damaged
                 images, masks = dataset.arrays(volume)
                 expected = entries[subjects[volume]]["shape"]
@@ -424,3 +493,9 @@ class MSDDataModule(SplitDataModule):
                     raise DataError(f"{files[volume][0]}: cached shape {list(images.shape)} differs from its "
                                     f"index {expected}; delete {self.cache_dir} to rebuild it")
             self.datasets[split] = dataset
+            self.volume_datasets[split] = VolumeDataset(dataset, kept, letter, self.size, self.batch_size)
+
+    def volume_dataloader(self, split: str) -> DataLoader:
+        """Whole subjects of ``split`` in order, one per batch (see :class:`VolumeDataset`)."""
+        return DataLoader(self.volume_datasets[split], batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

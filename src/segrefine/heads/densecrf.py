@@ -8,6 +8,11 @@ on the image mapped to the 0-255 scale the default parameters assume.
 
 Two backends: ``pydensecrf`` (the reference C++ code, CPU, one image per call, run in a
 pool of worker processes) and ``torch`` (``segrefine.crf.dense_crf``, batched, any device).
+
+``volume=true`` makes it a 3-D CRF (DeepMedic's): on a volumetric source, evaluated per subject
+(``segrefine-eval``, tuning), the softmax of every slice is restacked into the subject's volume
+(padding removed) and refined at once, with the kernel widths in mm (the voxel spacing from the
+data) and the intensities mapped to 0-255 per volume. It is post-hoc only.
 """
 
 from __future__ import annotations
@@ -51,6 +56,33 @@ def pydensecrf_refine(probs: np.ndarray, image: np.ndarray, iterations: int, ker
                           compat=k.bilateral_compat)
     q = np.array(crf.inference(iterations), dtype=np.float32)
     return q.reshape(num_classes, height, width)
+
+
+def volume_features_np(shape, spacing, sxy: float, image: np.ndarray | None = None, schan: float = 1.0) -> np.ndarray:
+    """``(d, D*H*W)`` float32 features for pydensecrf's general ``DenseCRF``: voxel positions
+    ``(x, y, z)`` in mm over ``sxy`` (x along W; ``spacing = (sz, sy, sx)``), then the ``(K, D, H,
+    W)`` image's channels over ``schan`` (as :func:`segrefine.crf.meanfield.volume_features`)."""
+    from segrefine.crf.meanfield import volume_features
+
+    image_t = None if image is None else torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return np.ascontiguousarray(volume_features(shape, spacing, sxy, image_t, schan).t().numpy())
+
+
+def pydensecrf_refine_volume(probs: np.ndarray, image: np.ndarray, spacing, iterations: int,
+                             kernels: CRFKernels) -> np.ndarray:
+    """One volume through pydensecrf's general DenseCRF: ``probs`` (C,D,H,W), ``image`` (K,D,H,W)
+    on 0-255, ``spacing`` (sz, sy, sx) mm -> (C,D,H,W) probabilities."""
+    import pydensecrf.densecrf as dcrf
+
+    num_classes, shape = probs.shape[0], probs.shape[1:]
+    unary = np.ascontiguousarray(-np.log(np.maximum(probs, PROB_FLOOR)).reshape(num_classes, -1), dtype=np.float32)
+    k = kernels
+    crf = dcrf.DenseCRF(int(np.prod(shape)), num_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseEnergy(volume_features_np(shape, spacing, k.gaussian_sxy), compat=k.gaussian_compat)
+    crf.addPairwiseEnergy(volume_features_np(shape, spacing, k.bilateral_sxy, image, k.bilateral_schan),
+                          compat=k.bilateral_compat)
+    return np.array(crf.inference(iterations), dtype=np.float32).reshape(probs.shape)
 
 
 def default_workers() -> int:
@@ -109,8 +141,10 @@ class DenseCRFHead(Head):
         bilateral_compat: float = CRFKernels.bilateral_compat,
         intensity_range: tuple[float, float] | None = None,
         num_workers: int | None = None,
+        volume: bool = False,
     ):
         super().__init__(num_classes, backbone)
+        self.volume = bool(volume)
         if backend not in BACKENDS:
             raise ValueError(f"head.backend={backend!r} must be one of {BACKENDS}")
         self.backend = backend
@@ -145,10 +179,45 @@ class DenseCRFHead(Head):
             refined = list(self._executor().map(_refine_job, jobs))
         return torch.from_numpy(np.stack(refined)).to(probs.device)
 
+    def slice_logits(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
+        """A volume head's per-slice part: the upsampled logits, as ``none``'s."""
+        return upsample_logits(out, image.shape[-2:])
+
+    def refine_volume(self, logits: torch.Tensor, image: torch.Tensor, spacing, height: int, width: int) -> torch.Tensor:
+        """The 3-D CRF on one subject: ``logits`` ``(S, C, H, W)`` of its slices in order, ``image``
+        ``(S, K, H, W)``, both padded bottom/right beyond ``height x width``; ``spacing`` ``(sz, sy,
+        sx)`` mm. Returns log-probabilities ``(S, C, H, W)`` (the padding keeps the softmax)."""
+        with torch.no_grad():
+            probs = logits.float().softmax(1)
+            inner = probs[..., :height, :width].movedim(0, 1)[None]  # (1, C, S, h, w)
+            volume_image = image[..., :height, :width].float().movedim(0, 1)[None]  # (1, K, S, h, w)
+            if self.intensity_range is not None:
+                lo, hi = self.intensity_range
+                image255 = ((volume_image - lo) / (hi - lo)).clamp(0, 1) * 255
+            else:  # min-max over the whole volume, not per slice
+                lo, hi = volume_image.min(), volume_image.max()
+                image255 = (volume_image - lo) / (hi - lo).clamp(min=1e-8) * 255
+            spacing = tuple(float(v) for v in spacing)
+            if self.backend == "torch":
+                from segrefine.crf import dense_crf
+
+                refined = dense_crf(inner, image255, kernels=self.kernels, iterations=self.iterations, spacing=spacing)
+            else:
+                refined = torch.from_numpy(pydensecrf_refine_volume(
+                    inner[0].cpu().numpy(), image255[0].cpu().numpy(), spacing, self.iterations, self.kernels))[None]
+            probs = probs.clone()
+            probs[..., :height, :width] = refined[0].movedim(0, 1).to(probs.device)
+        return probs.clamp(min=PROB_FLOOR).log()
+
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
         logits = upsample_logits(out, image.shape[-2:])
         if self.training:
             return logits
+        if self.volume:
+            raise RuntimeError(
+                "head.volume=true refines whole subject volumes and is post-hoc only: evaluate a checkpoint of a "
+                "volumetric source (data=msd) with segrefine-eval head=densecrf head.volume=true (training and 2-D "
+                "data use head.volume=false)")
         with torch.no_grad():
             refined = self.refine(logits.softmax(1), image)
         return refined.clamp(min=PROB_FLOOR).log()
