@@ -239,3 +239,43 @@ def test_a_crf_rnn_started_from_tuned_densecrf_values_is_not_called_a_tuning_out
     path.write_text(json.dumps(record))
     _, rows = rows_by_head(tmp_path)
     assert "no CRF won" not in to_markdown(rows)  # its initial values were tuned; then it was trained
+
+
+def volume_rows(dice, hd95, infinite=()):
+    return [{"subject": f"s{k}", "n_slices": 5, "dice": d, "iou": d / (2 - d), "nsd": d, "hd95": h,
+             "infinite": ["hd95"] if k in infinite else []} for k, (d, h) in enumerate(zip(dice, hd95))]
+
+
+def test_volumetric_runs_are_compared_subject_by_subject_on_volume_metrics(tmp_path):
+    base_cfg = config(data="msd")
+    slices = subject_rows({f"s{k}": [0.5, 0.6] for k in range(4)})
+    write_with_rows(tmp_path / "none", base_cfg, slices,
+                    per_volume=volume_rows([0.70, 0.60, 0.80, 0.75], [3.0, 4.0, 2.0, 5.0]))
+    eval_cfg = {**base_cfg, "head": {"_target_": "segrefine.heads.densecrf", "name": "densecrf"}}
+    source = {"head": "none", "seed": 0, "run_config": comparable_config(base_cfg)}
+    # Every subject's volume Dice +2 points, HD95 -1 mm; one subject's HD95 infinite in the head's run.
+    write_with_rows(tmp_path / "crf", eval_cfg, slices, job_type="eval", source=source,
+                    per_volume=volume_rows([0.72, 0.62, 0.82, 0.77], [2.0, 3.0, 1.0, None], infinite=(3,)))
+    study = load_study([tmp_path])
+    rows, _ = summarise(study.runs, "standard/volume")
+    crf = next(r for r in rows if r.head == "densecrf")
+    dice = crf.stats["test/volume/dice"]
+    # By hand: 4 subject Δs of +0.02, one model on the same weights: a conditional test over
+    # subjects, p = 2 of 16 sign patterns.
+    assert dice["mean"] == pytest.approx(0.02) and dice["unit"] == "subjects" and dice["p"] == pytest.approx(0.125)
+    assert "test/volume/hd95" not in crf.stats  # an infinite HD95 has no finite Δ
+    assert any("hd95 is infinite for 1 subject(s)" in note for note in crf.notes)
+    from segrefine.report import study_protocol, to_markdown as compact
+
+    assert study_protocol(study.runs, None) == "standard/volume"
+    table = compact(rows, "standard/volume")
+    assert ("| configuration | head | paired n | Dice % (vol mean) | Δ Dice % [95 % CI] | p (Holm) | Δ NSD % | "
+            "Δ HD95 mm | ms/img | params |") in table  # at most 10 columns; slice metrics in the full table
+    assert "the subject is the unit" in table
+
+
+def test_a_per_volume_value_out_of_range_is_a_problem(tmp_path):
+    cfg = config(data="msd")
+    write_with_rows(tmp_path / "bad", cfg, subject_rows({"s0": [0.5]}), per_volume=volume_rows([1.3], [2.0]))
+    (where, reason), = load_study([tmp_path]).incomplete
+    assert "per_volume[s0].dice=1.3" in reason

@@ -51,6 +51,7 @@ class Column:
     title: str
     per_image: str | None = None
     scale: float = 100.0
+    per_volume: str | None = None  # per-volume row key: paired subject by subject
 
 
 # Pooled columns are shown as they are; paired columns are image means, each with a Δ beside it.
@@ -77,6 +78,18 @@ PROTOCOLS = {
     },
 }
 COST = Column("test/ms_per_image", "ms/img", scale=1.0)
+BASE_PROTOCOLS = tuple(PROTOCOLS)
+# Volumetric runs (results.json with per_volume rows: one per subject's restacked volume) are
+# compared per volume first: the subject is the unit, distances in mm.
+VOLUME_COLUMNS = (
+    Column("test/volume/dice", "Dice % (vol mean)", per_volume="dice"),
+    Column("test/volume/nsd", "NSD % (vol mean)", per_volume="nsd"),
+    Column("test/volume/hd95", "HD95 mm (vol mean)", scale=1.0, per_volume="hd95"),
+)
+VOLUME = "/volume"
+for _name in BASE_PROTOCOLS:
+    PROTOCOLS[_name + VOLUME] = {"pooled": PROTOCOLS[_name]["pooled"],
+                                 "paired": (*VOLUME_COLUMNS, *PROTOCOLS[_name]["paired"])}
 PROTOCOL_NOTES = {
     "standard": "standard protocol: IoU/Dice over foreground classes; *pooled* = over the split's confusion "
                 "matrix; *img mean* = per-image values averaged over images (the aggregation the Δ uses).",
@@ -84,6 +97,12 @@ PROTOCOL_NOTES = {
                    "classes including background (0 for a class empty in prediction or truth; DSC +1 smoothed), "
                    "PA = foreground recall (not pixel accuracy), each averaged over images.",
 }
+VOLUME_NOTE = ("Volumes: each subject's slices restacked (padding removed) and scored as one volume: Dice, NSD "
+               "(surface Dice at the recorded tolerance) and HD95 in mm (lower is better; infinite where a class is "
+               "missed or hallucinated, and then no Δ is computed) per foreground class, averaged; every volume Δ "
+               "pairs subject with subject, and slice metrics are clustered by subject: the subject is the unit.")
+for _name in BASE_PROTOCOLS:
+    PROTOCOL_NOTES[_name + VOLUME] = PROTOCOL_NOTES[_name] + " " + VOLUME_NOTE
 
 
 @dataclass
@@ -121,11 +140,12 @@ def out_of_range(run: dict[str, Any]) -> list[str]:
         bounds = metric_range(key)
         if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not bounds[0] <= value <= bounds[1]:
             found.append(f"{key}={value:g}")
-    for row in run.get("per_image") or ():
+    for row in [*(run.get("per_image") or ()), *(run.get("per_volume") or ())]:
         for key, value in row.items():
-            bounds = None if key == "id" or key == "subject" else metric_range(key)
+            bounds = None if key in ("id", "subject", "n_slices", "spacing", "infinite") else metric_range(key)
             if bounds and isinstance(value, (int, float)) and math.isfinite(value) and not bounds[0] <= value <= bounds[1]:
-                found.append(f"per_image[{row['id']}].{key}={value:g}")
+                found.append(f"{'per_image' if 'id' in row else 'per_volume'}[{row.get('id', row.get('subject'))}]"
+                             f".{key}={value:g}")
     return found
 
 
@@ -331,18 +351,22 @@ def _wandb_per_image(run: Any) -> list[dict[str, Any]]:
 
 
 def study_protocol(runs: list[dict[str, Any]], requested: str | None) -> str:
-    """``requested``, or the protocol every run recorded (``metrics=...``); refuses a mix."""
+    """``requested``, or the protocol every run recorded (``metrics=...``); refuses a mix. When
+    every run has per-volume rows, the protocol's ``/volume`` form: volume columns first."""
+    volumetric = bool(runs) and all(run.get("per_volume") for run in runs)
     if requested is not None:
-        if requested not in PROTOCOLS:
-            raise ValueError(f"--metrics {requested!r}: choose one of {', '.join(PROTOCOLS)}")
-        return requested
+        base = requested.removesuffix(VOLUME)
+        if base not in BASE_PROTOCOLS:
+            raise ValueError(f"--metrics {requested!r}: choose one of {', '.join(BASE_PROTOCOLS)}")
+        return base + VOLUME if volumetric else base
     recorded = {run.get("metrics_protocol") or "standard" for run in runs}
     if len(recorded) > 1:
         raise ValueError(
             f"the runs were made with different metric protocols ({', '.join(sorted(recorded))}); "
-            f"choose the table's with --metrics {'|'.join(PROTOCOLS)}"
+            f"choose the table's with --metrics {'|'.join(BASE_PROTOCOLS)}"
         )
-    return recorded.pop() if recorded else "standard"
+    base = recorded.pop() if recorded else "standard"
+    return base + VOLUME if volumetric else base
 
 
 # -- rows: one per exact configuration --------------------------------------------------------
@@ -644,6 +668,7 @@ class ImageDifferences:
     values: np.ndarray
     subjects: np.ndarray | None = None
     dropped: int = 0  # pairs with a non-finite (or null) value on either side
+    unit: str = "images"  # what one value is: an image, or (per-volume metrics) a subject
 
 
 def _finite(value: Any) -> bool:
@@ -674,6 +699,27 @@ def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tu
             return None, "the runs assign the same image ids to different subjects"
         subjects = np.array([str(ours[i]["subject"]) for i in kept])
     return ImageDifferences(values, subjects, len(ids) - len(kept)), ""
+
+
+def volume_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tuple[ImageDifferences | None, str]:
+    """Per-subject ``run - base`` of a per-volume metric, subjects matched by name; (None, why)
+    when they do not pair or a value is infinite (a missed class: no finite Δ exists)."""
+    ours = {str(r.get("subject")): r for r in run.get("per_volume") or []}
+    theirs = {str(r.get("subject")): r for r in base.get("per_volume") or []}
+    if not ours or not theirs:
+        return None, "no per-volume rows"
+    if set(ours) != set(theirs):
+        return None, f"test subjects differ ({len(set(ours) ^ set(theirs))} in one run only)"
+    subjects = sorted(ours)
+    infinite = [s for s in subjects if key in (ours[s].get("infinite") or ()) or key in (theirs[s].get("infinite") or ())]
+    if infinite:
+        return None, (f"per-volume {key} is infinite for {len(infinite)} subject(s) (a class missed or hallucinated): "
+                      "no finite Δ")
+    kept = [s for s in subjects if _finite(ours[s].get(key)) and _finite(theirs[s].get(key))]
+    if not kept:
+        return None, f"every per-volume {key} pair has a missing value"
+    values = np.array([ours[s][key] - theirs[s][key] for s in kept], dtype=np.float64)
+    return ImageDifferences(values, None, len(subjects) - len(kept), unit="subjects"), ""
 
 
 def cluster_totals(values: np.ndarray, clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -794,7 +840,7 @@ def paired_stats(per_seed: list[ImageDifferences], pairing: str) -> dict[str, An
     if pairing != "same weights" or len(totals) < 2:
         out.update(level=NO_TEST)
         return out
-    out.update(level=CONDITIONAL, unit="subjects" if diffs.subjects is not None else "images", p=sign_flip_p(totals),
+    out.update(level=CONDITIONAL, unit="subjects" if diffs.subjects is not None else diffs.unit, p=sign_flip_p(totals),
                units=len(totals))
     out["ci_low"], out["ci_high"] = clustered_t_interval(diffs.values, diffs.subjects)
     return out
@@ -820,7 +866,8 @@ def _pairs(row: Row, base: Row) -> tuple[list[Any], list[Any]]:
 def _column_stats(row: Row, base: Row, seeds: list[Any], column: Column, pairing: str) -> tuple[dict | None, str]:
     diffs, reasons = [], []
     for s in seeds:
-        d, why = image_differences(row.runs[s], base.runs[s], column.per_image)
+        d, why = (volume_differences(row.runs[s], base.runs[s], column.per_volume) if column.per_volume else
+                  image_differences(row.runs[s], base.runs[s], column.per_image))
         (diffs.append(d) if d is not None else reasons.append(f"seed {s}: {why}"))
     if reasons or not diffs:
         return None, "; ".join(reasons)
@@ -829,6 +876,7 @@ def _column_stats(row: Row, base: Row, seeds: list[Any], column: Column, pairing
 
 def _same_values(a: Row, b: Row, columns: tuple[Column, ...]) -> bool:
     """Whether two rows hold the same per-image values of every paired column, seed for seed."""
+    columns = tuple(c for c in columns if c.per_image)  # equal images mean equal volumes
     if a.seeds != b.seeds:
         return False
     for s in a.seeds:
@@ -1033,7 +1081,7 @@ def footnotes(rows: list[Row], protocol: str) -> list[str]:
     if any(r.plain_stats for r in rows):
         lines.append("\"vs plain\": a row whose baseline is a matched control (its backbone stopped at a coarser "
                      "output stride) is also compared with the plain backbone's `none`.")
-    bf1 = boundary_tolerance_note(rows) if protocol == "standard" else ""
+    bf1 = boundary_tolerance_note(rows) if protocol.removesuffix(VOLUME) == "standard" else ""
     if bf1:
         lines.append(bf1)
     lines.append(timing_note(rows))
@@ -1128,9 +1176,14 @@ def pair_lines(rows: list[Row], protocol: str) -> list[str]:
 def compact_header(protocol: str) -> list[str]:
     """The main table: at most 10 columns (the full one is ``full_header``)."""
     headline, *others = PROTOCOLS[protocol]["paired"]
-    short = headline.title.replace(" (img mean)", "")
-    return ["configuration", "head", "paired n", headline.title, f"Δ {short} [95 % CI]", "p (Holm)",
-            *(f"Δ {c.title.replace(' (img mean)', '')}" for c in others), COST.title, "params"]
+    if protocol.endswith(VOLUME):  # volume metrics first; the slice-level ones are in table_full.md
+        others = [c for c in others if c.per_volume]
+
+    def short(column: Column) -> str:
+        return column.title.replace(" (img mean)", "").replace(" (vol mean)", "")
+
+    return ["configuration", "head", "paired n", headline.title, f"Δ {short(headline)} [95 % CI]", "p (Holm)",
+            *(f"Δ {short(c)}" for c in others), COST.title, "params"]
 
 
 def _paired_n(row: Row) -> str:
@@ -1182,6 +1235,8 @@ def _delta_only(row: Row, column: Column) -> str:
 
 def compact_cells(row: Row, protocol: str, rows: list[Row]) -> list[str]:
     headline, *others = PROTOCOLS[protocol]["paired"]
+    if protocol.endswith(VOLUME):
+        others = [c for c in others if c.per_volume]
     params = next(iter(row.runs.values()))["metrics"].get("params")
     outcome = tuning_outcome(row, rows)
     head = head_words(row.head) + (f" ({outcome})" if outcome else "")
@@ -1214,7 +1269,7 @@ def compact_footnotes(rows: list[Row], protocol: str) -> list[str]:
         lines.append("\"vs plain\": the Δ against the plain backbone's `none` (this row's baseline is a matched "
                      "control with a coarser output stride).")
     lines.append(PROTOCOL_NOTES[protocol])
-    bf1 = boundary_tolerance_note(rows) if protocol == "standard" else ""
+    bf1 = boundary_tolerance_note(rows) if protocol.removesuffix(VOLUME) == "standard" else ""
     if bf1:
         lines.append(bf1)
     lines.append(timing_note(rows))
@@ -1479,7 +1534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segrefine-report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="*", help="run or sweep folders to read results.json from")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from an online wandb project instead")
-    parser.add_argument("--metrics", choices=list(PROTOCOLS), default=None,
+    parser.add_argument("--metrics", choices=list(BASE_PROTOCOLS), default=None,
                         help="metric protocol of the columns (default: the one the runs were made with)")
     parser.add_argument("--out", help="folder for table.md/.csv/.tex and figures (default: the first folder's report/)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
