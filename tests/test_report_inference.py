@@ -46,6 +46,9 @@ def test_one_seed_retrained_shows_the_delta_without_a_test_or_star(tmp_path):
     line = table_line(rows, "crfrnn")
     assert "+6.30 (1 seed: no test)" in line and "*" not in line and "p=" not in line
     assert "Across-seed family" not in to_markdown(rows)  # no test, no family
+    # ... but the table says what a test would take: 2 Δs (IoU, BF1), 2 * 2/2^n < 0.05 from n = 7.
+    assert "No test: 2 Δs of one retrained model per side" in to_markdown(rows)
+    assert "a star would need at least 7 seeds per configuration" in to_markdown(rows)
 
 
 def test_one_seed_same_weights_is_conditional_and_its_own_holm_family(tmp_path):

@@ -957,6 +957,14 @@ def reachability(rows: list[Row]) -> list[str]:
         else:
             lines.append(f"Conditional (†) family: {m} tests over {_span(sizes)} {tests[0]['unit']}; "
                          f"the smallest Holm-adjusted p this table can reach is {best:.2g}.")
+    untested = [t for r in rows if r.same_as is None for t in (*r.stats.values(), *r.plain_stats.values())
+                if t["level"] == NO_TEST]
+    if untested:
+        m = len(untested) + len(holm_families(rows)[ACROSS_SEEDS])
+        needed = next((k for k in range(2, 64) if m * smallest_sign_flip_p(k) < ALPHA), None)
+        if needed:
+            lines.append(f"No test: {len(untested)} Δs of one retrained model per side. Tested across seeds, with "
+                         f"{m} tests in that family a star would need at least {needed} seeds per configuration.")
     return lines
 
 
