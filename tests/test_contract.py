@@ -20,6 +20,7 @@ from torch import nn
 from segrefine.build import build_component
 from segrefine.heads.base import auxiliary_losses
 from segrefine.models.base import Backbone
+from segrefine.models.fcn import FCN
 from segrefine.module import SegmentationModule
 from segrefine.types import IGNORE_INDEX, BackboneOutput
 
@@ -58,7 +59,7 @@ def composed(*overrides: str):
 
 def build_head(cfg, backbone: Backbone) -> nn.Module:
     """The head of a composed config, built as the train entry point builds it."""
-    return build_component(cfg.head, num_classes=NUM_CLASSES, backbone=backbone)
+    return build_component(cfg.head, num_classes=NUM_CLASSES, backbone=backbone.spec())
 
 
 # -- the matrix ----------------------------------------------------------------------------
@@ -137,10 +138,11 @@ class Duck(nn.Module):
 
 
 @pytest.mark.parametrize("head", list(HEADS))
-def test_a_head_refuses_a_backbone_that_is_not_a_backbone(head):
+def test_a_head_takes_the_backbone_declaration_never_a_module(head):
     cfg = composed(*BACKBONES[next(iter(BACKBONES))], *HEADS[head])
-    with pytest.raises(Exception) as caught:
-        build_component(cfg.head, num_classes=NUM_CLASSES, backbone=Duck())
-    error = caught.value.__cause__ or caught.value  # Hydra wraps constructor errors
-    assert isinstance(error, TypeError) and "Duck" in str(error) and "segrefine.models.base.Backbone" in str(error)
+    for wrong in (Duck(), FCN(1, NUM_CLASSES)):  # a look-alike, and a real backbone module
+        with pytest.raises(Exception) as caught:
+            build_component(cfg.head, num_classes=NUM_CLASSES, backbone=wrong)
+        error = caught.value.__cause__ or caught.value  # Hydra wraps constructor errors
+        assert isinstance(error, TypeError) and type(wrong).__name__ in str(error) and "BackboneSpec" in str(error)
 

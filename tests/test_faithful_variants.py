@@ -172,7 +172,7 @@ def test_fine_skip_is_pointrends_point_head_at_every_stride4_cell(make_cfg, over
     # The logits are PointRend's point head applied at each stride-4 cell centre, seeing what it
     # sees there (stride-4 features and the coarse logits, sampled at the point).
     fine = out.feature_at(4).detach().requires_grad_()
-    head = PointRendHead(3, backbone=backbone)
+    head = PointRendHead(3, backbone=backbone.spec())
     head.point_head.load_state_dict(backbone.fine_skip.point_head.state_dict())
     points = BackboneOutput(logits=coarse.detach(), features=[out.features[0], fine, *out.features[2:]],
                             feature_strides=out.feature_strides, stride=8)
@@ -218,13 +218,13 @@ def test_zheng_refuses_a_potts_compatibility(make_cfg):
 
 def test_detectron2_semantic_budget_reproduces_its_point_counts(make_cfg):
     cfg = make_cfg("backbone=fcn", "head=pointrend", "head.budget=detectron2_semantic")
-    head = build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))
+    head = build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3).spec())
     assert head.budget == "detectron2_semantic"
     assert head.num_training_points(512, 1024) == 2048  # TRAIN_NUM_POINTS on Cityscapes 512x1024 crops
     assert head.num_subdivision_points((1024, 2048), (1024, 2048)) == 8192  # SUBDIVISION_NUM_POINTS
     assert (head.oversample_ratio, head.importance_sample_ratio) == (3, 0.75)
     assert head.num_subdivision_points((64, 64), (32, 32)) == 16  # no floor: sparse on small images too
-    default = build_component(make_cfg("head=pointrend").head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))
+    default = build_component(make_cfg("head=pointrend").head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3).spec())
     assert default.num_training_points(64, 64) == 256 and default.num_subdivision_points((64, 64), (32, 32)) == 1024
     # A single key still overrides the budget's value.
     cfg = make_cfg("head=pointrend", "head.budget=detectron2_semantic", "head.train_num_points=100")
@@ -234,4 +234,4 @@ def test_detectron2_semantic_budget_reproduces_its_point_counts(make_cfg):
 def test_unknown_budget_is_named(make_cfg):
     cfg = make_cfg("backbone=fcn", "head=pointrend", "head.budget=huge")
     with pytest.raises(Exception, match="head.budget='huge' is not one of"):
-        build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3))
+        build_component(cfg.head, num_classes=3, backbone=build_component(cfg.backbone, in_channels=1, num_classes=3).spec())

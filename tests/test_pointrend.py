@@ -151,7 +151,7 @@ def test_subdivision_sizes_end_on_the_image_size():
 @pytest.mark.parametrize("size", [(64, 96), (37, 45), (33, 1)])
 def test_inference_reaches_the_input_size(stride, size):
     backbone = FakeBackbone(stride)
-    head = PointRendHead(3, backbone, feature_stride=4, subdivision_num_points=50, hidden_channels=16).eval()
+    head = PointRendHead(3, backbone.spec(), feature_stride=4, subdivision_num_points=50, hidden_channels=16).eval()
     coarse = torch.randn(2, 3, -(-size[0] // stride), -(-size[1] // stride))
     image = torch.zeros(2, 1, *size)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_inference_reaches_the_input_size(stride, size):
 
 def test_inference_changes_only_the_most_uncertain_points():
     backbone = FakeBackbone(2)
-    head = PointRendHead(3, backbone, feature_stride=2, subdivision_num_points=40, subdivision_min_points=1,
+    head = PointRendHead(3, backbone.spec(), feature_stride=2, subdivision_num_points=40, subdivision_min_points=1,
                          hidden_channels=16).eval()
     nn.init.normal_(head.point_head.predictor.weight, std=1.0)  # make the point head's answers visible
     coarse = torch.randn(2, 3, 8, 12) * 3
@@ -191,7 +191,7 @@ def test_point_head_echoing_the_coarse_logits_renders_plain_bilinear_upsampling(
             return coarse
 
     backbone = FakeBackbone(2)
-    head = PointRendHead(3, backbone, feature_stride=2, subdivision_num_points=10**6, hidden_channels=8).eval()
+    head = PointRendHead(3, backbone.spec(), feature_stride=2, subdivision_num_points=10**6, hidden_channels=8).eval()
     head.point_head = Echo()
     coarse = torch.randn(1, 3, 9, 7)
     with torch.no_grad():
@@ -201,15 +201,15 @@ def test_point_head_echoing_the_coarse_logits_renders_plain_bilinear_upsampling(
 
 def test_training_mode_forward_is_the_upsampled_coarse_map():
     backbone = FakeBackbone(4)
-    head = PointRendHead(3, backbone, hidden_channels=8).train()
+    head = PointRendHead(3, backbone.spec(), hidden_channels=8).train()
     out = backbone.hand_over(torch.randn(1, 3, 8, 8), (32, 32))
     assert torch.equal(head(out, torch.zeros(1, 1, 32, 32)), upsample_logits(out, (32, 32)))
 
 
 def test_stride_one_is_refused_with_the_fix_named():
     with pytest.raises(ValueError, match="backbone.output_stride=4"):
-        PointRendHead(3, UNet(1, 3, encoder_depth=3, decoder_channels=(16, 16, 16)))
-    head = PointRendHead(3, FakeBackbone(4), hidden_channels=8).eval()
+        PointRendHead(3, UNet(1, 3, encoder_depth=3, decoder_channels=(16, 16, 16)).spec())
+    head = PointRendHead(3, FakeBackbone(4).spec(), hidden_channels=8).eval()
     out = BackboneOutput(torch.randn(1, 3, 8, 8), [torch.randn(1, 4, 4, 4)] * 2, (2, 4), stride=1)
     with pytest.raises(ValueError, match="backbone.output_stride"):
         head(out, torch.zeros(1, 1, 8, 8))
@@ -217,7 +217,7 @@ def test_stride_one_is_refused_with_the_fix_named():
 
 def test_unknown_feature_stride_is_named():
     with pytest.raises(ValueError, match="head.feature_stride=8 .* strides \\(2, 4\\)"):
-        PointRendHead(3, FakeBackbone(4), feature_stride=8)
+        PointRendHead(3, FakeBackbone(4).spec(), feature_stride=8)
 
 
 # -- losses ------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_unknown_feature_stride_is_named():
 
 def test_losses_are_named_finite_and_respect_the_ignore_index():
     backbone = FakeBackbone(4)
-    head = PointRendHead(3, backbone, hidden_channels=8, train_num_points=100)
+    head = PointRendHead(3, backbone.spec(), hidden_channels=8, train_num_points=100)
     out = backbone.hand_over(torch.randn(2, 3, 8, 8), (32, 32))
     image, mask = torch.zeros(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
     losses = head.losses(out, image, mask)
@@ -245,7 +245,7 @@ def test_losses_are_named_finite_and_respect_the_ignore_index():
 
 @pytest.mark.parametrize("value,expected", [(1024, 1024), (10**6, 32 * 32), (0.25, 256), (0.0625, 64)])
 def test_number_of_training_points(value, expected):
-    head = PointRendHead(3, FakeBackbone(4), hidden_channels=8, train_num_points=value)
+    head = PointRendHead(3, FakeBackbone(4).spec(), hidden_channels=8, train_num_points=value)
     assert head.num_training_points(32, 32) == expected
 
 
@@ -253,7 +253,7 @@ def test_losses_equal_the_hand_computed_coarse_and_point_cross_entropies():
     """Constant logits and features: every point sees the same inputs, so both losses follow by
     hand (logsumexp - logit of the true class) whichever points are drawn."""
     torch.manual_seed(0)
-    head = PointRendHead(3, FakeBackbone(4), hidden_channels=5, num_layers=2, train_num_points=40,
+    head = PointRendHead(3, FakeBackbone(4).spec(), hidden_channels=5, num_layers=2, train_num_points=40,
                          point_loss_weight=0.5)
     nn.init.normal_(head.point_head.predictor.weight)  # the paper's 0.001 init would make every point ~uniform
     nn.init.normal_(head.point_head.predictor.bias)
@@ -276,7 +276,7 @@ def test_losses_equal_the_hand_computed_coarse_and_point_cross_entropies():
 def test_gradients_reach_the_point_head_and_the_backbone(make_cfg):
     cfg = make_cfg("backbone=pspnet", "head=pointrend", "head.hidden_channels=32")
     backbone = build_component(cfg.backbone, in_channels=1, num_classes=3)
-    head = build_component(cfg.head, num_classes=3, backbone=backbone)
+    head = build_component(cfg.head, num_classes=3, backbone=backbone.spec())
     image, mask = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
     head.losses(backbone(image), image, mask)["loss_points"].backward()  # the point loss alone
     for name, p in head.point_head.named_parameters():
@@ -324,7 +324,7 @@ def test_head_config_sets_the_unet_coarse_stride(make_cfg):
     cfg = make_cfg("backbone=unet", "head=pointrend")
     backbone = build_component(cfg.backbone, in_channels=1, num_classes=3)
     assert backbone.output_stride == 4
-    assert isinstance(build_component(cfg.head, num_classes=3, backbone=backbone), PointRendHead)
+    assert isinstance(build_component(cfg.head, num_classes=3, backbone=backbone.spec()), PointRendHead)
 
 
 @pytest.mark.parametrize(
@@ -374,7 +374,7 @@ def test_point_head_learns_sharper_boundaries_than_upsampling_fast():
     g = torch.Generator().manual_seed(0)
     train_masks, test_masks = _discs(32, 64, g), _discs(16, 64, g)
     backbone = BlurryOracle()
-    head = PointRendHead(3, backbone, feature_stride=2, train_num_points=256, hidden_channels=64,
+    head = PointRendHead(3, backbone.spec(), feature_stride=2, train_num_points=256, hidden_channels=64,
                          subdivision_num_points=1024)
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(80):
@@ -418,7 +418,7 @@ def test_pointrend_beats_its_own_coarse_map_upsampled(make_cfg, tmp_path):
 def test_default_point_budget_follows_the_papers_stride16_rule_with_a_floor():
     from segrefine.models.pspnet import PSPNet
 
-    head = PointRendHead(3, PSPNet(1, 3))
+    head = PointRendHead(3, PSPNet(1, 3).spec())
     assert head.num_subdivision_points((1024, 2048), (512, 1024)) == 1024 * 2048 // 256  # 8192, the paper's scale
     assert head.num_subdivision_points((320, 320), (160, 160)) == 1024  # 400 by the rule, floored
     assert head.num_subdivision_points((64, 64), (16, 16)) == 256  # never more than the map holds

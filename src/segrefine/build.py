@@ -58,7 +58,7 @@ def build_component(node: DictConfig, **kwargs: Any) -> Any:
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     check_metrics_config(cfg)
     backbone = build_component(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
-    head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone)
+    head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone.spec())
     return SegmentationModule(
         backbone=backbone,
         head=head,

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segrefine.models.base import Backbone
-from segrefine.types import IGNORE_INDEX, BackboneOutput
+from segrefine.types import IGNORE_INDEX, BackboneOutput, BackboneSpec
 
 
 def upsample_logits(out: BackboneOutput, size: tuple[int, int]) -> torch.Tensor:
@@ -34,8 +33,9 @@ class Head(nn.Module):
 
     ``forward(out, image)`` returns ``(B, C, H, W)`` logits or log-probabilities at the size of
     ``image``. ``losses(out, image, mask)`` returns named scalar losses; ``"loss"`` is optimised.
-    ``backbone``: the ``segrefine.models.base.Backbone`` the head will follow, for heads that
-    build layers from its declared channels and strides (None where a head needs nothing of it).
+    ``backbone``: the ``segrefine.types.BackboneSpec`` of the backbone the head follows
+    (``Backbone.spec()``: its declared channels, strides and output stride), for heads that
+    build layers from it; None where a head needs nothing of it. Never the backbone module.
     """
 
     # Whether ``segrefine-eval head=<this>`` may run on a checkpoint trained with another
@@ -43,12 +43,12 @@ class Head(nn.Module):
     # its parameters then are, recorded as results.json "head_weights".
     untrained: str | None = None
 
-    def __init__(self, num_classes: int, backbone: Backbone | None = None):
+    def __init__(self, num_classes: int, backbone: BackboneSpec | None = None):
         super().__init__()
-        if backbone is not None and not isinstance(backbone, Backbone):
+        if backbone is not None and not isinstance(backbone, BackboneSpec):
             raise TypeError(
-                f"{type(self).__name__} was given a {type(backbone).__name__} as its backbone; heads take a "
-                "segrefine.models.base.Backbone (subclass it and declare its feature channels and strides)"
+                f"{type(self).__name__} was given a {type(backbone).__name__} as its backbone; heads take the "
+                "backbone's declaration, segrefine.types.BackboneSpec (Backbone.spec())"
             )
         self.num_classes = num_classes
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from segrefine.heads.base import Head, upsample_logits
-from segrefine.models.base import Backbone
-from segrefine.types import BackboneOutput
+from segrefine.types import BackboneOutput, BackboneSpec
 
 
 class NoHead(Head):
@@ -14,7 +13,7 @@ class NoHead(Head):
 
     untrained = "none needed"
 
-    def __init__(self, num_classes: int, backbone: Backbone | None = None):
+    def __init__(self, num_classes: int, backbone: BackboneSpec | None = None):
         super().__init__(num_classes, backbone)
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:

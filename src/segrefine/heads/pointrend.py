@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from segrefine.heads.base import Head, upsample_logits
 from segrefine.layers import PointHead
-from segrefine.models.base import Backbone
-from segrefine.types import IGNORE_INDEX, BackboneOutput
+from segrefine.types import IGNORE_INDEX, BackboneOutput, BackboneSpec
 
 
 def point_sample(features: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -128,8 +127,8 @@ class PointRendHead(Head):
     """PointRend over any backbone with a coarse map (stride >= 2). See the module docstring.
 
     num_classes: classes of the backbone's logits.
-    backbone: used at construction only, for its declared feature channels and strides (and to
-        refuse an output stride of 1).
+    backbone: the backbone's declaration (``BackboneSpec``): its feature channels and strides
+        (and its output stride, to refuse a map without a coarse stride).
     feature_stride: the pyramid level whose features the point head sees (4 = the paper's res2).
     train_num_points: points per image in training; an int is a count clipped to H*W, a float
         in (0, 1] a fraction of H*W (at least 1 point). Default 1/16: one point per cell of a
@@ -153,7 +152,7 @@ class PointRendHead(Head):
     def __init__(
         self,
         num_classes: int,
-        backbone: Backbone | None = None,
+        backbone: BackboneSpec | None = None,
         feature_stride: int = 4,
         train_num_points: int | float = 0.0625,
         oversample_ratio: float = 3.0,
@@ -173,8 +172,8 @@ class PointRendHead(Head):
             raise ValueError(f"head.budget={budget!r} is not one of {sorted(budgets)} (conf/head/pointrend.yaml budgets)")
         self.budget = budget
         if backbone is None:
-            raise ValueError("head=pointrend needs the backbone (for its feature channels)")
-        if backbone.output_stride == 1:
+            raise ValueError("head=pointrend needs the backbone's declaration (for its feature channels)")
+        if not backbone.has_coarse_map:
             raise _stop_at_stride_one()
         channels, strides = backbone.feature_channels, backbone.feature_strides
         if feature_stride not in strides:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segrefine.types import BackboneOutput
+from segrefine.types import BackboneOutput, BackboneSpec
 
 
 def pyramid_strides(levels: int) -> tuple[int, ...]:
@@ -82,6 +82,10 @@ class Backbone(nn.Module):
             )
         self.feature_channels, self.feature_strides = channels, strides
         self.required_divisor, self.output_stride = int(required_divisor), int(output_stride)
+
+    def spec(self) -> BackboneSpec:
+        """The declaration as a plain value: what a head is built from."""
+        return BackboneSpec(self.feature_channels, self.feature_strides, self.output_stride, self.required_divisor)
 
     def output(
         self,
