@@ -12,10 +12,10 @@ import torch
 from segrefine.crf import PermutohedralLattice, dense_crf
 from segrefine.crf.meanfield import (
     Q_FLOOR,
-    _from_flat,
-    _iteration_probs,
-    _softmax,
-    _to_flat,
+    from_flat,
+    iteration_probs,
+    class_softmax,
+    to_flat,
     bilateral_features,
     spatial_features,
 )
@@ -132,7 +132,7 @@ def test_iteration_probabilities_stay_normal_and_keep_the_gradient():
     """Confident logits would give probabilities below float32's normal range (slow on x86);
     the floor keeps them at >= 1e-20 and leaves everything else, and the gradient, as is."""
     S = torch.tensor([[0.0, -150.0, -3.0], [80.0, 0.0, -90.0]], requires_grad=True)
-    Q = _iteration_probs(S)
+    Q = iteration_probs(S)
     exact = torch.softmax(S.double(), 1)
     plain = torch.softmax(S.detach(), 1)
     assert (plain < 1.18e-38).sum() == 2  # float32 softmax: subnormal or zero
@@ -178,7 +178,7 @@ def test_dense_crf_with_saturated_unaries_matches_pydensecrf(monkeypatch):
 def test_two_class_softmax(log):
     S = torch.randn(1000, 2) * 30
     want = (torch.log_softmax if log else torch.softmax)(S.double(), 1)
-    got = _softmax(S, log=log)
+    got = class_softmax(S, log=log)
     assert got.is_contiguous() and got.shape == S.shape
     if log:
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
@@ -190,8 +190,8 @@ def test_two_class_softmax(log):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_flat_layout_round_trip(classes, batch):
     x = torch.randn(batch, classes, 5, 7)
-    flat = _to_flat(x)
+    flat = to_flat(x)
     assert flat.is_contiguous()  # row-major, whatever the batch size
     assert torch.equal(flat, x.permute(0, 2, 3, 1).reshape(-1, classes))
-    back = _from_flat(flat, batch, 5, 7)
+    back = from_flat(flat, batch, 5, 7)
     assert back.is_contiguous() and torch.equal(back, x)

@@ -188,7 +188,7 @@ def clear_spatial_cache() -> None:
     _SPATIAL_CACHE.clear()
 
 
-def _softmax(S: Tensor, log: bool = False) -> Tensor:
+def class_softmax(S: Tensor, log: bool = False) -> Tensor:
     """Softmax over classes of flat ``(B*N, C)`` logits, contiguous result.
 
     torch's CPU kernel along a short last dimension (C < 16) is several
@@ -210,14 +210,14 @@ def _softmax(S: Tensor, log: bool = False) -> Tensor:
 Q_FLOOR = 1e-20
 
 
-def _iteration_probs(S: Tensor) -> Tensor:
+def iteration_probs(S: Tensor) -> Tensor:
     """The probabilities one mean-field iteration filters: ``softmax(S) + Q_FLOOR``. Why:
     confident logits drive unlikely classes below float32's smallest normal number (1.2e-38),
     and x86 CPUs compute on such subnormal numbers 10-50x slower, in every filter pass that
     follows. Adding 1e-20 leaves every probability above ~1e-12 bit-identical, changes no
     message beyond float32 round-off, and keeps the gradient exact (the derivative of ``+ c``
     is 1)."""
-    Q = _softmax(S)
+    Q = class_softmax(S)
     return Q + Q_FLOOR if Q.requires_grad else Q.add_(Q_FLOOR)
 
 
@@ -239,7 +239,7 @@ def _mean_field(
         # allocations, which matter on CPU: fresh pages cost page faults)
         S = logits.clone()
         for _ in range(iterations):
-            Q = _iteration_probs(S)
+            Q = iteration_probs(S)
             first = True
             for f, w in zip(filters, weights):
                 if first:  # S = L + w K~Q in one pass (no separate copy of L)
@@ -253,7 +253,7 @@ def _mean_field(
     matrices = None if compatibility is None else [compatibility * -w for w in weights]
     S = logits
     for _ in range(iterations):
-        Q = _iteration_probs(S)
+        Q = iteration_probs(S)
         S = logits
         if matrices is None:  # Potts: S = L + sum_m w_m K~_m Q
             for f, w in zip(filters, weights):
@@ -277,7 +277,7 @@ def _check_inputs(unary: Tensor, image: Tensor) -> None:
         raise ValueError(f"unary on {unary.device} but image on {image.device}")
 
 
-def _to_flat(x: Tensor) -> Tensor:
+def to_flat(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` -> row-major ``(B*H*W, C)``. Always a contiguous copy: for one image the
     permuted reshape is a column-major view, and every op mixing it with the row-major filter
     outputs would run as a strided transpose (several times slower on CPU)."""
@@ -285,7 +285,7 @@ def _to_flat(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous().view(B * H * W, C)
 
 
-def _from_flat(x: Tensor, B: int, H: int, W: int) -> Tensor:
+def from_flat(x: Tensor, B: int, H: int, W: int) -> Tensor:
     """Row-major ``(B*H*W, C)`` -> contiguous ``(B, C, H, W)``. With many classes torch's 2-D
     transpose is ~3x faster than the 4-D permuted copy, so each image is transposed alone."""
     C = x.shape[1]
@@ -433,7 +433,7 @@ class MeanFieldCRF(nn.Module):
     def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
         B, C, H, W = unary_logits.shape
         iterations, dtype = layer_call(self, unary_logits, image, iterations)
-        logits = _to_flat(unary_logits.to(dtype))
+        logits = to_flat(unary_logits.to(dtype))
         if iterations > 0:
             spatial, bilateral = layer_kernels(self, image, B, unary_logits.device)
             weights = [self.spatial_weight.to(dtype), self.bilateral_weight.to(dtype)]
@@ -444,7 +444,7 @@ class MeanFieldCRF(nn.Module):
             S = _mean_field(logits, [spatial, bilateral], weights, comp, iterations)
         else:
             S = logits
-        return _from_flat(_softmax(S, log=True), B, H, W)
+        return from_flat(class_softmax(S, log=True), B, H, W)
 
 
 # --------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def dense_crf(
                         "build one with CRFKernels(**values)")
     B, C, H, W = probs.shape
     p = probs.to(torch.float32)
-    logits = _to_flat(torch.log(p.clamp_min(PROB_FLOOR)))
+    logits = to_flat(torch.log(p.clamp_min(PROB_FLOOR)))
     if iterations > 0:
         k = kernels
         # one lattice after the other (each build uses all threads): their build peaks never add up
@@ -525,7 +525,7 @@ def dense_crf(
         S = _mean_field(logits, filters, weights, None, iterations)
     else:
         S = logits
-    return _from_flat(_softmax(S), B, H, W)
+    return from_flat(class_softmax(S), B, H, W)
 
 
 def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterations: int, spacing) -> Tensor:
@@ -563,4 +563,4 @@ def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterati
         del filters, spatial, bilateral
     else:
         S = logits
-    return _softmax(S).view(B, D, H, W, C).movedim(-1, 1).contiguous()
+    return class_softmax(S).view(B, D, H, W, C).movedim(-1, 1).contiguous()

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .meanfield import (NORMALIZE_AFTER, _from_flat, _iteration_probs, _softmax, _to_flat, check_layer_args, layer_call,
-                        layer_kernels)
+from .meanfield import (NORMALIZE_AFTER, check_layer_args, class_softmax, from_flat, iteration_probs, layer_call,
+                        layer_kernels, to_flat)
 from .params import CRFKernels
 
 
@@ -72,13 +72,13 @@ class ZhengMeanFieldCRF(nn.Module):
     def forward(self, unary_logits: Tensor, image: Tensor, iterations: int | None = None) -> Tensor:
         B, C, H, W = unary_logits.shape
         iterations, dtype = layer_call(self, unary_logits, image, iterations)
-        logits = _to_flat(unary_logits.to(dtype))  # (B*N, C)
+        logits = to_flat(unary_logits.to(dtype))  # (B*N, C)
         S = logits
         if iterations > 0:
             spatial, bilateral = layer_kernels(self, image, B, unary_logits.device)
             weights = (self.spatial_weights.to(dtype), self.bilateral_weights.to(dtype))
             S = zheng_mean_field(logits, (spatial, bilateral), weights, self.compatibility.to(dtype), iterations)
-        return _from_flat(_softmax(S, log=True), B, H, W)
+        return from_flat(class_softmax(S, log=True), B, H, W)
 
 
 def zheng_mean_field(
@@ -93,7 +93,7 @@ def zheng_mean_field(
     matrices = [(compatibility @ weight).t() for weight in weights]
     S = logits
     for _ in range(iterations):
-        Q = _iteration_probs(S)
+        Q = iteration_probs(S)
         S = logits
         for kernel, matrix in zip(filters, matrices):
             S = torch.addmm(S, kernel.filter(Q), matrix)

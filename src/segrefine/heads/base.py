@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrefine.crf.params import CRFKernels
 from segrefine.types import IGNORE_INDEX, BackboneOutput, BackboneSpec
 
 
@@ -62,3 +63,26 @@ class Head(nn.Module):
     def extra_metrics(self) -> dict[str, float]:
         """Scalars worth logging about the head itself (e.g. learned CRF weights)."""
         return {}
+
+
+# -- shared by the CRF heads (densecrf, crfrnn) --------------------------------------------
+
+
+def to_255(image: torch.Tensor, intensity_range: tuple[float, float] | None) -> torch.Tensor:
+    """Image intensities on the 0-255 scale: a fixed ``[lo, hi]`` range, or per-image min-max when None."""
+    if intensity_range is not None:
+        lo, hi = intensity_range
+        return ((image - lo) / (hi - lo)).clamp(0, 1) * 255
+    flat = image.flatten(1)
+    lo = flat.min(1).values[:, None, None, None]
+    hi = flat.max(1).values[:, None, None, None]
+    return (image - lo) / (hi - lo).clamp(min=1e-8) * 255
+
+
+def head_kernels(**values: float) -> CRFKernels:
+    """The CRF heads' flat config keys (conf/head/*.yaml) as CRFKernels; a bad value is named as
+    its config key."""
+    try:
+        return CRFKernels(**values)
+    except ValueError as error:
+        raise ValueError(f"head.{error}") from None

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 from segrefine.crf import CRFKernels, MeanFieldCRF, ZhengMeanFieldCRF
-from segrefine.heads.base import Head, upsample_logits
-from segrefine.heads.densecrf import head_kernels, to_255
+from segrefine.heads.base import Head, head_kernels, to_255, upsample_logits
 from segrefine.types import BackboneOutput
 
 

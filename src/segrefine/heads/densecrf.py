@@ -27,7 +27,7 @@ import torch
 
 from segrefine.crf.params import PROB_FLOOR, CRFKernels
 from segrefine.hardware import available_cpus
-from segrefine.heads.base import Head, upsample_logits
+from segrefine.heads.base import Head, head_kernels, to_255, upsample_logits
 from segrefine.types import BackboneOutput
 
 BACKENDS = ("pydensecrf", "torch")
@@ -99,26 +99,6 @@ def default_workers() -> int:
 
 def _refine_job(args: tuple) -> np.ndarray:
     return pydensecrf_refine(*args)
-
-
-def to_255(image: torch.Tensor, intensity_range: tuple[float, float] | None) -> torch.Tensor:
-    """Image intensities on the 0-255 scale: a fixed ``[lo, hi]`` range, or per-image min-max when None."""
-    if intensity_range is not None:
-        lo, hi = intensity_range
-        return ((image - lo) / (hi - lo)).clamp(0, 1) * 255
-    flat = image.flatten(1)
-    lo = flat.min(1).values[:, None, None, None]
-    hi = flat.max(1).values[:, None, None, None]
-    return (image - lo) / (hi - lo).clamp(min=1e-8) * 255
-
-
-def head_kernels(**values: float) -> CRFKernels:
-    """The CRF heads' flat config keys (conf/head/*.yaml) as CRFKernels; a bad value is named as
-    its config key."""
-    try:
-        return CRFKernels(**values)
-    except ValueError as error:
-        raise ValueError(f"head.{error}") from None
 
 
 class DenseCRFHead(Head):
