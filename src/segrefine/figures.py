@@ -248,9 +248,12 @@ def draw_all(rows: list[Any], columns: tuple, cost: Any, out_dir: Path, paths: d
     notes: list[tuple[str, str]] = []
     if not rows:
         return [("figures", "no rows")]
-    paths["metrics_figure"] = plot_metrics(rows, columns, out_dir / "metrics.png")
-    paths["cost_figure"] = plot_cost(rows, columns[0], cost, out_dir / "cost.png")
-    grid, grid_notes = plot_qualitative(rows, columns[0], out_dir / "qualitative.png")
+    # Labels come from configs (data.name, ...): a "$" in one must print as a dollar, not start
+    # mathtext (which fails on unbalanced or unknown TeX). The figures' own text uses none.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        paths["metrics_figure"] = plot_metrics(rows, columns, out_dir / "metrics.png")
+        paths["cost_figure"] = plot_cost(rows, columns[0], cost, out_dir / "cost.png")
+        grid, grid_notes = plot_qualitative(rows, columns[0], out_dir / "qualitative.png")
     notes += grid_notes
     if grid is not None:
         paths["qualitative_figure"] = grid
