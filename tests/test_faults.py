@@ -117,3 +117,71 @@ def test_overlapping_report_folders_list_each_run_once(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "Duplicate" not in out
         assert "| all runs | none | baseline | 2 |" in out and "| all runs | crfrnn |" in out
+
+
+# -- 7: class counts that reach the ignore index ----------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [("data.num_classes=255",), ("data.num_classes=256",), ("data.num_classes=300",),
+                                       ("data=folder", "data.root=/nonexistent", "data.num_classes=256")])
+def test_class_counts_reaching_the_ignore_index_are_refused_before_anything(make_cfg, tmp_path, overrides):
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
+    from segrefine.validation import ConfigValueError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigValueError, match=r"data\.num_classes=\d+: at most 254 classes .* below 255"):
+        run_recording_failure(train, make_cfg(*overrides, output_dir=out))
+    assert sorted(p.name for p in out.iterdir()) == ["error.txt"]
+
+
+def test_a_source_counting_its_own_classes_is_held_to_the_same_limit(make_cfg, tmp_path):
+    from segrefine.build import build_module
+    from segrefine.data.msd import _class_names
+    from segrefine.data.common import DataError
+    from segrefine.validation import ConfigValueError
+
+    with pytest.raises(DataError, match="255 classes; at most 254"):
+        _class_names({str(i): f"c{i}" for i in range(255)}, tmp_path / "dataset.json")
+    assert len(_class_names({str(i): f"c{i}" for i in range(254)}, tmp_path / "dataset.json")) == 254
+
+    class Counted:  # any data source: the module is built from the count it reports
+        num_classes, in_channels, class_names = 256, 1, [f"c{i}" for i in range(256)]
+
+    with pytest.raises(ConfigValueError, match=r"data=synthetic: num_classes=256: at most 254"):
+        build_module(make_cfg(), Counted())
+
+
+# -- 6: runs that would train no step -----------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.max_steps=0", r"trainer\.max_steps=0 must be an integer >= 1 or -1"),
+    ("+trainer.limit_train_batches=0", r"limit_train_batches=0 would train no step"),
+    ("+trainer.limit_train_batches=0.0", r"limit_train_batches=0\.0 would train no step"),
+    ("+trainer.limit_train_batches=0.4", r"limit_train_batches=0\.4 of the 2 training batches is 0"),  # int(2 * 0.4)
+])
+def test_zero_training_steps_are_refused_before_training(make_cfg, tmp_path, override, message):
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
+    from segrefine.validation import ConfigValueError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigValueError, match=message):
+        run_recording_failure(train, make_cfg(override, output_dir=out))  # TINY: 16 images in batches of 8
+    assert sorted(p.name for p in out.iterdir()) == ["error.txt"]  # no checkpoint, no results.json
+
+
+def test_an_empty_train_split_is_refused(make_cfg):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from segrefine.train import check_training_steps
+    from segrefine.validation import ConfigValueError
+
+    class Empty:
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.zeros(0, 1, 4, 4)), batch_size=8)
+
+    with pytest.raises(ConfigValueError, match="the train split is empty"):
+        check_training_steps(make_cfg(), Empty())

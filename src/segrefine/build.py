@@ -16,6 +16,7 @@ from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
 from segrefine.runconfig import curated_config
 from segrefine.tracking import RunInfo
+from segrefine.validation import ConfigValueError, class_count_problem
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def build_component(node: DictConfig, **kwargs: Any) -> Any:
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     check_metrics_config(cfg)
+    # Every source, also those that count their classes themselves (MSD's dataset.json).
+    if problem := class_count_problem(datamodule.num_classes, f"data={cfg.data.get('name')}: num_classes"):
+        raise ConfigValueError(problem)
     backbone = build_component(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
     head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone)
     return SegmentationModule(

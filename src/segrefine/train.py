@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resume(cfg, ckpt_path, automatic)
         log.info("resuming the interrupted run from %s", ckpt_path)
     datamodule = build_data(cfg)
+    check_training_steps(cfg, datamodule)
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         initialise_from(module, cfg.init_from, cfg.head._target_)
@@ -123,6 +124,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
+
+
+def check_training_steps(cfg: DictConfig, datamodule) -> None:
+    """Refuse a run that would train no step and still "complete" with its random weights: an
+    empty train split, or ``trainer.limit_train_batches`` cutting it to no batch (Lightning
+    takes ``int(batches * fraction)``). ``max_steps`` / ``max_epochs`` 0 are refused by
+    ``check_config``."""
+    from segrefine.validation import ConfigValueError
+
+    batches = len(datamodule.train_dataloader())
+    if batches == 0:
+        raise ConfigValueError(f"data={cfg.data.get('name')}: the train split is empty: nothing would be trained. "
+                               "Give the source training samples (see its split settings)")
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is None:
+        return
+    limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if limited < 1:
+        raise ConfigValueError(f"trainer.limit_train_batches={limit!r} of the {batches} training batches is "
+                               f"{limited}: nothing would be trained. Raise it (e.g. trainer.limit_train_batches=1)")
 
 
 def _best_epoch(trainer) -> int | None:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.data.common import DataError, SplitDataModule, sample, seeded_split, split_transform
 from segrefine.data.transforms import build_augment, parse_size
+from segrefine.validation import MAX_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ def _class_names(labels: Any, meta_path: Path) -> list[str]:
         raise DataError(f"{meta_path}: 'labels' must map class indices to names, got {labels!r}") from e
     if sorted(by_index) != list(range(len(by_index))):
         raise DataError(f"{meta_path}: label indices must be 0..{len(by_index) - 1} without gaps, got {sorted(by_index)}")
-    if len(by_index) > 255:
-        raise DataError(f"{meta_path}: {len(by_index)} classes; at most 255 fit (255 marks ignored pixels)")
+    if len(by_index) > MAX_CLASSES:
+        raise DataError(f"{meta_path}: {len(by_index)} classes; at most {MAX_CLASSES} are supported (class indices "
+                        "must stay below 255, which marks ignored pixels)")
     return [by_index[i] for i in range(len(by_index))]
 
 
