@@ -185,3 +185,71 @@ def test_an_empty_train_split_is_refused(make_cfg):
 
     with pytest.raises(ConfigValueError, match="the train split is empty"):
         check_training_steps(make_cfg(), Empty())
+
+
+# -- 1: SIGTERM / SIGINT stop at a safe point, are recorded, and say how to resume ------------
+
+import json  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import TINY, subprocess_env  # noqa: E402
+
+CLI_BASE = [o for o in TINY if not o.startswith("logger=")] + ["backbone=pspnet", "logger=none"]
+
+
+def start(module: str, *args: str, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(path_glob: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(path_glob.glob(pattern)):
+        assert process.poll() is None, f"ended before {pattern} appeared:\n{process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"no {pattern} after {timeout} s"
+        time.sleep(0.05)
+
+
+def as_module_command(command: str) -> list[str]:
+    """A printed ``segrefine-train ARGS`` as ``python -m segrefine.train ARGS`` (the venv's
+    console scripts are not used from tests)."""
+    program, *args = shlex.split(command)
+    return [sys.executable, "-m", {"segrefine-train": "segrefine.train", "segrefine-eval": "segrefine.evaluate"}[program],
+            *args]
+
+
+def test_sigterm_stops_training_at_a_batch_saves_last_ckpt_exits_143_and_the_printed_command_resumes(tmp_path, data_dir):
+    import torch
+
+    from segrefine.report import load_study
+
+    out = tmp_path / "run"
+    args = [*CLI_BASE, "trainer.max_epochs=3", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"]
+    process = start("segrefine.train", *args, cwd=tmp_path)
+    wait_for(out, "checkpoints/last.ckpt", process)  # one epoch done: a stop now is mid-run
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    assert record["checkpoint"] == "checkpoints/last.ckpt" and not (out / "error.txt").exists()
+    stopped = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= stopped < 6
+    (line,) = [line for line in stderr.splitlines() if "interrupted by SIGTERM" in line]
+    assert "(last.ckpt kept)" in line
+    command = line.split("resume with: ", 1)[1]
+    assert f"hydra.run.dir={out}" in command
+    study = load_study([out])
+    assert study.runs == [] and study.incomplete == [(str(out), "status 'interrupted'")]
+    assert not (out / ".segrefine.lock").exists()  # released on the way out
+
+    done = subprocess.run(as_module_command(command), cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)  # the printed command goes on from there to the end
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # 3 epochs x 2

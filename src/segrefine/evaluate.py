@@ -22,7 +22,7 @@ from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.runs import evaluation_record, headline, headline_key, run_record, run_recording_failure
+from segrefine.runs import check_eval_folder, evaluation_record, headline, headline_key, run_cli_job, run_record
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
 
     from segrefine.build import build_data, build_logger, build_module, run_info
+    from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
@@ -170,6 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(OmegaConf.to_container(run_cfg, resolve=True))
     weights = head_weights(run_cfg, train_cfg, ckpt_file)
     output_dir = Path(run_cfg.paths.output_dir)
+    check_eval_folder(output_dir, run_cfg)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
     module = build_module(run_cfg, datamodule)
@@ -182,7 +184,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         training_id = training_wandb_id(ckpt_file)
         logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file,
                                                                                             training_id)))
-        trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
+        trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[StopOnSignal()],
+                                          default_root_dir=str(output_dir))
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
         trainer.test(module, dataloaders=loader, verbose=False)
         params = module.parameter_counts()
@@ -219,7 +222,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_console(is_verbose(cfg))
-    metrics = run_recording_failure(evaluate, cfg)
+    metrics = run_cli_job(evaluate, cfg, "eval", "segrefine-eval")
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg, cfg.split)), flush=True)
     # The value Hydra sweepers (e.g. Optuna) optimise.
     return headline(metrics, cfg, cfg.split)

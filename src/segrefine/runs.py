@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shlex
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.atomic import atomic_open, atomic_write_text
+from segrefine.jobs import JobInterrupted, RunFolderError, interruption, run_folder_lock, short_error, stop_on_signals
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
 from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
@@ -56,6 +61,20 @@ def job_folder(overrides: Any, limit: int = 200) -> str:
 
 OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
+_RUN_STAMP: list[str] = []
+
+
+def run_stamp() -> str:
+    """A default run folder's name: the start time to the second and the process id
+    (``2026-01-31_12-00-00_4242``), so jobs started in the same second never share a folder.
+    One per process, however often the config is resolved."""
+    if not _RUN_STAMP:
+        _RUN_STAMP.append(f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}")
+    return _RUN_STAMP[0]
+
+
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+
 
 # -- the output folder: skip, resume, or start afresh ------------------------------------
 def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
@@ -71,18 +90,47 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         log.warning("%s is unreadable (%s): the job is redone and the file replaced", path, error)
         return None
-    if previous.get("status") != "complete" or previous.get("job_type") != "train":
+    if previous.get("job_type") not in ("train", None):
+        raise RunFolderError(f"{path} holds the results of a {previous.get('job_type')} job; training here would "
+                             "replace them. Choose another output folder (hydra.run.dir / hydra.sweep.dir)")
+    if previous.get("status") != "complete":
         log.info("%s holds no complete training results: the job is run", path)
         return None
     differences = config_differences(
         comparable_config(previous.get("config", {})), comparable_config(OmegaConf.to_container(cfg, resolve=True))
     )
     if differences:
-        raise FileExistsError(
+        raise RunFolderError(
             f"{path} holds a finished run of a different config (differs in {', '.join(differences)}); "
             "choose another output folder (hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
         )
     return previous
+
+
+def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
+    """An evaluation writes only into a folder of its own: never over a training run's
+    results or checkpoints, nor over a finished evaluation of another config (its own, or an
+    interrupted one, is redone)."""
+    way_out = "choose another output folder (hydra.run.dir=... / hydra.sweep.dir=...)"
+    if (output_dir / "checkpoints").exists():
+        raise RunFolderError(f"{output_dir} holds a training run's checkpoints: an evaluation there would mix its "
+                             f"results with that run's; {way_out}")
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return
+    try:
+        previous = read_results(path)
+    except (OSError, ValueError):
+        raise RunFolderError(f"{path} is unreadable: it may be another job's; {way_out}") from None
+    if previous.get("job_type") != "eval":
+        raise RunFolderError(f"{path} holds the results of a {previous.get('job_type')} job, which an evaluation "
+                             f"would replace; {way_out}")
+    if previous.get("status") == "complete":
+        differences = config_differences(comparable_config(previous.get("config") or {}),
+                                         comparable_config(OmegaConf.to_container(run_cfg, resolve=True)))
+        if differences:
+            raise RunFolderError(f"{path} holds a finished evaluation of another config (differs in "
+                                 f"{', '.join(differences[:6])}); {way_out}")
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bool]:
@@ -210,20 +258,115 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-# -- failures ----------------------------------------------------------------------------
-def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> dict[str, float]:
-    """Run ``job(cfg)``; on an exception leave its message and traceback as ``error.txt`` in
-    the job's folder, so a failed job of a sweep is visible (the report lists it) without
-    stopping the others. A rerun that succeeds removes the stale file."""
-    error_file = Path(cfg.paths.output_dir) / "error.txt"
-    try:
-        metrics = job(cfg)
-    except Exception as error:
-        summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
-        write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}")
-        raise
+# -- failures and interruptions -----------------------------------------------------------
+def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig,
+                          job_type: str = "train") -> dict[str, float]:
+    """Run ``job(cfg)`` holding the output folder's lock (``segrefine.jobs.run_folder_lock``)
+    and stopping on SIGTERM / SIGINT at a safe point (``segrefine.jobs.stop_on_signals``).
+
+    On an exception leave its message and traceback as ``error.txt`` in the job's folder, so a
+    failed job of a sweep is visible (the report lists it) without stopping the others; a
+    rerun that succeeds removes the stale file. A refusal of the folder itself (another job's,
+    ``RunFolderError``) writes nothing there. An interruption is recorded as a results.json
+    with ``status: "interrupted"`` and the signal (the report lists it as not complete) and
+    raised as ``JobInterrupted``."""
+    output_dir = Path(cfg.paths.output_dir)
+    error_file = output_dir / "error.txt"
+    with run_folder_lock(output_dir, job_type):
+        started = time.time()
+        try:
+            with stop_on_signals():
+                metrics = job(cfg)
+        except BaseException as error:
+            stop = interruption(error)
+            if stop is not None:
+                record_interruption(cfg, job_type, stop, started)
+                error_file.unlink(missing_ok=True)
+                if stop is error:
+                    raise
+                raise stop from error
+            if isinstance(error, Exception) and not isinstance(error, RunFolderError):
+                summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
+                write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}")
+            raise
     error_file.unlink(missing_ok=True)
     return metrics
+
+
+def record_interruption(cfg: DictConfig, job_type: str, stop: JobInterrupted, started: float) -> None:
+    """results.json with ``status: "interrupted"``, the signal and the checkpoint a rerun
+    continues from; never over complete results this invocation wrote before the signal."""
+    output_dir = Path(cfg.paths.output_dir)
+    path = output_dir / RESULTS_FILE
+    try:
+        if read_results(path).get("status") == "complete" and path.stat().st_mtime >= started:
+            return  # the job had finished: its results stand
+    except (OSError, ValueError):
+        pass
+    last = output_dir / "checkpoints" / "last.ckpt"
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable key must not hide the interruption
+        config = OmegaConf.to_container(cfg, resolve=False)
+    from segrefine.results import write_results
+
+    try:
+        write_results(output_dir, {
+            "status": "interrupted", "signal": stop.signal_name, "job_type": job_type, "experiment": cfg.get("name"),
+            "seed": cfg.get("seed"), "config": config,
+            "checkpoint": os.path.relpath(last, output_dir) if job_type == "train" and last.is_file() else None,
+        })
+    except OSError as e:
+        log.error("could not record the interruption in %s (%s)", path, e)
+
+
+def resume_command(program: str, output_dir: str | Path) -> str:
+    """The command that continues an interrupted job: a sweep reruns as it was (its folders
+    have no timestamps); a single run names its folder, continues from its last.ckpt rather
+    than the checkpoint it started from, and does not start afresh."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    args = list(sys.argv[1:])
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return shlex.join([program, *args])
+    drop = ("hydra.run.dir=", "force=", "resume=", "ckpt_path=")
+    kept = [a for a in args if not a.lstrip("+~").startswith(drop)]
+    if program == "segrefine-train" and any(a.lstrip("+").startswith("ckpt_path=") for a in args):
+        kept.append("ckpt_path=last")
+    if program == "segrefine-eval":
+        kept = [a for a in args if not a.startswith("hydra.run.dir=")]
+    return shlex.join([program, *kept, f"hydra.run.dir={output_dir}"])
+
+
+class UserError(CompactHydraException):
+    """An error the user can fix: Hydra prints its message alone, without a traceback."""
+
+
+def run_cli_job(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, job_type: str,
+                program: str) -> dict[str, float]:
+    """``run_recording_failure`` for the command line: an interruption prints the resume
+    command and exits 128 + the signal (143 for SIGTERM, 130 for SIGINT; a sweep stops there);
+    an error the user can fix prints one or two lines (``segrefine.jobs.short_error``) instead
+    of a traceback, unless ``verbose=true`` or ``HYDRA_FULL_ERROR=1``."""
+    from segrefine.console import is_verbose
+
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        return run_recording_failure(job, cfg, job_type)
+    except JobInterrupted as stop:
+        kept = " (last.ckpt kept)" if job_type == "train" and (output_dir / "checkpoints" / "last.ckpt").is_file() else ""
+        print(f"segrefine: {output_dir} interrupted by {stop.signal_name}{kept}; resume with: "
+              f"{resume_command(program, output_dir)}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
+    except Exception as error:
+        if is_verbose(cfg) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = short_error(error, output_dir)
+        if message is None:
+            raise
+        details = output_dir / "error.txt"
+        raise UserError(f"segrefine: {message}" + (f"\n(traceback in {details})" if details.is_file() else "")) from error
 
 
 def write_error_file(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ from segrefine.runs import (
     headline_key,
     resume_checkpoint,
     run_record,
-    run_recording_failure,
+    run_cli_job,
     set_threads,
 )
 from segrefine.validation import check_config
@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from segrefine.build import build_callbacks, build_data, build_logger, build_module, initialise_from, run_info
+    from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import AtomicCheckpointIO
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
@@ -85,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         use_job_command_for_ddp()
     try:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
-        callbacks = build_callbacks(cfg)
+        callbacks = [*build_callbacks(cfg), StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
                                           plugins=[AtomicCheckpointIO()])
         fit_start = time.perf_counter()
@@ -167,7 +168,7 @@ def _best_checkpoint(trainer) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_console(is_verbose(cfg))
-    metrics = run_recording_failure(train, cfg)
+    metrics = run_cli_job(train, cfg, "train", "segrefine-train")
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg)), flush=True)
     return headline(metrics, cfg)
 
