@@ -253,3 +253,99 @@ def test_sigterm_stops_training_at_a_batch_saves_last_ckpt_exits_143_and_the_pri
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # 3 epochs x 2
+
+
+# -- 2: run folders are exclusive ------------------------------------------------------------
+
+HOLD = ("import sys, time\n"
+        "from segrefine.jobs import run_folder_lock\n"
+        "with run_folder_lock(sys.argv[1], 'train'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(120)\n")
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, capsys):
+    from segrefine.jobs import LOCK_FILE, RunFolderError, run_folder_lock
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.loads((folder / LOCK_FILE).read_text())
+        assert record["pid"] == holder.pid and record["host"] and record["started"]
+        with pytest.raises(RunFolderError, match=rf"{re.escape(str(folder))} is in use by pid {holder.pid} on "):
+            with run_folder_lock(folder, "train"):
+                pass
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == holder.pid  # the holder's lock untouched
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert json.loads((folder / LOCK_FILE).read_text())["pid"] == holder.pid
+    with run_folder_lock(folder, "eval"):
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock of pid {holder.pid}" in capsys.readouterr().out
+    assert not (folder / LOCK_FILE).exists()
+
+    # A lock file naming a live process of this host is respected even without its flock.
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": record["host"], "started": "earlier"}))
+    with pytest.raises(RunFolderError, match=rf"in use by pid {os.getppid()} .*delete the lock file"):
+        with run_folder_lock(folder, "train"):
+            pass
+
+
+def test_a_locked_folder_writes_nothing_into_it(make_cfg, tmp_path):
+    from segrefine.jobs import RunFolderError, run_folder_lock
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
+
+    out = tmp_path / "run"
+    with run_folder_lock(out, "train"):  # this test holds it, as another process would
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(RunFolderError, match="is in use by"):
+            # a fresh file description: flock refuses it as it would another process
+            run_recording_failure(train, make_cfg(output_dir=out))
+        assert sorted(p.name for p in out.iterdir()) == before  # no error.txt, no checkpoints
+
+
+def test_default_run_folders_differ_for_jobs_started_in_the_same_second(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONFIG_DIR
+
+    code = "from segrefine.runs import run_stamp; print(run_stamp(), run_stamp())"
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    stamps = [p.communicate()[0].split() for p in processes]
+    assert all(a == b for a, b in stamps)  # one folder per process, however often it is resolved
+    assert stamps[0][0] != stamps[1][0]
+    assert stamps[0][0].rsplit("_", 1)[1] == str(processes[0].pid)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for name in ("train", "eval"):
+            cfg = compose(name, overrides=["ckpt_path=x"] if name == "eval" else [], return_hydra_config=True)
+            assert cfg.hydra.run.dir.endswith(f"_{os.getpid()}")
+    assert "${run_stamp:}" in Path(CONFIG_DIR, "eval.yaml").read_text()  # the eval sweep folder too
+
+
+def test_eval_refuses_a_training_folder_and_train_refuses_an_evaluations(make_cfg, tmp_path):
+    from segrefine.evaluate import evaluate
+    from segrefine.jobs import RunFolderError
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
+    from test_failsafe import eval_cfg
+
+    run = tmp_path / "run"
+    train(make_cfg("backbone=pspnet", output_dir=run))
+    stamp = (run / "results.json").stat().st_mtime_ns
+    with pytest.raises(RunFolderError, match="holds a training run's checkpoints"):
+        run_recording_failure(evaluate, eval_cfg(run, run, "head=densecrf"), "eval")
+    assert (run / "results.json").stat().st_mtime_ns == stamp and not (run / "error.txt").exists()
+
+    evaluation = tmp_path / "eval"
+    evaluate(eval_cfg(run, evaluation))
+    with pytest.raises(RunFolderError, match="finished evaluation of another config .*head"):
+        evaluate(eval_cfg(run, evaluation, "head=densecrf"))
+    evaluate(eval_cfg(run, evaluation))  # the same evaluation again: redone in its own folder
+    stamp = (evaluation / "results.json").stat().st_mtime_ns
+    with pytest.raises(RunFolderError, match="holds an evaluation's results; training here would replace them"):
+        run_recording_failure(train, make_cfg("backbone=pspnet", output_dir=evaluation))
+    assert (evaluation / "results.json").stat().st_mtime_ns == stamp and not (evaluation / "error.txt").exists()

@@ -91,8 +91,8 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
         log.warning("%s is unreadable (%s): the job is redone and the file replaced", path, error)
         return None
     if previous.get("job_type") not in ("train", None):
-        raise RunFolderError(f"{path} holds the results of a {previous.get('job_type')} job; training here would "
-                             "replace them. Choose another output folder (hydra.run.dir / hydra.sweep.dir)")
+        raise RunFolderError(f"{path} holds {_whose(previous)} results; training here would replace them. Choose "
+                             "another output folder (hydra.run.dir / hydra.sweep.dir)")
     if previous.get("status") != "complete":
         log.info("%s holds no complete training results: the job is run", path)
         return None
@@ -105,6 +105,11 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
             "choose another output folder (hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
         )
     return previous
+
+
+def _whose(record: dict[str, Any]) -> str:
+    kind = record.get("job_type")
+    return {"eval": "an evaluation's", "train": "a training run's"}.get(kind, f"a {kind!r} job's")
 
 
 def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
@@ -123,8 +128,7 @@ def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
     except (OSError, ValueError):
         raise RunFolderError(f"{path} is unreadable: it may be another job's; {way_out}") from None
     if previous.get("job_type") != "eval":
-        raise RunFolderError(f"{path} holds the results of a {previous.get('job_type')} job, which an evaluation "
-                             f"would replace; {way_out}")
+        raise RunFolderError(f"{path} holds {_whose(previous)} results, which an evaluation would replace; {way_out}")
     if previous.get("status") == "complete":
         differences = config_differences(comparable_config(previous.get("config") or {}),
                                          comparable_config(OmegaConf.to_container(run_cfg, resolve=True)))
