@@ -349,3 +349,169 @@ def test_eval_refuses_a_training_folder_and_train_refuses_an_evaluations(make_cf
     with pytest.raises(RunFolderError, match="holds an evaluation's results; training here would replace them"):
         run_recording_failure(train, make_cfg("backbone=pspnet", output_dir=evaluation))
     assert (evaluation / "results.json").stat().st_mtime_ns == stamp and not (evaluation / "error.txt").exists()
+
+
+def test_lightnings_slurm_requeue_still_works_under_submitits_sigterm_handler(make_cfg, monkeypatch, tmp_path):
+    """SLURM pre-emption as submitit sees it: SIGUSR1 makes Lightning save its hpc checkpoint
+    and requeue the job (scontrol), then SIGTERM ends this attempt. submitit's own SIGTERM
+    handler (it only logs) must still run, and the stop must be recorded as interrupted."""
+    import torch
+
+    from segrefine.heads.none import NoHead
+    from segrefine.jobs import JobInterrupted
+    from segrefine.runs import run_recording_failure
+    from segrefine.train import train
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "segrefine", "SLURM_JOB_ID": "4242",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    bypassed = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: bypassed.append(signum))  # submitit's "bypass"
+
+    original, calls = NoHead.losses, {"n": 0}
+
+    def losses(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning signal, before the time limit
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # then the end of this attempt
+        return original(self, *args)
+
+    monkeypatch.setattr(NoHead, "losses", losses)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(JobInterrupted, match="SIGTERM"):
+            run_recording_failure(train, make_cfg("backbone=pspnet", "trainer.max_epochs=4", output_dir=out))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]  # Lightning requeued the job
+    assert [p.name for p in out.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+    assert bypassed == [signal.SIGTERM]  # submitit's handler ran too
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    record = json.loads((out / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+
+
+@pytest.mark.slow  # a CLI sweep
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_a_sweep_non_zero_before_its_later_jobs(tmp_path, data_dir, stop, code):
+    sweep = tmp_path / "sweep"
+    process = start("segrefine.train", "-m", *CLI_BASE, "trainer.max_epochs=30", "seed=0,1",
+                    f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    wait_for(sweep, "*seed-0*/checkpoints/last.ckpt", process)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-3000:]
+    (first,) = sweep.glob("*seed-0*")
+    record = json.loads((first / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["signal"] == signal.Signals(stop).name
+    assert not list(sweep.glob("*seed-1*"))  # the later job never started
+    (line,) = [line for line in stderr.splitlines() if f"interrupted by {signal.Signals(stop).name}" in line]
+    assert line.endswith(shlex.join(["segrefine-train", "-m", *CLI_BASE, "trainer.max_epochs=30", "seed=0,1",
+                                     f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]))
+    assert "Traceback" not in stderr
+
+
+# -- 9: short, true errors ----------------------------------------------------------------------
+
+
+def test_a_user_error_prints_two_lines_without_a_traceback_unless_asked(tmp_path, data_dir):
+    out = tmp_path / "run"
+    args = ["-m", "segrefine.train", "data.num_classes=300", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "segrefine: ConfigValueError: data.num_classes=300: at most 254 classes are supported (class indices must "
+        "stay below 255, the index of ignored pixels)",
+        f"(traceback in {out / 'error.txt'})"]
+    assert "ConfigValueError" in (out / "error.txt").read_text()
+    full = subprocess.run([sys.executable, *args, "verbose=true"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1 and "Traceback" in full.stderr and "data.num_classes=300" in full.stderr
+
+
+def full_disk_during_torch_save(monkeypatch, after_bytes: int = 4096) -> None:
+    """torch.save's own writes hit ENOSPC after ``after_bytes`` (the real failure reaches the
+    file object's write; torch then reports "unexpected pos")."""
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_write, written = f.write, {"n": 0}
+
+        def write(data):
+            written["n"] += len(data)
+            if written["n"] > after_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(data)
+
+        f.write = write
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so_in_one_line(make_cfg, monkeypatch, tmp_path, capsys):
+    from segrefine.runs import run_cli_job
+    from segrefine.train import train
+
+    full_disk_during_torch_save(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli_job(train, make_cfg("backbone=pspnet", output_dir=out), "train", "segrefine-train")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(("segrefine:", "(traceback"))]  # no progress bars
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert lines[0] == (f"segrefine: no space left on {out / 'checkpoints'}: free some (or choose another folder) "
+                        "and rerun to resume")
+    assert len(lines) == 2 and "unexpected pos" in (out / "error.txt").read_text()  # the cause kept for a bug report
+    assert not list((out / "checkpoints").glob("*"))  # nothing partial
+
+
+@pytest.mark.slow  # a CLI run on a real 1 MiB tmpfs (needs unshare -rm and tmpfs mounts)
+def test_a_real_full_tmpfs_gives_one_line(tmp_path, data_dir):
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    script = (f"mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(mount))} && exec {shlex.quote(sys.executable)} -m "
+              f"segrefine.train {' '.join(map(shlex.quote, CLI_BASE))} paths.data_dir={shlex.quote(str(data_dir))} "
+              f"hydra.run.dir={shlex.quote(str(mount / 'run'))}")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {shlex.quote(str(mount))}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"tmpfs mounts are not allowed here: {probe.stderr.decode()[-200:]}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("segrefine:")]
+    assert lines == [f"segrefine: no space left on {mount / 'run' / 'checkpoints'}: free some (or choose another "
+                     "folder) and rerun to resume"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "unexpected pos" not in proc.stderr
+
+
+@pytest.mark.slow  # wandb online against a closed local port: wandb retries for its init timeout
+def test_wandb_online_without_a_server_says_how_to_run_offline(tmp_path, data_dir):
+    env = {**subprocess_env(), "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_API_KEY": "x" * 40, "WANDB_INIT_TIMEOUT": "5"}
+    proc = subprocess.run([sys.executable, "-m", "segrefine.train", *CLI_BASE, "logger=wandb",
+                           f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("segrefine:")]
+    assert lines[0].startswith("segrefine: wandb online: contacting the server")  # before the wait, not after
+    assert lines[1].startswith("segrefine: wandb failed (CommError") and "logger.mode=offline" in lines[1]
+    assert "Traceback" not in proc.stderr

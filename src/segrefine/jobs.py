@@ -220,13 +220,12 @@ def short_error(error: BaseException, output_dir: str | Path | None = None) -> s
 
     full = disk_full(error)
     if full is not None:
-        where = full.filename or getattr(error, "filename", None) or output_dir or "the device"
-        where = Path(where).parent if full.filename and not Path(where).is_dir() else where
-        return f"no space left on {where}: free space there (or choose another folder) and rerun to resume"
+        where = Path(full.filename).parent if full.filename else output_dir or "the device"
+        return f"no space left on {where}: free some (or choose another folder) and rerun to resume"
     kind = type(error)
     if kind.__module__.startswith("wandb"):
-        return (f"wandb could not reach its server ({type(error).__name__}: {' '.join(str(error).split())[:200]}). "
-                "Run offline with logger.mode=offline and WANDB_MODE unset or offline; upload later with wandb sync")
+        return (f"wandb failed ({type(error).__name__}: {' '.join(str(error).split())[:200]}). To log without the "
+                "server run offline: logger.mode=offline (or WANDB_MODE=offline), then upload with wandb sync")
     user_errors = (ConfigValueError, RunFolderError, *_optional_user_errors())
     if isinstance(error, user_errors):
         return " ".join(f"{kind.__name__}: {error}".split())

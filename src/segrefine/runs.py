@@ -22,7 +22,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.atomic import atomic_open, atomic_write_text
-from segrefine.jobs import JobInterrupted, RunFolderError, interruption, run_folder_lock, short_error, stop_on_signals
+from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, interruption, run_folder_lock, short_error,
+                            stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
 from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
@@ -291,7 +292,8 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
                 raise stop from error
             if isinstance(error, Exception) and not isinstance(error, RunFolderError):
                 summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
-                write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}")
+                # on a full disk error.txt cannot be written either: the console's one line says it all
+                write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}", console=not disk_full(error))
             raise
     error_file.unlink(missing_ok=True)
     return metrics
@@ -328,18 +330,17 @@ def resume_command(program: str, output_dir: str | Path) -> str:
     """The command that continues an interrupted job: a sweep reruns as it was (its folders
     have no timestamps); a single run names its folder, continues from its last.ckpt rather
     than the checkpoint it started from, and does not start afresh."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     args = list(sys.argv[1:])
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if _multirun():
         return shlex.join([program, *args])
-    drop = ("hydra.run.dir=", "force=", "resume=", "ckpt_path=")
-    kept = [a for a in args if not a.lstrip("+~").startswith(drop)]
-    if program == "segrefine-train" and any(a.lstrip("+").startswith("ckpt_path=") for a in args):
-        kept.append("ckpt_path=last")
-    if program == "segrefine-eval":
+    if program == "segrefine-eval":  # an evaluation is simply redone
         kept = [a for a in args if not a.startswith("hydra.run.dir=")]
+    else:
+        resumable = (Path(output_dir) / "checkpoints" / "last.ckpt").is_file()
+        drop = ("hydra.run.dir=", "force=", "resume=", *(("ckpt_path=",) if resumable else ()))
+        kept = [a for a in args if not a.lstrip("+~").startswith(drop)]
+        if resumable and any(a.lstrip("+").startswith("ckpt_path=") for a in args):
+            kept.append("ckpt_path=last")
     return shlex.join([program, *kept, f"hydra.run.dir={output_dir}"])
 
 
@@ -370,14 +371,27 @@ def run_cli_job(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, 
         if message is None:
             raise
         details = output_dir / "error.txt"
-        raise UserError(f"segrefine: {message}" + (f"\n(traceback in {details})" if details.is_file() else "")) from error
+        message = f"segrefine: {message}" + (f"\n(traceback in {details})" if details.is_file() else "")
+        if _multirun():  # the sweep goes on with its other jobs; Hydra reports this one at the end, compactly
+            raise UserError(message) from error
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
-def write_error_file(path: Path, text: str) -> None:
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_error_file(path: Path, text: str, console: bool = True) -> None:
     """``error.txt``, atomically: whole or absent, never empty. When it cannot be written
-    (e.g. the disk is full) the console says so, and the run's own error follows."""
+    (e.g. the disk is full) the console says so (unless ``console`` is false), and the run's
+    own error follows."""
     try:
         atomic_write_text(path, text)
     except OSError as e:
         log.error("could not record the failure in %s (%s); the run failed with: %s", path, e, text.split("\n", 1)[0])
-        print(f"segrefine: could not write {path} ({e})", file=sys.stderr)
+        if console:
+            print(f"segrefine: could not write {path} ({e})", file=sys.stderr)

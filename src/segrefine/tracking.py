@@ -57,6 +57,9 @@ def make_wandb_logger(
     if mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    if mode == "online":  # wandb may wait silently for its server (90 s by default): say what it is doing
+        print("segrefine: wandb online: contacting the server (logger.mode=offline or WANDB_MODE=offline logs "
+              "without it)", file=sys.stderr, flush=True)
     return WandbLogger(
         name=run.run_name,
         save_dir=run.output_dir,
