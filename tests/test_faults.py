@@ -515,3 +515,96 @@ def test_wandb_online_without_a_server_says_how_to_run_offline(tmp_path, data_di
     assert lines[0].startswith("segrefine: wandb online: contacting the server")  # before the wait, not after
     assert lines[1].startswith("segrefine: wandb failed (CommError") and "logger.mode=offline" in lines[1]
     assert "Traceback" not in proc.stderr
+
+
+# -- 5 (issue case): masks and volumes read as drawn ----------------------------------------------
+
+
+def test_float_masks_are_rounded_not_truncated_and_soft_values_refused(tmp_path):
+    from PIL import Image
+
+    from segrefine.data.common import DataError
+    from segrefine.data.folder import FolderDataModule
+
+    module = FolderDataModule(root=str(tmp_path), num_classes=3)
+    drawn = np.array([[0, 1, 2, 1], [1, 1, 0, 2]])
+    stored = drawn + np.array([[0.0004, -0.0001, -0.0009, 0.0], [0.0, -0.0008, 0.0002, 0.0]])  # 0.9999 etc.
+    Image.fromarray(stored.astype(np.float32), mode="F").save(tmp_path / "m.tif")
+    assert module._mask(tmp_path / "m.tif").tolist() == drawn.tolist()
+    as_0_255 = FolderDataModule(root=str(tmp_path), num_classes=2, mask_values={0: 0, 255: 1})
+    Image.fromarray(np.array([[0.0, 254.9996], [255.0, 0.0002]], np.float32), mode="F").save(tmp_path / "b.tif")
+    assert as_0_255._mask(tmp_path / "b.tif").tolist() == [[0, 1], [1, 0]]
+    soft = stored.copy()
+    soft[1, 3] = 1.5
+    Image.fromarray(soft.astype(np.float32), mode="F").save(tmp_path / "soft.tif")
+    with pytest.raises(DataError, match=r"soft\.tif: float mask value 1\.5 is 0\.5 from the nearest whole class"):
+        module._mask(tmp_path / "soft.tif")
+
+
+def exif_with(orientation: int):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_exif_orientation_turns_images_and_masks_alike_or_is_refused(tmp_path):
+    from PIL import Image
+
+    from segrefine.data.common import DataError
+    from segrefine.data.folder import FolderDataModule
+
+    module = FolderDataModule(root=str(tmp_path), num_classes=2)
+    mask = np.zeros((40, 24), np.uint8)  # as shown: a portrait photo and the mask drawn on it
+    mask[4:20, 2:10] = 1
+    shown = np.where(mask == 1, 230, 20).astype(np.uint8)
+    # EXIF 6: the viewer turns the stored pixels 90 degrees clockwise, so they are stored turned back
+    Image.fromarray(np.rot90(shown, 1)).save(tmp_path / "photo.jpg", quality=95, exif=exif_with(6))
+    Image.fromarray(mask).save(tmp_path / "drawn.png")  # untagged, drawn on the photo as shown
+    Image.fromarray(np.rot90(mask, 1)).save(tmp_path / "tagged.png", exif=exif_with(6))  # stored like the photo
+
+    for mask_file in ("drawn.png", "tagged.png"):
+        ((image, read_mask),) = module._read("test", [("photo", tmp_path / "photo.jpg", tmp_path / mask_file)])
+        assert read_mask.tolist() == mask.tolist()
+        assert image[0][mask == 1].min() > 0.7 and image[0][mask == 0].max() < 0.3  # aligned pixel for pixel
+
+    square = np.zeros((24, 24), np.uint8)
+    square[2:9, 3:20] = 1
+    Image.fromarray(np.rot90(np.where(square == 1, 230, 20).astype(np.uint8), 2)).save(
+        tmp_path / "upside.jpg", quality=95, exif=exif_with(3))  # 180 degrees: the shapes cannot tell
+    Image.fromarray(square).save(tmp_path / "square.png")
+    with pytest.raises(DataError, match=r"square\.png has EXIF orientation 1 but its image .*upside\.jpg has 3"):
+        module._read("test", [("upside", tmp_path / "upside.jpg", tmp_path / "square.png")])
+
+
+def test_an_msd_label_on_a_flipped_grid_is_refused_naming_both_files(tmp_path):
+    import nibabel as nib
+
+    from segrefine.data.common import DataError
+    from segrefine.data.msd import MSDDataModule
+    from test_datasets import write_msd_task
+
+    root = tmp_path / "T"
+    write_msd_task(root, n=3, axcodes=("R", "A", "S"))
+    label_path = root / "labelsTr" / "hippocampus_001.nii.gz"
+    label = nib.load(str(label_path))
+    flipped = label.affine @ np.diag([-1.0, 1, 1, 1])  # the same voxels, mirrored along x in the world
+    nib.Nifti1Image(np.asarray(label.dataobj), flipped).to_filename(label_path)
+    dm = MSDDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), split_fractions=[0.34, 0.33, 0.33])
+    with pytest.raises(DataError, match=r"labelsTr/hippocampus_001\.nii\.gz and its image .*imagesTr/"
+                                        r"hippocampus_001\.nii\.gz are on different voxel grids"):
+        dm.prepare_data()
+
+    # The same label stored in another voxel order with its affine to match: one grid, accepted.
+    image = nib.load(str(root / "imagesTr" / "hippocampus_001.nii.gz"))
+    data = np.asarray(label.dataobj)[::-1]
+    shift = label.affine @ np.array([data.shape[0] - 1, 0, 0, 1])
+    matching = label.affine @ np.diag([-1.0, 1, 1, 1])
+    matching[:3, 3] = shift[:3]
+    nib.Nifti1Image(data, matching).to_filename(label_path)
+    assert np.allclose(nib.as_closest_canonical(nib.load(str(label_path))).affine,
+                       nib.as_closest_canonical(image).affine)
+    dm = MSDDataModule(root=str(root), cache_dir=str(tmp_path / "cache2"), split_fractions=[0.34, 0.33, 0.33])
+    dm.prepare_data()
+    dm.setup()

@@ -174,6 +174,22 @@ def normalise(volume: np.ndarray, method: str, clip: Sequence[float] | None) -> 
     return volume.astype(np.float32, copy=False)
 
 
+# Affines (voxel -> world, mm) of an image and its label may differ by header rounding, not more.
+AFFINE_TOLERANCE = 1e-3
+
+
+def check_same_grid(image_affine: np.ndarray, label_affine: np.ndarray, image: Path, label: Path) -> None:
+    """A label lies on its image's voxel grid: after reorientation to RAS both affines agree
+    within ``AFFINE_TOLERANCE`` (mm) plus float32 rounding. Otherwise its voxels would be
+    paired with other image voxels (a flipped affine: mirrored), so it is refused."""
+    image_affine, label_affine = np.asarray(image_affine, float), np.asarray(label_affine, float)
+    if not np.allclose(image_affine, label_affine, rtol=1e-5, atol=AFFINE_TOLERANCE):
+        difference = float(np.abs(image_affine - label_affine).max())
+        raise DataError(f"{label} and its image {image} are on different voxel grids (their affines differ by up to "
+                        f"{difference:.3g} mm; a flipped or shifted label header): fix the label's header (affine) "
+                        "to its image's, or resample the label onto the image")
+
+
 def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Image slices ``(S, K, H, W)`` float32 and mask slices ``(S, H, W)`` uint8 of one volume."""
     axis, modality = settings["axis"], settings["modality"]
@@ -199,6 +215,7 @@ def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray,
     if tuple(lab.shape[:3]) != tuple(spatial) or (len(lab.shape) == 4 and lab.shape[3] != 1) or len(lab.shape) > 4:
         raise DataError(f"{case.label}: label volume shape {tuple(lab.shape)} does not match image "
                         f"{case.image.name} shape {tuple(spatial)} (after canonical reorientation)")
+    check_same_grid(img.affine, lab.affine, case.image, case.label)
     labels = _data(lab, case.label, dtype=None)
     labels = labels.reshape(spatial)
     if not np.issubdtype(labels.dtype, np.integer):
