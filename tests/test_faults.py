@@ -326,7 +326,7 @@ def test_default_run_folders_differ_for_jobs_started_in_the_same_second(tmp_path
     assert "${run_stamp:}" in Path(CONFIG_DIR, "eval.yaml").read_text()  # the eval sweep folder too
 
 
-def test_eval_refuses_a_training_folder_and_train_refuses_an_evaluations(make_cfg, tmp_path):
+def test_eval_refuses_a_training_folder_train_an_evaluations_and_a_stopped_evaluation_is_redone(make_cfg, tmp_path):
     from segrefine.evaluate import evaluate
     from segrefine.jobs import RunFolderError
     from segrefine.runs import run_recording_failure
@@ -344,11 +344,33 @@ def test_eval_refuses_a_training_folder_and_train_refuses_an_evaluations(make_cf
     evaluate(eval_cfg(run, evaluation))
     with pytest.raises(RunFolderError, match="finished evaluation of another config .*head"):
         evaluate(eval_cfg(run, evaluation, "head=densecrf"))
-    evaluate(eval_cfg(run, evaluation))  # the same evaluation again: redone in its own folder
     stamp = (evaluation / "results.json").stat().st_mtime_ns
     with pytest.raises(RunFolderError, match="holds an evaluation's results; training here would replace them"):
         run_recording_failure(train, make_cfg("backbone=pspnet", output_dir=evaluation))
     assert (evaluation / "results.json").stat().st_mtime_ns == stamp and not (evaluation / "error.txt").exists()
+
+    # SIGTERM during an evaluation: recorded as interrupted, and redone in the same folder.
+    from segrefine.jobs import JobInterrupted
+    from segrefine.module import SegmentationModule
+
+    stopped, real_step = tmp_path / "stopped", SegmentationModule.test_step
+
+    def step(self, batch, batch_idx):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batch, batch_idx)
+
+    SegmentationModule.test_step = step
+    try:
+        with pytest.raises(JobInterrupted, match="SIGTERM"):
+            run_recording_failure(evaluate, eval_cfg(run, stopped), "eval")
+    finally:
+        SegmentationModule.test_step = real_step
+    record = json.loads((stopped / "results.json").read_text())
+    assert (record["status"], record["signal"], record["job_type"], record["checkpoint"]) == (
+        "interrupted", "SIGTERM", "eval", None)
+    run_recording_failure(evaluate, eval_cfg(run, stopped), "eval")
+    assert json.loads((stopped / "results.json").read_text())["status"] == "complete"
 
 
 def test_lightnings_slurm_requeue_still_works_under_submitits_sigterm_handler(make_cfg, monkeypatch, tmp_path):
@@ -608,3 +630,4 @@ def test_an_msd_label_on_a_flipped_grid_is_refused_naming_both_files(tmp_path):
     dm = MSDDataModule(root=str(root), cache_dir=str(tmp_path / "cache2"), split_fractions=[0.34, 0.33, 0.33])
     dm.prepare_data()
     dm.setup()
+
