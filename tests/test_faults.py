@@ -223,10 +223,9 @@ def as_module_command(command: str) -> list[str]:
             *args]
 
 
-def test_sigterm_stops_training_at_a_batch_saves_last_ckpt_exits_143_and_the_printed_command_resumes(tmp_path, data_dir):
+def sigterm_a_training(tmp_path: Path, data_dir: Path) -> tuple[Path, str, int]:
+    """A CLI training stopped by SIGTERM after its first epoch: (folder, stderr, step reached)."""
     import torch
-
-    from segrefine.report import load_study
 
     out = tmp_path / "run"
     args = [*CLI_BASE, "trainer.max_epochs=3", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}"]
@@ -235,21 +234,38 @@ def test_sigterm_stops_training_at_a_batch_saves_last_ckpt_exits_143_and_the_pri
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
+    stopped = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= stopped < 6
+    return out, stderr, stopped
+
+
+def resume_line(stderr: str) -> str:
+    (line,) = [line for line in stderr.splitlines() if "interrupted by SIGTERM" in line]
+    return line
+
+
+def test_sigterm_stops_training_at_a_batch_records_it_and_exits_143(tmp_path, data_dir):
+    from segrefine.report import load_study
+
+    out, stderr, _ = sigterm_a_training(tmp_path, data_dir)
     record = json.loads((out / "results.json").read_text())
     assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
     assert record["checkpoint"] == "checkpoints/last.ckpt" and not (out / "error.txt").exists()
-    stopped = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 2 <= stopped < 6
-    (line,) = [line for line in stderr.splitlines() if "interrupted by SIGTERM" in line]
-    assert "(last.ckpt kept)" in line
-    command = line.split("resume with: ", 1)[1]
-    assert f"hydra.run.dir={out}" in command
+    line = resume_line(stderr)
+    assert "(last.ckpt kept)" in line and line.endswith(f"hydra.run.dir={out}") and "Traceback" not in stderr
     study = load_study([out])
     assert study.runs == [] and study.incomplete == [(str(out), "status 'interrupted'")]
     assert not (out / ".segrefine.lock").exists()  # released on the way out
 
+
+@pytest.mark.slow  # two CLI runs
+def test_the_printed_command_resumes_a_stopped_training_from_its_batch(tmp_path, data_dir):
+    import torch
+
+    out, stderr, _ = sigterm_a_training(tmp_path, data_dir)
+    command = resume_line(stderr).split("resume with: ", 1)[1]
     done = subprocess.run(as_module_command(command), cwd=tmp_path, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=600)  # the printed command goes on from there to the end
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # 3 epochs x 2
