@@ -113,6 +113,20 @@ def _read_lock(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def is_first_process() -> bool:
+    """Whether this process is rank 0 of its job (or the job's only process): the one that
+    holds the folder's lock and records its end. Ranks Lightning starts by re-running the
+    command (``LOCAL_RANK``), torchrun's (``RANK``, ``GROUP_RANK``), other nodes
+    (``NODE_RANK``) and SLURM tasks (``SLURM_PROCID``) share rank 0's folder."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        try:
+            if int(os.environ.get(key) or 0) != 0:
+                return False
+        except ValueError:
+            continue
+    return True
+
+
 # -- SIGTERM / SIGINT: stop at a safe point -------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +23,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.atomic import atomic_open, atomic_write_text
-from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, interruption, run_folder_lock, short_error,
-                            stop_on_signals)
+from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, interruption, is_first_process, run_folder_lock,
+                            short_error, stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
 from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
@@ -277,7 +278,8 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
     raised as ``JobInterrupted``."""
     output_dir = Path(cfg.paths.output_dir)
     error_file = output_dir / "error.txt"
-    with run_folder_lock(output_dir, job_type):
+    first = is_first_process()  # the other ranks of a DDP job share rank 0's folder and lock
+    with run_folder_lock(output_dir, job_type) if first else nullcontext():
         started = time.time()
         try:
             with stop_on_signals():
@@ -285,8 +287,9 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
         except BaseException as error:
             stop = interruption(error)
             if stop is not None:
-                record_interruption(cfg, job_type, stop, started)
-                error_file.unlink(missing_ok=True)
+                if first:
+                    record_interruption(cfg, job_type, stop, started)
+                    error_file.unlink(missing_ok=True)
                 if stop is error:
                     raise
                 raise stop from error
