@@ -4,14 +4,23 @@ class counts, runs that would train nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import segrefine.figures
-from segrefine.report import escape_latex, escape_markdown, load_study, main, summarise, to_latex, to_markdown, write_report
+from conftest import TINY, subprocess_env
+from segrefine.report import (escape_latex, escape_markdown, load_study, main, summarise, to_latex, to_markdown,
+                              write_report)
 from test_report import BASE, GAIN, run
 
 # Every character that carries meaning in Markdown tables or LaTeX, and a line break.
@@ -189,16 +198,6 @@ def test_an_empty_train_split_is_refused(make_cfg):
 
 # -- 1: SIGTERM / SIGINT stop at a safe point, are recorded, and say how to resume ------------
 
-import json  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from conftest import TINY, subprocess_env  # noqa: E402
-
 CLI_BASE = [o for o in TINY if not o.startswith("logger=")] + ["backbone=pspnet", "logger=none"]
 
 
@@ -219,8 +218,8 @@ def as_module_command(command: str) -> list[str]:
     """A printed ``segrefine-train ARGS`` as ``python -m segrefine.train ARGS`` (the venv's
     console scripts are not used from tests)."""
     program, *args = shlex.split(command)
-    return [sys.executable, "-m", {"segrefine-train": "segrefine.train", "segrefine-eval": "segrefine.evaluate"}[program],
-            *args]
+    modules = {"segrefine-train": "segrefine.train", "segrefine-eval": "segrefine.evaluate"}
+    return [sys.executable, "-m", modules[program], *args]
 
 
 def sigterm_a_training(tmp_path: Path, data_dir: Path) -> tuple[Path, str, int]:

@@ -363,7 +363,8 @@ def run_cli_job(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, 
     try:
         return run_recording_failure(job, cfg, job_type)
     except JobInterrupted as stop:
-        kept = " (last.ckpt kept)" if job_type == "train" and (output_dir / "checkpoints" / "last.ckpt").is_file() else ""
+        last = output_dir / "checkpoints" / "last.ckpt"
+        kept = " (last.ckpt kept)" if job_type == "train" and last.is_file() else ""
         print(f"segrefine: {output_dir} interrupted by {stop.signal_name}{kept}; resume with: "
               f"{resume_command(program, output_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None
