@@ -646,3 +646,34 @@ def test_an_msd_label_on_a_flipped_grid_is_refused_naming_both_files(tmp_path):
     dm.prepare_data()
     dm.setup()
 
+
+
+def test_a_busy_or_foreign_folder_is_refused_before_hydra_writes_into_it(tmp_path):
+    """Hydra writes .hydra/ into the output folder before the job runs: the refusal comes first."""
+    training = tmp_path / "training"
+    (training / "checkpoints").mkdir(parents=True)
+    (training / ".hydra").mkdir()
+    (training / ".hydra" / "config.yaml").write_text("the training run's config\n")
+    (training / "results.json").write_text(json.dumps({"job_type": "train", "status": "complete"}))
+    proc = subprocess.run([sys.executable, "-m", "segrefine.evaluate", f"ckpt_path={training}",
+                           f"hydra.run.dir={training}"], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"segrefine: RunFolderError: {training} holds a training run's checkpoints: an evaluation there would mix "
+        "its results with that run's; choose another output folder (hydra.run.dir=...)"]
+    assert (training / ".hydra" / "config.yaml").read_text() == "the training run's config\n"
+    assert not list(training.glob("*.log"))
+
+    busy = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, "-m", "segrefine.train", f"hydra.run.dir={busy}"], cwd=tmp_path,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1 and f"{busy} is in use by pid {holder.pid}" in proc.stderr
+    assert sorted(p.name for p in busy.iterdir()) == [".segrefine.lock"]  # no .hydra/, no log

@@ -14,11 +14,15 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,55 @@ def is_first_process() -> bool:
         except ValueError:
             continue
     return True
+
+
+def foreign_folder_problem(folder: Path) -> str | None:
+    """Why an evaluation may not write into ``folder`` whatever its config (None if it may):
+    a training run's checkpoints, or results.json of a job other than an evaluation."""
+    if (folder / "checkpoints").exists():
+        return f"{folder} holds a training run's checkpoints: an evaluation there would mix its results with that run's"
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text()).get("job_type")
+    except (OSError, ValueError, AttributeError):
+        return f"{path} is unreadable: it may be another job's"
+    if kind != "eval":
+        whose = {"train": "a training run's"}.get(kind, f"a {kind!r} job's")
+        return f"{path} holds {whose} results, which an evaluation would replace"
+    return None
+
+
+def _evaluation_results(folder: Path) -> str | None:
+    try:
+        kind = json.loads((folder / "results.json").read_text()).get("job_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # none, or unreadable: the training job decides (an unreadable file is redone)
+    return f"{folder / 'results.json'} holds an evaluation's results, which training would replace" if kind == "eval" else None
+
+
+class FolderGuard(Callback):
+    """Hydra callback: before a single run writes anything (Hydra writes ``.hydra/`` into the
+    output folder before the job starts), refuse a folder another job is running in, and an
+    evaluation's folder that holds a training run. The job itself checks again (and a sweep's
+    folders are checked by their jobs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_process():
+            return  # a DDP rank started by rank 0 shares its folder
+        folder = Path(str(config.hydra.run.dir))
+        evaluation = "split" in config and "ckpt_path" in config and "backbone" not in config
+        try:
+            if folder.is_dir() and (folder / LOCK_FILE).exists():
+                with run_folder_lock(folder, "eval" if evaluation else "train"):
+                    pass
+            problem = foreign_folder_problem(folder) if evaluation else _evaluation_results(folder)
+            if problem:
+                raise RunFolderError(f"{problem}; choose another output folder (hydra.run.dir=...)")
+        except RunFolderError as error:
+            print(f"segrefine: RunFolderError: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
 
 # -- SIGTERM / SIGINT: stop at a safe point -------------------------------------------------

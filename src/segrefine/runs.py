@@ -23,8 +23,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.atomic import atomic_open, atomic_write_text
-from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, interruption, is_first_process, run_folder_lock,
-                            short_error, stop_on_signals)
+from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, foreign_folder_problem, interruption,
+                            is_first_process, run_folder_lock, short_error, stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
 from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
@@ -119,18 +119,12 @@ def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
     results or checkpoints, nor over a finished evaluation of another config (its own, or an
     interrupted one, is redone)."""
     way_out = "choose another output folder (hydra.run.dir=... / hydra.sweep.dir=...)"
-    if (output_dir / "checkpoints").exists():
-        raise RunFolderError(f"{output_dir} holds a training run's checkpoints: an evaluation there would mix its "
-                             f"results with that run's; {way_out}")
+    if problem := foreign_folder_problem(output_dir):
+        raise RunFolderError(f"{problem}; {way_out}")
     path = output_dir / RESULTS_FILE
     if not path.is_file():
         return
-    try:
-        previous = read_results(path)
-    except (OSError, ValueError):
-        raise RunFolderError(f"{path} is unreadable: it may be another job's; {way_out}") from None
-    if previous.get("job_type") != "eval":
-        raise RunFolderError(f"{path} holds {_whose(previous)} results, which an evaluation would replace; {way_out}")
+    previous = read_results(path)
     if previous.get("status") == "complete":
         differences = config_differences(comparable_config(previous.get("config") or {}),
                                          comparable_config(OmegaConf.to_container(run_cfg, resolve=True)))
