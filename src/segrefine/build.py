@@ -32,13 +32,13 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
 def check_metrics_config(cfg: DictConfig) -> None:
     """The metric settings live in the ``metrics`` group since protocols were added."""
     if "boundary_tolerance" in cfg:
-        raise ValueError(
+        raise ConfigValueError(
             "boundary_tolerance moved to metrics.boundary_tolerance (a fraction of the image diagonal, "
             "default 0.0075); for pixels use metrics.boundary_tolerance=2 metrics.boundary_tolerance_unit=pixels"
         )
     protocol = cfg.metrics.get("protocol")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
+        raise ConfigValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
 
 
 # Keys of a backbone or head config that describe the component rather than configure it:

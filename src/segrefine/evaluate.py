@@ -23,7 +23,7 @@ from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.runs import check_eval_folder, evaluation_record, headline, headline_key, run_cli_job, run_record
-from segrefine.validation import check_config
+from segrefine.validation import ConfigValueError, check_config
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -56,7 +56,7 @@ def eval_data(requested: Any, train_cfg: DictConfig) -> Any:
     if "_target_" not in data:
         unknown = sorted(set(data) - set(trained))
         if unknown:
-            raise ValueError(f"data.{unknown[0]} is not a key of the checkpoint's data config "
+            raise ConfigValueError(f"data.{unknown[0]} is not a key of the checkpoint's data config "
                              f"(its keys: {', '.join(sorted(trained))})")
         return OmegaConf.merge(train_cfg.data, data)
     if data["_target_"] != trained["_target_"]:
@@ -67,7 +67,7 @@ def eval_data(requested: Any, train_cfg: DictConfig) -> Any:
                                      comparable_config({"paths": paths, "data": data}))
     if differences:
         changes = ", ".join(f"{k} {_value(trained, k)!r} -> {_value(data, k)!r}" for k in differences[:4])
-        raise ValueError(
+        raise ConfigValueError(
             f"data={data.get('name')} would replace the checkpoint's whole data config by that group's values "
             f"({changes}{', ...' if len(differences) > 4 else ''}). To change single keys of the checkpoint's "
             f"data config pass them alone, without data={data.get('name')} (e.g. data.root=...)"
@@ -149,7 +149,7 @@ def wandb_source(cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path, run_id
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test (or validate) a checkpoint; write results.json; return the metrics."""
     if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r} must be one of {SPLITS}")
+        raise ConfigValueError(f"split={cfg.split!r} must be one of {SPLITS}")
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
 

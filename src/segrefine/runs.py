@@ -133,6 +133,10 @@ def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
                                  f"{', '.join(differences[:6])}); {way_out}")
 
 
+class MissingCheckpointError(RunFolderError, FileNotFoundError):
+    """``ckpt_path=last`` in a folder without one: the user names another folder."""
+
+
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bool]:
     """The checkpoint training continues from, and whether it was found automatically.
 
@@ -148,8 +152,8 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bo
         return (str(last), True) if automatic else (None, False)
     if requested == "last":
         if not last.is_file():
-            raise FileNotFoundError(f"ckpt_path='last': no checkpoint at {last} (ckpt_path=last looks in this run's "
-                                    "output dir: rerun with hydra.run.dir=<old run dir>)")
+            raise MissingCheckpointError(f"ckpt_path='last': no checkpoint at {last} (ckpt_path=last looks in this "
+                                         "run's output dir: rerun with hydra.run.dir=<old run dir>)")
         return str(last), False
     return str(resolve_checkpoint_file(requested)), False
 
