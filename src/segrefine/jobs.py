@@ -213,7 +213,7 @@ def defer_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        _STOP["deferred"] -= 1
+        _STOP["deferred"] = max(0, _STOP["deferred"] - 1)
 
 
 def check_interrupt() -> None:
@@ -262,7 +262,7 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, before in previous.items():
             signal.signal(s, before)
-        _STOP["signum"] = None
+        _STOP["signum"], _STOP["deferred"] = None, 0
 
 
 # -- short, true errors ----------------------------------------------------------------------
