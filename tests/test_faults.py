@@ -677,3 +677,32 @@ def test_a_busy_or_foreign_folder_is_refused_before_hydra_writes_into_it(tmp_pat
         holder.wait()
     assert proc.returncode == 1 and f"{busy} is in use by pid {holder.pid}" in proc.stderr
     assert sorted(p.name for p in busy.iterdir()) == [".segrefine.lock"]  # no .hydra/, no log
+
+
+def test_signal_handling_outside_a_loop_at_a_safe_point_and_a_second_signal():
+    from segrefine.jobs import JobInterrupted, check_interrupt, defer_interrupts, stop_on_signals
+
+    seen = []
+    before_term = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    before_int = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(JobInterrupted) as outside:  # no loop to stop at: at once
+            with stop_on_signals():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert (outside.value.signal_name, outside.value.exit_code, outside.value.forced) == ("SIGINT", 130, False)
+
+        with stop_on_signals(), defer_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # delivered: asks to stop, raises nothing here
+            with pytest.raises(JobInterrupted, match="SIGTERM"):
+                check_interrupt()  # ... but at the safe point
+            with pytest.raises(JobInterrupted) as second:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            assert second.value.forced  # a second signal does not wait for a safe point
+        assert seen == [signal.SIGTERM, signal.SIGTERM]  # the handler that was there before still ran
+        check_interrupt()  # nothing pending once the job is over
+        assert signal.getsignal(signal.SIGINT) is before_int
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
