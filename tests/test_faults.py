@@ -706,3 +706,26 @@ def test_signal_handling_outside_a_loop_at_a_safe_point_and_a_second_signal():
         assert signal.getsignal(signal.SIGINT) is before_int
     finally:
         signal.signal(signal.SIGTERM, before_term)
+
+
+def test_an_interruption_never_replaces_complete_results(tmp_path):
+    from omegaconf import OmegaConf
+
+    from segrefine.jobs import JobInterrupted
+    from segrefine.results import write_results
+    from segrefine.runs import run_recording_failure
+
+    def stopped(cfg):
+        raise JobInterrupted(signal.SIGTERM)
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "a")}, "name": "t", "seed": 0})
+    with pytest.raises(JobInterrupted):
+        run_recording_failure(stopped, cfg)
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["status"] == "interrupted"
+
+    done = write_results(tmp_path / "b", {"job_type": "train", "metrics": {"test/iou": 0.5}})
+    before = done.read_text()
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "b")}, "name": "t", "seed": 0})
+    with pytest.raises(JobInterrupted):  # e.g. stopped while skipping it, or in a force=true redo
+        run_recording_failure(stopped, cfg)
+    assert done.read_text() == before

@@ -278,7 +278,6 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
     error_file = output_dir / "error.txt"
     first = is_first_process()  # the other ranks of a DDP job share rank 0's folder and lock
     with run_folder_lock(output_dir, job_type) if first else nullcontext():
-        started = time.time()
         try:
             with stop_on_signals():
                 metrics = job(cfg)
@@ -286,7 +285,7 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
             stop = interruption(error)
             if stop is not None:
                 if first:
-                    record_interruption(cfg, job_type, stop, started)
+                    record_interruption(cfg, job_type, stop)
                     error_file.unlink(missing_ok=True)
                 if stop is error:
                     raise
@@ -300,14 +299,15 @@ def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: Di
     return metrics
 
 
-def record_interruption(cfg: DictConfig, job_type: str, stop: JobInterrupted, started: float) -> None:
+def record_interruption(cfg: DictConfig, job_type: str, stop: JobInterrupted) -> None:
     """results.json with ``status: "interrupted"``, the signal and the checkpoint a rerun
-    continues from; never over complete results this invocation wrote before the signal."""
+    continues from; never over complete results (this job's, written before the signal, or an
+    earlier run's that a skip or a ``force=true`` redo was stopped in: they stand)."""
     output_dir = Path(cfg.paths.output_dir)
     path = output_dir / RESULTS_FILE
     try:
-        if read_results(path).get("status") == "complete" and path.stat().st_mtime >= started:
-            return  # the job had finished: its results stand
+        if read_results(path).get("status") == "complete":
+            return
     except (OSError, ValueError):
         pass
     last = output_dir / "checkpoints" / "last.ckpt"
