@@ -248,6 +248,7 @@ def test_msd_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
     image, labels = ras_case((35, 51, 35), 99)  # one source file changes: only its volume is re-decoded
     nib.Nifti1Image(image, np.eye(4)).to_filename(root / "imagesTr" / "hippocampus_001.nii.gz")
+    nib.Nifti1Image(labels, np.eye(4)).to_filename(root / "labelsTr" / "hippocampus_001.nii.gz")  # on its grid
     changed = msd(root, tmp_path, **kwargs)
     assert decoded == ["hippocampus_001"]
     assert len(list(changed.cache_dir.glob("hippocampus_001-*.npy"))) == 2  # the stale entry was removed
@@ -300,7 +301,8 @@ def test_msd_errors_name_the_file(tmp_path):
         msd(root, tmp_path, **kwargs)
     bad = np.zeros((35, 51, 35), np.uint8)
     bad[3, 3, 3] = 5
-    nib.Nifti1Image(bad, np.eye(4)).to_filename(label_path)
+    grid = nib.as_closest_canonical(nib.load(str(root / "imagesTr" / "hippocampus_002.nii.gz"))).affine  # RAS, as bad
+    nib.Nifti1Image(bad, grid).to_filename(label_path)
     with pytest.raises(DataError, match=r"labelsTr/hippocampus_002\.nii\.gz: label values \[5\] are not in the class list"):
         msd(root, tmp_path, **kwargs)
     label_path.write_bytes(good_label)

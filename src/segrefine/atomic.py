@@ -4,6 +4,7 @@ disk, then renamed over the target, so a crash or a full disk never leaves half 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -29,9 +30,23 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(error) and not (isinstance(error, OSError) and error.filename):
+            # e.g. torch reports a failed write as "unexpected pos": say what and where
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, its cause or its context is a full disk (or quota)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

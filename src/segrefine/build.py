@@ -16,6 +16,7 @@ from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
 from segrefine.runconfig import curated_config
 from segrefine.tracking import RunInfo
+from segrefine.validation import ConfigValueError, class_count_problem
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,13 @@ def build_data(cfg: DictConfig) -> pl.LightningDataModule:
 def check_metrics_config(cfg: DictConfig) -> None:
     """The metric settings live in the ``metrics`` group since protocols were added."""
     if "boundary_tolerance" in cfg:
-        raise ValueError(
+        raise ConfigValueError(
             "boundary_tolerance moved to metrics.boundary_tolerance (a fraction of the image diagonal, "
             "default 0.0075); for pixels use metrics.boundary_tolerance=2 metrics.boundary_tolerance_unit=pixels"
         )
     protocol = cfg.metrics.get("protocol")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
+        raise ConfigValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
 
 
 # Keys of a backbone or head config that describe the component rather than configure it:
@@ -57,6 +58,9 @@ def build_component(node: DictConfig, **kwargs: Any) -> Any:
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     check_metrics_config(cfg)
+    # Every source, also those that count their classes themselves (MSD's dataset.json).
+    if problem := class_count_problem(datamodule.num_classes, f"data={cfg.data.get('name')}: num_classes"):
+        raise ConfigValueError(problem)
     backbone = build_component(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
     head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone.spec())
     return SegmentationModule(

@@ -22,8 +22,8 @@ from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.runs import evaluation_record, headline_key, objective_key, run_record, run_recording_failure
-from segrefine.validation import check_config
+from segrefine.runs import check_eval_folder, evaluation_record, headline_key, objective_key, run_cli_job, run_record
+from segrefine.validation import ConfigValueError, check_config
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -56,7 +56,7 @@ def eval_data(requested: Any, train_cfg: DictConfig) -> Any:
     if "_target_" not in data:
         unknown = sorted(set(data) - set(trained))
         if unknown:
-            raise ValueError(f"data.{unknown[0]} is not a key of the checkpoint's data config "
+            raise ConfigValueError(f"data.{unknown[0]} is not a key of the checkpoint's data config "
                              f"(its keys: {', '.join(sorted(trained))})")
         return OmegaConf.merge(train_cfg.data, data)
     if data["_target_"] != trained["_target_"]:
@@ -67,7 +67,7 @@ def eval_data(requested: Any, train_cfg: DictConfig) -> Any:
                                      comparable_config({"paths": paths, "data": data}))
     if differences:
         changes = ", ".join(f"{k} {_value(trained, k)!r} -> {_value(data, k)!r}" for k in differences[:4])
-        raise ValueError(
+        raise ConfigValueError(
             f"data={data.get('name')} would replace the checkpoint's whole data config by that group's values "
             f"({changes}{', ...' if len(differences) > 4 else ''}). To change single keys of the checkpoint's "
             f"data config pass them alone, without data={data.get('name')} (e.g. data.root=...)"
@@ -149,11 +149,12 @@ def wandb_source(cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path, run_id
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test (or validate) a checkpoint; write results.json; return the metrics."""
     if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r} must be one of {SPLITS}")
+        raise ConfigValueError(f"split={cfg.split!r} must be one of {SPLITS}")
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
 
     from segrefine.build import build_data, build_logger, build_module, run_info
+    from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_for_ddp
@@ -171,6 +172,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(OmegaConf.to_container(run_cfg, resolve=True))
     weights = head_weights(run_cfg, train_cfg, ckpt_file)
     output_dir = Path(run_cfg.paths.output_dir)
+    check_eval_folder(output_dir, run_cfg)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
     if run_cfg.head.get("volume") and not hasattr(datamodule, "volume_dataloader"):
@@ -186,7 +188,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         training_id = training_wandb_id(ckpt_file)
         logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file,
                                                                                             training_id)))
-        trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[], default_root_dir=str(output_dir))
+        trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[StopOnSignal()],
+                                          default_root_dir=str(output_dir))
         trainer.test(module, dataloaders=evaluation_loader(datamodule, cfg.split), verbose=False)
         params = module.parameter_counts()
         metrics = {**module.test_results, **params}
@@ -223,7 +226,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_console(is_verbose(cfg))
-    metrics = run_recording_failure(evaluate, cfg)
+    metrics = run_cli_job(evaluate, cfg, "eval", "segrefine-eval")
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg, cfg.split)), flush=True)
     # The value Hydra sweepers (e.g. Optuna over head parameters) optimise: what the report's Δ is on.
     return (metrics or {}).get(objective_key(cfg.metrics.protocol, cfg.split))

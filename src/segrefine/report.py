@@ -25,7 +25,11 @@ import csv
 import io
 import json
 import math
+import os
+import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -154,6 +158,8 @@ def check_run(run: Any) -> str | None:
     """Why a parsed results.json cannot go into the table (None if it can)."""
     if not isinstance(run, dict):
         return f"{FILENAME} holds a JSON {type(run).__name__}, not a run record"
+    if run.get("status") == "interrupted":
+        return f"interrupted by {run.get('signal') or 'a signal'}: not finished (its command resumes it)"
     if run.get("status") != "complete":
         return f"status {run.get('status')!r}"
     if not isinstance(run.get("config"), dict) or not run["config"]:
@@ -184,10 +190,14 @@ def _error_reason(job: Path) -> str:
 def load_study(paths: Iterable[str | Path]) -> Study:
     """Complete test runs (each with ``_path``), other complete runs (skipped) and broken run folders."""
     study = Study()
+    seen: set[Path] = set()  # run folders by resolved path: overlapping arguments list each run once
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"report: {root} does not exist")
         for result in sorted(root.rglob(FILENAME)):
+            if result.parent.resolve() in seen:
+                continue
+            seen.add(result.parent.resolve())
             where = str(result.parent)
             try:
                 run = json.loads(result.read_text())
@@ -207,6 +217,9 @@ def load_study(paths: Iterable[str | Path]) -> Study:
         # A Hydra job folder without results.json: started but never finished.
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
+            if job.resolve() in seen:
+                continue
+            seen.add(job.resolve())
             if not (job / FILENAME).exists() and (hydra_dir / "config.yaml").exists():
                 study.incomplete.append((str(job), _error_reason(job)))
     return study
@@ -1285,11 +1298,17 @@ def compact_footnotes(rows: list[Row], protocol: str) -> list[str]:
     return lines
 
 
+def escape_markdown(text: Any) -> str:
+    """A Markdown table cell that stays one cell: ``\\``, ``|`` and backticks escaped (a
+    backtick could open a code span), line breaks as spaces."""
+    return re.sub(r"([\\|`])", r"\\\1", " ".join(str(text).splitlines()))
+
+
 def to_markdown(rows: list[Row], protocol: str = "standard") -> str:
     """The main table (at most 10 columns, grouped by backbone, each baseline first) and its notes."""
     head = compact_header(protocol)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(compact_cells(row, protocol, rows)) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(escape_markdown, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(escape_markdown, compact_cells(row, protocol, rows))) + " |" for row in rows]
     lines += ["", *compact_footnotes(rows, protocol)]
     return "\n".join(lines)
 
@@ -1298,8 +1317,8 @@ def to_markdown_full(rows: list[Row], protocol: str = "standard") -> str:
     """Every column: pooled and per-image metrics with their spread, each Δ with interval, p,
     Holm p and n, and the per-seed Δ of every pair."""
     head = header(protocol)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells(row, protocol, rows)) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(escape_markdown, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(escape_markdown, cells(row, protocol, rows))) + " |" for row in rows]
     lines += ["", *footnotes(rows, protocol)]
     pairs = pair_lines(rows, protocol)
     if pairs:
@@ -1307,15 +1326,26 @@ def to_markdown_full(rows: list[Row], protocol: str = "standard") -> str:
     return "\n".join(lines)
 
 
+# LaTeX's ten special characters, then the table's own symbols, each in one pass (a
+# replacement is never escaped again).
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+          "±": r"$\pm$", "Δ": r"$\Delta$", "†": r"$^\dagger$", "–": "--", "\n": " ", "\r": " "}
+_LATEX_PATTERN = re.compile("|".join(map(re.escape, _LATEX)))
+
+
+def escape_latex(text: Any) -> str:
+    """Text for a LaTeX table cell: every special character escaped, line breaks as spaces."""
+    return _LATEX_PATTERN.sub(lambda m: _LATEX[m.group(0)], str(text))
+
+
 def to_latex(rows: list[Row], protocol: str = "standard") -> str:
     """The main table (``to_markdown``'s columns) as a LaTeX tabular."""
     head = compact_header(protocol)
-    escape = lambda s: (s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
-                        .replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$").replace("–", "--"))
     lines = [r"\begin{tabular}{" + "l" * 3 + "r" * (len(head) - 3) + "}", r"\toprule"]
-    lines.append(" & ".join(escape(h) for h in head) + r" \\")
+    lines.append(" & ".join(map(escape_latex, head)) + r" \\")
     lines.append(r"\midrule")
-    lines += [" & ".join(escape(c) for c in compact_cells(row, protocol, rows)) + r" \\" for row in rows]
+    lines += [" & ".join(map(escape_latex, compact_cells(row, protocol, rows))) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -1440,13 +1470,37 @@ def write_report(study: Study, out_dir: str | Path, figures: bool = True, protoc
     out_dir.mkdir(parents=True, exist_ok=True)
     protocol = study_protocol(study.runs, protocol)
     rows, duplicates = summarise(study.runs, protocol)
-    paths = {"markdown": out_dir / "table.md", "full_markdown": out_dir / "table_full.md", "csv": out_dir / "table.csv",
-             "latex": out_dir / "table.tex"}
+    # Every output is made in a staging folder and moved into out_dir only once all are done,
+    # so a failure or a kill never leaves new figures beside an old table (or half a file).
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".report-"))
+    try:
+        paths, problems = _write_outputs(study, rows, duplicates, protocol, stage, figures)
+        final = {name: out_dir / path.name for name, path in paths.items()}
+        for stale in REPORT_OUTPUTS - {path.name for path in final.values()}:
+            (out_dir / stale).unlink(missing_ok=True)  # e.g. an older qualitative.png this report does not draw
+        for name, path in sorted(paths.items(), key=lambda item: item[0] == "markdown"):  # table.md last
+            os.replace(path, final[name])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Report(rows, protocol, final, problems)
+
+
+# Every file write_report may leave in its folder.
+REPORT_OUTPUTS = frozenset({"table.md", "table_full.md", "table.csv", "table.tex", "forest.png", "metrics.png",
+                            "cost.png", "qualitative.png"})
+
+
+def _write_outputs(study: Study, rows: list[Row], duplicates: list[tuple[str, str]], protocol: str, stage: Path,
+                   figures: bool) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """The tables (and figures) of ``write_report``, written into ``stage``; their paths and
+    the report's problems (every run folder left out, and why)."""
+    paths = {"markdown": stage / "table.md", "full_markdown": stage / "table_full.md", "csv": stage / "table.csv",
+             "latex": stage / "table.tex"}
     figure_notes: list[tuple[str, str]] = []
     if figures:
         from segrefine import figures as figs
 
-        figure_notes = figs.draw_all(rows, PROTOCOLS[protocol]["paired"], COST, out_dir, paths)
+        figure_notes = figs.draw_all(rows, PROTOCOLS[protocol]["paired"], COST, stage, paths)
     problems = ""
     if duplicates:
         problems += "\n\nDuplicate runs (not averaged):\n" + "\n".join(f"- {w}: {r}" for w, r in duplicates)
@@ -1461,7 +1515,7 @@ def write_report(study: Study, out_dir: str | Path, figures: bool = True, protoc
     paths["full_markdown"].write_text(to_markdown_full(rows, protocol) + problems + "\n")
     paths["csv"].write_text(to_csv(rows, protocol))
     paths["latex"].write_text(to_latex(rows, protocol) + "\n")
-    return Report(rows, protocol, paths, [*duplicates, *study.incomplete, *figure_notes])
+    return paths, [*duplicates, *study.incomplete, *figure_notes]
 
 
 def main_records(rows: list[Row], protocol: str) -> list[dict[str, Any]]:

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import shlex
 import sys
+import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from segrefine.atomic import atomic_open, atomic_write_text
+from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, foreign_folder_problem, interruption,
+                            is_first_process, run_folder_lock, short_error, stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
 from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
@@ -56,6 +63,20 @@ def job_folder(overrides: Any, limit: int = 200) -> str:
 
 OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
+_RUN_STAMP: list[str] = []
+
+
+def run_stamp() -> str:
+    """A default run folder's name: the start time to the second and the process id
+    (``2026-01-31_12-00-00_4242``), so jobs started in the same second never share a folder.
+    One per process, however often the config is resolved."""
+    if not _RUN_STAMP:
+        _RUN_STAMP.append(f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}")
+    return _RUN_STAMP[0]
+
+
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+
 
 # -- the output folder: skip, resume, or start afresh ------------------------------------
 def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
@@ -71,18 +92,49 @@ def finished_run(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         log.warning("%s is unreadable (%s): the job is redone and the file replaced", path, error)
         return None
-    if previous.get("status") != "complete" or previous.get("job_type") != "train":
+    if previous.get("job_type") not in ("train", None):
+        raise RunFolderError(f"{path} holds {_whose(previous)} results; training here would replace them. Choose "
+                             "another output folder (hydra.run.dir / hydra.sweep.dir)")
+    if previous.get("status") != "complete":
         log.info("%s holds no complete training results: the job is run", path)
         return None
     differences = config_differences(
         comparable_config(previous.get("config", {})), comparable_config(OmegaConf.to_container(cfg, resolve=True))
     )
     if differences:
-        raise FileExistsError(
+        raise RunFolderError(
             f"{path} holds a finished run of a different config (differs in {', '.join(differences)}); "
             "choose another output folder (hydra.run.dir / hydra.sweep.dir) or pass force=true to overwrite it"
         )
     return previous
+
+
+def _whose(record: dict[str, Any]) -> str:
+    kind = record.get("job_type")
+    return {"eval": "an evaluation's", "train": "a training run's"}.get(kind, f"a {kind!r} job's")
+
+
+def check_eval_folder(output_dir: Path, run_cfg: DictConfig) -> None:
+    """An evaluation writes only into a folder of its own: never over a training run's
+    results or checkpoints, nor over a finished evaluation of another config (its own, or an
+    interrupted one, is redone)."""
+    way_out = "choose another output folder (hydra.run.dir=... / hydra.sweep.dir=...)"
+    if problem := foreign_folder_problem(output_dir):
+        raise RunFolderError(f"{problem}; {way_out}")
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return
+    previous = read_results(path)
+    if previous.get("status") == "complete":
+        differences = config_differences(comparable_config(previous.get("config") or {}),
+                                         comparable_config(OmegaConf.to_container(run_cfg, resolve=True)))
+        if differences:
+            raise RunFolderError(f"{path} holds a finished evaluation of another config (differs in "
+                                 f"{', '.join(differences[:6])}); {way_out}")
+
+
+class MissingCheckpointError(RunFolderError, FileNotFoundError):
+    """``ckpt_path=last`` in a folder without one: the user names another folder."""
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bool]:
@@ -100,8 +152,8 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[str | None, bo
         return (str(last), True) if automatic else (None, False)
     if requested == "last":
         if not last.is_file():
-            raise FileNotFoundError(f"ckpt_path='last': no checkpoint at {last} (ckpt_path=last looks in this run's "
-                                    "output dir: rerun with hydra.run.dir=<old run dir>)")
+            raise MissingCheckpointError(f"ckpt_path='last': no checkpoint at {last} (ckpt_path=last looks in this "
+                                         "run's output dir: rerun with hydra.run.dir=<old run dir>)")
         return str(last), False
     return str(resolve_checkpoint_file(requested)), False
 
@@ -222,27 +274,138 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
-# -- failures ----------------------------------------------------------------------------
-def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig) -> dict[str, float]:
-    """Run ``job(cfg)``; on an exception leave its message and traceback as ``error.txt`` in
-    the job's folder, so a failed job of a sweep is visible (the report lists it) without
-    stopping the others. A rerun that succeeds removes the stale file."""
-    error_file = Path(cfg.paths.output_dir) / "error.txt"
-    try:
-        metrics = job(cfg)
-    except Exception as error:
-        summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
-        write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}")
-        raise
+# -- failures and interruptions -----------------------------------------------------------
+def run_recording_failure(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig,
+                          job_type: str = "train") -> dict[str, float]:
+    """Run ``job(cfg)`` holding the output folder's lock (``segrefine.jobs.run_folder_lock``)
+    and stopping on SIGTERM / SIGINT at a safe point (``segrefine.jobs.stop_on_signals``).
+
+    On an exception leave its message and traceback as ``error.txt`` in the job's folder, so a
+    failed job of a sweep is visible (the report lists it) without stopping the others; a
+    rerun that succeeds removes the stale file. A refusal of the folder itself (another job's,
+    ``RunFolderError``) writes nothing there. An interruption is recorded as a results.json
+    with ``status: "interrupted"`` and the signal (the report lists it as not complete) and
+    raised as ``JobInterrupted``."""
+    output_dir = Path(cfg.paths.output_dir)
+    error_file = output_dir / "error.txt"
+    first = is_first_process()  # the other ranks of a DDP job share rank 0's folder and lock
+    with run_folder_lock(output_dir, job_type) if first else nullcontext():
+        try:
+            with stop_on_signals():
+                metrics = job(cfg)
+        except BaseException as error:
+            stop = interruption(error)
+            if stop is not None:
+                if first:
+                    record_interruption(cfg, job_type, stop)
+                    error_file.unlink(missing_ok=True)
+                if stop is error:
+                    raise
+                raise stop from error
+            if isinstance(error, Exception) and not isinstance(error, RunFolderError):
+                summary = " ".join(f"{type(error).__name__}: {error}".split())  # first line: the message, on one line
+                # on a full disk error.txt cannot be written either: the console's one line says it all
+                write_error_file(error_file, f"{summary}\n\n{traceback.format_exc()}", console=not disk_full(error))
+            raise
     error_file.unlink(missing_ok=True)
     return metrics
 
 
-def write_error_file(path: Path, text: str) -> None:
+def record_interruption(cfg: DictConfig, job_type: str, stop: JobInterrupted) -> None:
+    """results.json with ``status: "interrupted"``, the signal and the checkpoint a rerun
+    continues from; never over complete results (this job's, written before the signal, or an
+    earlier run's that a skip or a ``force=true`` redo was stopped in: they stand)."""
+    output_dir = Path(cfg.paths.output_dir)
+    path = output_dir / RESULTS_FILE
+    try:
+        if read_results(path).get("status") == "complete":
+            return
+    except (OSError, ValueError):
+        pass
+    last = output_dir / "checkpoints" / "last.ckpt"
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable key must not hide the interruption
+        config = OmegaConf.to_container(cfg, resolve=False)
+    from segrefine.results import write_results
+
+    try:
+        write_results(output_dir, {
+            "status": "interrupted", "signal": stop.signal_name, "job_type": job_type, "experiment": cfg.get("name"),
+            "seed": cfg.get("seed"), "config": config,
+            "checkpoint": os.path.relpath(last, output_dir) if job_type == "train" and last.is_file() else None,
+        })
+    except OSError as e:
+        log.error("could not record the interruption in %s (%s)", path, e)
+
+
+def resume_command(program: str, output_dir: str | Path) -> str:
+    """The command that continues an interrupted job: a sweep reruns as it was (its folders
+    have no timestamps); a single run names its folder, continues from its last.ckpt rather
+    than the checkpoint it started from, and does not start afresh."""
+    args = list(sys.argv[1:])
+    if _multirun():
+        return shlex.join([program, *args])
+    if program == "segrefine-eval":  # an evaluation is simply redone
+        kept = [a for a in args if not a.startswith("hydra.run.dir=")]
+    else:
+        resumable = (Path(output_dir) / "checkpoints" / "last.ckpt").is_file()
+        drop = ("hydra.run.dir=", "force=", "resume=", *(("ckpt_path=",) if resumable else ()))
+        kept = [a for a in args if not a.lstrip("+~").startswith(drop)]
+        if resumable and any(a.lstrip("+").startswith("ckpt_path=") for a in args):
+            kept.append("ckpt_path=last")
+    return shlex.join([program, *kept, f"hydra.run.dir={output_dir}"])
+
+
+class UserError(CompactHydraException):
+    """An error the user can fix: Hydra prints its message alone, without a traceback."""
+
+
+def run_cli_job(job: Callable[[DictConfig], dict[str, float]], cfg: DictConfig, job_type: str,
+                program: str) -> dict[str, float]:
+    """``run_recording_failure`` for the command line: an interruption prints the resume
+    command and exits 128 + the signal (143 for SIGTERM, 130 for SIGINT; a sweep stops there);
+    an error the user can fix prints one or two lines (``segrefine.jobs.short_error``) instead
+    of a traceback, unless ``verbose=true`` or ``HYDRA_FULL_ERROR=1``."""
+    from segrefine.console import is_verbose
+
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        return run_recording_failure(job, cfg, job_type)
+    except JobInterrupted as stop:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        kept = " (last.ckpt kept)" if job_type == "train" and last.is_file() else ""
+        print(f"segrefine: {output_dir} interrupted by {stop.signal_name}{kept}; resume with: "
+              f"{resume_command(program, output_dir)}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
+    except Exception as error:
+        if is_verbose(cfg) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = short_error(error, output_dir)
+        if message is None:
+            raise
+        details = output_dir / "error.txt"
+        message = f"segrefine: {message}" + (f"\n(traceback in {details})" if details.is_file() else "")
+        if _multirun():  # the sweep goes on with its other jobs; Hydra reports this one at the end, compactly
+            raise UserError(message) from error
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_error_file(path: Path, text: str, console: bool = True) -> None:
     """``error.txt``, atomically: whole or absent, never empty. When it cannot be written
-    (e.g. the disk is full) the console says so, and the run's own error follows."""
+    (e.g. the disk is full) the console says so (unless ``console`` is false), and the run's
+    own error follows."""
     try:
         atomic_write_text(path, text)
     except OSError as e:
         log.error("could not record the failure in %s (%s); the run failed with: %s", path, e, text.split("\n", 1)[0])
-        print(f"segrefine: could not write {path} ({e})", file=sys.stderr)
+        if console:
+            print(f"segrefine: could not write {path} ({e})", file=sys.stderr)

@@ -223,7 +223,7 @@ def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterabl
                 source = plan.get("train", job.source).folder(out)
                 overrides = runtime_overrides(job, plan, out, tuned_file)
                 cfg = compose_eval([f"ckpt_path={source}", *overrides, *eval_overrides, f"paths.output_dir={folder}"])
-                run_recording_failure(evaluate, cfg)
+                run_recording_failure(evaluate, cfg, "eval")
         seconds[job.kind] += time.perf_counter() - start
     return seconds
 

@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from segrefine.validation import ConfigValueError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +57,11 @@ def make_wandb_logger(
     "all" as each is written (offline too: ``wandb sync`` uploads them)."""
     mode = {"dryrun": "offline"}.get(mode, mode)  # old wandb spelling, still set by some tools
     if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
+        raise ConfigValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+    if mode == "online":  # wandb may wait silently for its server (90 s by default): say what it is doing
+        print("segrefine: wandb online: contacting the server (logger.mode=offline or WANDB_MODE=offline logs "
+              "without it)", file=sys.stderr, flush=True)
     return WandbLogger(
         name=run.run_name,
         save_dir=run.output_dir,

@@ -28,7 +28,7 @@ from segrefine.runs import (
     headline_key,
     resume_checkpoint,
     run_record,
-    run_recording_failure,
+    run_cli_job,
     set_threads,
 )
 from segrefine.validation import check_config
@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from segrefine.build import build_callbacks, build_data, build_logger, build_module, initialise_from, run_info
+    from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import AtomicCheckpointIO
     from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_for_ddp
@@ -74,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resume(cfg, ckpt_path, automatic)
         log.info("resuming the interrupted run from %s", ckpt_path)
     datamodule = build_data(cfg)
+    check_training_steps(cfg, datamodule)
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         initialise_from(module, cfg.init_from, cfg.head._target_)
@@ -88,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         use_job_command_for_ddp()
     try:
         logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
-        callbacks = build_callbacks(cfg)
+        callbacks = [*build_callbacks(cfg), StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
                                           plugins=[AtomicCheckpointIO()])
         fit_start = time.perf_counter()
@@ -131,6 +133,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
 
 
+def check_training_steps(cfg: DictConfig, datamodule) -> None:
+    """Refuse a run that would train no step and still "complete" with its random weights: an
+    empty train split, or ``trainer.limit_train_batches`` cutting it to no batch (Lightning
+    takes ``int(batches * fraction)``). ``max_steps`` / ``max_epochs`` 0 are refused by
+    ``check_config``."""
+    from segrefine.validation import ConfigValueError
+
+    batches = len(datamodule.train_dataloader())
+    if batches == 0:
+        raise ConfigValueError(f"data={cfg.data.get('name')}: the train split is empty: nothing would be trained. "
+                               "Give the source training samples (see its split settings)")
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is None:
+        return
+    limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if limited < 1:
+        raise ConfigValueError(f"trainer.limit_train_batches={limit!r} of the {batches} training batches is "
+                               f"{limited}: nothing would be trained. Raise it (e.g. trainer.limit_train_batches=1)")
+
+
 def _best_epoch(trainer) -> int | None:
     """The epoch of the best checkpoint (by the checkpoint callback's monitor, ``val/iou``),
     as Lightning stored it in the file, so a resumed run reports it too; None without one."""
@@ -152,7 +174,7 @@ def _best_checkpoint(trainer) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_console(is_verbose(cfg))
-    metrics = run_recording_failure(train, cfg)
+    metrics = run_cli_job(train, cfg, "train", "segrefine-train")
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg)), flush=True)
     return headline(metrics, cfg)
 

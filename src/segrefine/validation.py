@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+# Class indices must stay below the ignore index 255 (segrefine.types.IGNORE_INDEX, not
+# imported: this module loads no torch): with 256 classes class 255 would silently be ignored.
+MAX_CLASSES = 254
+
 # dotted key -> (type, minimum or None, also allowed values). Integers accept no bools or floats.
 RULES: dict[str, tuple[type, float | None, tuple[Any, ...]]] = {
     "seed": (int, 0, ()),
     "boundary_tolerance": (int, 0, ()),
     "trainer.max_epochs": (int, 1, ()),  # 0 would "complete" an untrained model
+    "trainer.max_steps": (int, 1, (-1,)),  # -1: no limit (Lightning's default); 0: as max_epochs=0
     "trainer.log_every_n_steps": (int, 1, ()),
     "trainer.check_val_every_n_epoch": (int, 1, ()),
     "trainer.num_nodes": (int, 1, ()),
@@ -36,6 +41,28 @@ RULES: dict[str, tuple[type, float | None, tuple[Any, ...]]] = {
 
 class ConfigValueError(ValueError):
     pass
+
+
+def class_count_problem(num_classes: Any, where: str = "data.num_classes") -> str | None:
+    """Why a number of classes cannot be trained on (None if it can): from 255 on a class
+    index would reach the ignore index 255."""
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > MAX_CLASSES:
+        return (f"{where}={num_classes}: at most {MAX_CLASSES} classes are supported (class indices must stay below "
+                "255, the index of ignored pixels)")
+    return None
+
+
+def train_batches_problem(limit: Any) -> str | None:
+    """Why ``trainer.limit_train_batches`` would train nothing or is malformed (None if fine):
+    an integer >= 1 (batches) or a fraction in (0, 1]."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        return f"trainer.limit_train_batches={limit!r} must be an integer >= 1 (batches) or a fraction in (0, 1]"
+    if isinstance(limit, int) and limit < 1 or isinstance(limit, float) and not 0 < limit <= 1:
+        return (f"trainer.limit_train_batches={limit!r} would train no step: give an integer >= 1 (batches) or a "
+                "fraction in (0, 1]")
+    return None
 
 
 def _get(config: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
@@ -65,5 +92,11 @@ def check_config(config: Mapping[str, Any]) -> None:
             what += " or " + " or ".join(repr(e) for e in extra)
         if not _fits(value, kind) or (minimum is not None and value < minimum):
             problems.append(f"{key}={value!r} must be {what}")
+    present, value = _get(config, "data.num_classes")
+    if present and (problem := class_count_problem(value)):
+        problems.append(problem)
+    present, value = _get(config, "trainer.limit_train_batches")
+    if present and (problem := train_batches_problem(value)):
+        problems.append(problem)
     if problems:
         raise ConfigValueError("; ".join(problems))

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from segrefine.data.transforms import Augment, fit_to
@@ -19,15 +19,29 @@ class DataError(ValueError):
     """Bad input data; the message names the file or sample at fault."""
 
 
-def open_image(path, mode: str | Callable[[str], str | None] | None = None) -> np.ndarray:
+def open_image(path, mode: str | Callable[[str], str | None] | None = None, orient: bool = False) -> np.ndarray:
     """An image file as an array; DataError naming the file.
 
     ``mode``: the PIL mode to convert to, or a function of the file's own mode giving it
-    (``None``: as stored)."""
+    (``None``: as stored). ``orient``: turned as its EXIF orientation says (as a viewer
+    shows it); see ``exif_orientation``."""
     try:
         with Image.open(path) as img:
             target = mode(img.mode) if callable(mode) else mode
-            return np.array(img.convert(target) if target else img)
+            shown = ImageOps.exif_transpose(img) if orient else img
+            return np.array(shown.convert(target) if target else shown)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+
+
+EXIF_ORIENTATION = 0x0112  # 1 = as stored; 2-8 = mirrored and/or turned; 5-8 swap width and height
+
+
+def exif_orientation(path) -> tuple[int, tuple[int, int]]:
+    """``(EXIF orientation, (H, W) as stored)`` of an image file; orientation 1 without a tag."""
+    try:
+        with Image.open(path) as img:
+            return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1), (img.height, img.width)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from e
 

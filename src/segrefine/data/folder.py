@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segrefine.data.common import (ArraySegmentationDataset, DataError, SplitDataModule, check_sample, open_image,
-                                   seeded_split, split_transform)
+from segrefine.data.common import (ArraySegmentationDataset, DataError, SplitDataModule, check_sample, exif_orientation,
+                                   open_image, seeded_split, split_transform)
 from segrefine.data.transforms import build_augment, fit_to, parse_size
 from segrefine.types import IGNORE_INDEX
 
@@ -40,13 +40,48 @@ def _files(folder: Path) -> dict[str, Path]:
     return files
 
 
+MASK_ROUNDING = 1e-3  # the farthest a float mask value may be from a whole class index
+
+
+def round_mask(values: np.ndarray, path: Path) -> np.ndarray:
+    """A float mask as integers, rounded to the nearest; refused when a value is not within
+    ``MASK_ROUNDING`` of one (a resampled or soft mask is not a label map)."""
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: mask holds NaN or infinite values")
+    rounded = np.rint(values)
+    off = np.abs(values - rounded)
+    if off.max() > MASK_ROUNDING:
+        worst = values.flat[int(off.argmax())]
+        raise DataError(f"{path}: float mask value {worst:g} is {off.max():.3g} from the nearest whole class index "
+                        f"(at most {MASK_ROUNDING:g} is rounded): save masks as integer class indices")
+    return rounded.astype(np.int64)
+
+
+def check_orientations(image_path: Path, mask_path: Path) -> None:
+    """Image and mask are read turned as their EXIF orientation says (as a viewer shows them,
+    which is what a mask is drawn on). Refused when that leaves it open which way the mask
+    was drawn: different orientations, except an untagged mask whose shape fits only the
+    image as shown (turned by 90 degrees) and not as stored."""
+    image_tag, stored = exif_orientation(image_path)
+    mask_tag, mask_shape = exif_orientation(mask_path)
+    if image_tag == mask_tag:
+        return
+    shown = stored[::-1] if image_tag >= 5 else stored
+    if mask_tag == 1 and mask_shape == shown != stored:
+        return
+    raise DataError(
+        f"{mask_path} has EXIF orientation {mask_tag} but its image {image_path} has {image_tag}: it cannot be told "
+        "whether the mask was drawn on the image as stored or as shown. Save both the same way (e.g. write the "
+        "image's rotation into its pixels and drop its EXIF orientation)")
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """``(channels, H, W)`` float32: 8-bit / 255, 16-bit / 65535, float as stored."""
 
     def keep_or_convert(mode: str) -> str | None:  # 16/32-bit integer (I*) and float (F) grayscale: as stored
         return None if mode.startswith("I") or mode == "F" else ("L" if channels == 1 else "RGB")
 
-    array = open_image(path, keep_or_convert)
+    array = open_image(path, keep_or_convert, orient=True)
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -106,9 +141,11 @@ class FolderDataModule(SplitDataModule):
         return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
     def _mask(self, path: Path) -> np.ndarray:
-        raw = open_image(path)
+        raw = open_image(path, orient=True)
         if raw.ndim != 2:
             raise DataError(f"{path}: mask must be a single-channel image, got shape {raw.shape}")
+        if np.issubdtype(raw.dtype, np.floating):  # float TIFF: round, never truncate (0.9999 is class 1)
+            raw = round_mask(raw, path)
         if not self.mask_values:
             return raw.astype(np.int64)
         mask = np.full(raw.shape, -1, dtype=np.int64)
@@ -124,6 +161,7 @@ class FolderDataModule(SplitDataModule):
     def _read(self, split: str, pairs: list[tuple[str, Path, Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
         samples = []
         for stem, img_path, gt_path in tqdm(pairs, desc=f"reading {self.name}/{split}", leave=False):
+            check_orientations(img_path, gt_path)
             image = read_image(img_path, self.in_channels)
             mask = self._mask(gt_path)
             check_sample(image, mask, self.num_classes, str(gt_path))

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.data.common import DataError, SplitDataModule, sample, seeded_split, split_transform
 from segrefine.data.transforms import build_augment, fit_to, parse_size
+from segrefine.validation import MAX_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,9 @@ def _class_names(labels: Any, meta_path: Path) -> list[str]:
         raise DataError(f"{meta_path}: 'labels' must map class indices to names, got {labels!r}") from e
     if sorted(by_index) != list(range(len(by_index))):
         raise DataError(f"{meta_path}: label indices must be 0..{len(by_index) - 1} without gaps, got {sorted(by_index)}")
-    if len(by_index) > 255:
-        raise DataError(f"{meta_path}: {len(by_index)} classes; at most 255 fit (255 marks ignored pixels)")
+    if len(by_index) > MAX_CLASSES:
+        raise DataError(f"{meta_path}: {len(by_index)} classes; at most {MAX_CLASSES} are supported (class indices "
+                        "must stay below 255, which marks ignored pixels)")
     return [by_index[i] for i in range(len(by_index))]
 
 
@@ -190,6 +192,22 @@ def normalise(volume: np.ndarray, method: str, clip: Sequence[float] | None) -> 
     return volume.astype(np.float32, copy=False)
 
 
+# Affines (voxel -> world, mm) of an image and its label may differ by header rounding, not more.
+AFFINE_TOLERANCE = 1e-3
+
+
+def check_same_grid(image_affine: np.ndarray, label_affine: np.ndarray, image: Path, label: Path) -> None:
+    """A label lies on its image's voxel grid: after reorientation to RAS both affines agree
+    within ``AFFINE_TOLERANCE`` (mm) plus float32 rounding. Otherwise its voxels would be
+    paired with other image voxels (a flipped affine: mirrored), so it is refused."""
+    image_affine, label_affine = np.asarray(image_affine, float), np.asarray(label_affine, float)
+    if not np.allclose(image_affine, label_affine, rtol=1e-5, atol=AFFINE_TOLERANCE):
+        difference = float(np.abs(image_affine - label_affine).max())
+        raise DataError(f"{label} and its image {image} are on different voxel grids (their affines differ by up to "
+                        f"{difference:.3g} mm; a flipped or shifted label header): fix the label's header (affine) "
+                        "to its image's, or resample the label onto the image")
+
+
 def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Image slices ``(S, K, H, W)`` float32 and mask slices ``(S, H, W)`` uint8 of one volume."""
     axis, modality = settings["axis"], settings["modality"]
@@ -215,6 +233,7 @@ def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray,
     if tuple(lab.shape[:3]) != tuple(spatial) or (len(lab.shape) == 4 and lab.shape[3] != 1) or len(lab.shape) > 4:
         raise DataError(f"{case.label}: label volume shape {tuple(lab.shape)} does not match image "
                         f"{case.image.name} shape {tuple(spatial)} (after canonical reorientation)")
+    check_same_grid(img.affine, lab.affine, case.image, case.label)
     labels = _data(lab, case.label, dtype=None)
     labels = labels.reshape(spatial)
     if not np.issubdtype(labels.dtype, np.integer):
