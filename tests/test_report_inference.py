@@ -282,3 +282,21 @@ def test_a_per_volume_value_out_of_range_is_a_problem(tmp_path):
     write_with_rows(tmp_path / "bad", cfg, subject_rows({"s0": [0.5]}), per_volume=volume_rows([1.3], [2.0]))
     (where, reason), = load_study([tmp_path]).incomplete
     assert "per_volume[s0].dice=1.3" in reason
+
+
+def test_subjects_named_by_one_side_only_still_cluster_and_conflicting_ones_are_refused(tmp_path):
+    base_cfg = config(data="msd")
+    rows = subject_rows({"s0": [0.5, 0.6], "s1": [0.4, 0.7], "s2": [0.6, 0.6]})
+    write_with_rows(tmp_path / "none", base_cfg, [{k: v for k, v in r.items() if k != "subject"} for r in rows])
+    eval_cfg = {**base_cfg, "head": {"_target_": "segrefine.heads.densecrf", "name": "densecrf"}}
+    source = {"head": "none", "seed": 0, "run_config": comparable_config(base_cfg)}
+    head_rows = [{**r, "iou": r["iou"] + 0.01} for r in rows]
+    write_with_rows(tmp_path / "crf", eval_cfg, head_rows, job_type="eval", source=source)
+    heads, _ = rows_by_head(tmp_path)
+    assert heads["densecrf"].stats["test/iou_image"]["unit"] == "subjects"  # the baseline is an older run
+    assert heads["densecrf"].stats["test/iou_image"]["units"] == 3
+    head_rows[0]["subject"] = "s9"
+    write_with_rows(tmp_path / "crf", eval_cfg, head_rows, job_type="eval", source=source)
+    write_with_rows(tmp_path / "none", base_cfg, rows)
+    heads, _ = rows_by_head(tmp_path)
+    assert any("different subjects" in note for note in heads["densecrf"].notes)

@@ -707,10 +707,12 @@ def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tu
         return None, f"every per-image {key} pair has a non-finite value"
     values = np.array([ours[i][key] - theirs[i][key] for i in kept], dtype=np.float64)
     subjects = None
-    if all(ours[i].get("subject") is not None for i in kept):
-        if any(ours[i]["subject"] != theirs[i].get("subject") for i in kept):
+    named = [ours[i].get("subject", theirs[i].get("subject")) for i in kept]  # older runs may not record it
+    if all(name is not None for name in named):
+        if any(None not in (ours[i].get("subject"), theirs[i].get("subject"))
+               and ours[i]["subject"] != theirs[i]["subject"] for i in kept):
             return None, "the runs assign the same image ids to different subjects"
-        subjects = np.array([str(ours[i]["subject"]) for i in kept])
+        subjects = np.array([str(name) for name in named])
     return ImageDifferences(values, subjects, len(ids) - len(kept)), ""
 
 
