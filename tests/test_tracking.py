@@ -278,3 +278,24 @@ def test_curated_config_drops_run_only_keys_but_keeps_tuned_values():
     }
     # The comparison view hides the tuned value; the curated one shows it.
     assert comparable_config(config)["head"]["bilateral_compat"] == "<tuned>"
+
+
+def test_reading_wandb_without_credentials_stops_with_one_line_naming_the_fix(tmp_path, monkeypatch):
+    from segrefine.report import main
+    from segrefine.tracking import require_wandb_credentials
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none there
+    with pytest.raises(SystemExit) as stopped:
+        main(["--wandb", "team/project"])
+    message = str(stopped.value.code)
+    assert "wandb login" in message and "WANDB_API_KEY" in message and "\n" not in message
+    # A netrc entry for wandb's host, or the key in the environment, is enough (not checked online).
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    require_wandb_credentials()
+    (tmp_path / "netrc").write_text("machine example.org\n  login user\n  password secret\n")
+    with pytest.raises(SystemExit, match="api.wandb.ai"):
+        require_wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    require_wandb_credentials()
