@@ -114,6 +114,7 @@ def test_runs_are_named_by_label_and_seed_grouped_by_configuration_with_the_expe
     assert trained_results["label"] == "U-Net"
     assert trained_results["wandb"]["name"] == "U-Net s0" and trained_results["wandb"]["group"] == group
     assert trained["tags"] == ["synthetic", "unet", "none", f"experiment:{EXPERIMENT}"]
+    assert trained["summary"]["label"] == "U-Net" and evaluated["summary"]["label"] == "U-Net + DenseCRF"
     assert eval_results["label"] == "U-Net + DenseCRF"
     assert evaluated["group"] == eval_results["wandb"]["group"] == config_group(eval_results["config"]) != group
     assert (evaluated["job_type"], evaluated["name"]) == ("eval", "U-Net + DenseCRF s0")

@@ -203,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = {**module.test_results, **params}
         if not trainer.is_global_zero:
             return metrics
-        log_summary(logger, {**params, "metrics_protocol": run_cfg.metrics.protocol})
+        log_summary(logger, {**params, "metrics_protocol": run_cfg.metrics.protocol, "label": label})
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
         wandb_info = close_wandb(logger)
         write_results(

@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             return metrics  # one results.json per job, written by rank 0
         # The same values as wandb summary columns (the runs table), under the same keys.
         # metrics_protocol: the report's default columns (the curated config drops metrics.protocol).
-        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol})
+        # label: the row in words, for readers of the runs table (the run's name adds the seed).
+        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol,
+                             "label": run.label})
         wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
