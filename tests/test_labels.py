@@ -30,6 +30,7 @@ def label(*overrides: str) -> str:
     (("backbone=fcn", "backbone.variant=16s"), "FCN-16s"),
     (("backbone=fcn", "backbone.fine_skip=true"), "FCN-8s + stride-4 skip"),
     (("backbone=pspnet", "trainer.max_epochs=12"), "PSPNet, 12 epochs"),
+    (("trainer.max_epochs=1",), "U-Net, 1 epoch"),
     (("backbone=pspnet", "backbone.variant=zhao"), "PSPNet (Zhao)"),
     (("head=crfrnn",), "U-Net + CRF-RNN"),
     (("head=pointrend",), "U-Net + PointRend"),  # the stride-4 stop is PointRend's own

@@ -63,7 +63,7 @@ def head_words(head: Mapping[str, Any]) -> str:
 def _value_words(key: str, value: str) -> str | None:
     last = key.rsplit(".", 1)[-1]
     if key == "trainer.max_epochs":
-        return f"{value} epochs"
+        return f"{value} epoch" if value == "1" else f"{value} epochs"
     if "/" in value or len(value) > 24:  # paths and long values say nothing at a glance
         return f"other {last}"
     if value.lower() == "true":
@@ -102,7 +102,7 @@ def generated_label(config: Mapping[str, Any], overrides: Iterable[str] = ()) ->
     if head_words(head):
         words += f" + {head_words(head)}"
     # The schedule first: what a reader of a results table asks about before other settings.
-    extras = sorted(override_words(overrides), key=lambda w: not w.endswith(" epochs"))
+    extras = sorted(override_words(overrides), key=lambda w: not w.endswith((" epoch", " epochs")))
     callbacks = config.get("callbacks") or {}
     if any(isinstance(c, Mapping) and str(c.get("_target_", "")).endswith("EarlyStopping") for c in callbacks.values()):
         extras.insert(0, "early stopping")  # changes when training stops, so it makes its own row
