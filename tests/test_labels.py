@@ -149,3 +149,22 @@ def test_a_study_hands_each_job_its_label(tmp_path):
     assert eval_cfg.label == densecrf.label
     with pytest.raises(LabelError, match="at most 60"):
         plan.add(Job("long-s0", "train", (), 0, label="z" * 61))
+
+
+def test_command_line_overrides_equal_to_the_defaults_say_nothing():
+    """Inside a Hydra job the label's words come from its overrides, less those that set a
+    key to the value the job's group choices compose to anyway."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from segrefine.labels import run_label
+
+    overrides = ["backbone=fcn", "head=crfrnn", "backbone.encoder_weights=null", "optim.optimizer.lr=0.001", "trainer.max_epochs=7",
+                 "head.iterations=5"]
+    config, labelled = resolved(*overrides), resolved(*overrides, "label=mine")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        HydraConfig.instance().set_config(compose("train", overrides=overrides, return_hydra_config=True))
+        try:
+            assert run_label(config) == "FCN-8s + CRF-RNN, 7 epochs"
+            assert run_label(labelled) == "mine"
+        finally:
+            HydraConfig.instance().cfg = None

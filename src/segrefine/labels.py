@@ -122,10 +122,32 @@ def with_extras(words: str, extras: list[str], suffix: str = "") -> str:
 
 
 def task_overrides() -> list[str]:
-    """The command line's overrides of this Hydra job ([] outside a Hydra app)."""
+    """The command line's overrides of this Hydra job that change a value of the composed
+    defaults ([] outside a Hydra app): ``key=value`` overrides whose value equals what the
+    job's group choices compose to without them are left out (they change nothing)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not HydraConfig.initialized():
+        return []
+    overrides = list(HydraConfig.get().overrides.task)
+    values = [o for o in overrides if "." in o.partition("=")[0] and not o.startswith("~")]
+    if not values:
+        return overrides
+    try:
+        from hydra import compose
+        from omegaconf import OmegaConf
+
+        # The same config with the group choices only (backbone=fcn, preset=smoke, ...).
+        defaults = compose(HydraConfig.get().job.config_name, overrides=[o for o in overrides if o not in values])
+        current = compose(HydraConfig.get().job.config_name, overrides=overrides)
+    except Exception:  # composing again failed (it should not): keep every override's words
+        return overrides
+
+    def value(cfg, key: str):
+        return OmegaConf.select(cfg, key.lstrip("+"), default=None, throw_on_resolution_failure=False)
+
+    return [o for o in overrides if o not in values
+            or value(defaults, o.partition("=")[0]) != value(current, o.partition("=")[0])]
 
 
 def run_label(config: Mapping[str, Any], overrides: Iterable[str] | None = None) -> str:
