@@ -96,6 +96,7 @@ class FakeApi:
 
 def fake_wandb_module(monkeypatch, api=None):
     """``wandb`` replaced in sys.modules: ``Api`` returns ``api``; ``init`` and ``Table`` record what they get."""
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # the fake Api stands for a logged-in one
     logged = {"init": None, "log": [], "finished": 0, "summary": {}}
 
     class Table:

@@ -17,12 +17,12 @@ import segrefine
 from conftest import CONFIG_DIR, REPO, TINY
 from segrefine.evaluate import evaluate
 from segrefine.provenance import git_state, provenance
-from segrefine.runconfig import comparable_config, curated_config
+from segrefine.runconfig import comparable_config, config_group, curated_config
 from segrefine.train import train
 from segrefine.tracking import wandb_log_records
 
 EXPERIMENT = "tracked"
-WANDB = ["logger=wandb", "logger.mode=offline"]
+WANDB = ["logger=wandb", "logger.wandb.mode=offline"]
 
 
 def read_wandb_run(folder: Path) -> dict:
@@ -41,7 +41,8 @@ def read_wandb_run(folder: Path) -> dict:
     for record in wandb_log_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags))
+            run.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags),
+                       name=record.run.display_name)
             for item in record.run.config.update:
                 apply(run["config"], item)
         elif kind == "config":
@@ -87,7 +88,7 @@ def runs(tmp_path_factory):
         env.setenv("WANDB_DATA_DIR", str(root / "wandb-data"))  # artifact staging copies stay in tmp
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             train_cfg = compose("train", overrides=[
-                *tiny, *WANDB, "logger.log_model=true", f"name={EXPERIMENT}", "trainer.max_epochs=2",
+                *tiny, *WANDB, "logger.wandb.log_model=true", f"name={EXPERIMENT}", "trainer.max_epochs=2",
                 "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
                 f"paths.data_dir={root / 'data'}", f"paths.output_dir={root / 'train'}",
             ])
@@ -104,11 +105,19 @@ def runs(tmp_path_factory):
     }
 
 
-def test_runs_are_grouped_by_backbone_head_and_data_with_the_experiment_as_tag(runs):
-    (_, trained), (_, evaluated) = runs["train"], runs["eval"]
-    assert (trained["group"], trained["job_type"]) == ("unet-none-synthetic", "train")
+def test_runs_are_named_by_label_and_seed_grouped_by_configuration_with_the_experiment_as_tag(runs):
+    (trained_results, trained), (eval_results, evaluated) = runs["train"], runs["eval"]
+    # The group is the configuration's: a hash of its comparable config without the seed.
+    group = config_group(trained_results["config"])
+    assert group.startswith("unet-none-synthetic-")
+    assert (trained["group"], trained["job_type"], trained["name"]) == (group, "train", "U-Net s0")
+    assert trained_results["label"] == "U-Net"
+    assert trained_results["wandb"]["name"] == "U-Net s0" and trained_results["wandb"]["group"] == group
     assert trained["tags"] == ["synthetic", "unet", "none", f"experiment:{EXPERIMENT}"]
-    assert (evaluated["group"], evaluated["job_type"]) == ("unet-densecrf-synthetic", "eval")
+    assert trained["summary"]["label"] == "U-Net" and evaluated["summary"]["label"] == "U-Net + DenseCRF"
+    assert eval_results["label"] == "U-Net + DenseCRF"
+    assert evaluated["group"] == eval_results["wandb"]["group"] == config_group(eval_results["config"]) != group
+    assert (evaluated["job_type"], evaluated["name"]) == ("eval", "U-Net + DenseCRF s0")
     assert evaluated["tags"] == ["synthetic", "unet", "densecrf", f"experiment:{EXPERIMENT}"]
     assert trained["config"]["experiment"] == evaluated["config"]["experiment"] == EXPERIMENT
     assert trained["exit_code"] == evaluated["exit_code"] == 0
@@ -148,7 +157,8 @@ def test_no_setting_is_logged_under_two_names(runs):
 def test_whole_run_values_are_summary_columns_equal_to_results(runs):
     results, run = runs["train"]
     metrics, summary = results["metrics"], run["summary"]
-    for key in ("params", "params/trainable", "train/fit_seconds", "train/steps", "train/best_epoch"):
+    for key in ("params", "params/trainable", "train/fit_seconds", "train/steps", "train/best_epoch",
+                "val/iou_best", "val/iou_best_epoch"):
         assert summary[key] == metrics[key], key
     # By hand: 16 training images in batches of 8 for 2 epochs.
     assert metrics["train/steps"] == 4
@@ -164,6 +174,14 @@ def test_whole_run_values_are_summary_columns_equal_to_results(runs):
     assert epochs == [0, 1]
     assert metrics["train/best_epoch"] == epochs[losses.index(min(losses))]
     assert results["checkpoint"] == f"checkpoints/best-epoch{metrics['train/best_epoch']:03d}.ckpt"
+    # Beside the last val/iou (wandb's own summary value), the best one and its epoch, as logged.
+    ious = [row["val/iou"] for row in run["history"] if "val/iou" in row]
+    assert summary["val/iou"] == ious[-1]
+    assert metrics["val/iou_best"] == max(ious) and metrics["val/iou_best_epoch"] == epochs[ious.index(max(ious))]
+    # The learning rate of each epoch: the poly schedule's, 1e-3 * (1 - step/steps)^0.9 at
+    # the start of epochs 0 and 1 (2 steps each of 4).
+    lrs = [row["lr-Adam"] for row in run["history"] if "lr-Adam" in row]
+    assert lrs == pytest.approx([1e-3, 1e-3 * (1 - 2 / 4) ** 0.9])
 
 
 def test_eval_run_traces_back_to_the_training_run(runs):
@@ -225,13 +243,21 @@ def test_git_state_of_a_checkout_and_of_a_plain_folder(tmp_path):
 
 
 def test_disabled_wandb_is_reported_as_disabled(tmp_path):
-    from segrefine.tracking import RunInfo, finish_wandb, make_wandb_logger, wandb_run_info
+    from segrefine.tracking import WandbLogger, finish_wandb, wandb_run_info
 
-    info = RunInfo(output_dir=str(tmp_path), experiment="e", job_type="train", run_name="r", group="g")
     try:
-        assert wandb_run_info(make_wandb_logger(info, mode="disabled"))["mode"] == "disabled"
+        assert wandb_run_info(WandbLogger(save_dir=str(tmp_path), name="r", group="g", mode="disabled"))["mode"] == "disabled"
     finally:
         finish_wandb()
+
+
+def test_wandb_gets_no_anonymous_setting():
+    """Lightning passes ``anonymous=None`` to wandb.init, and wandb warns on every run that it
+    has no effect: segrefine's logger leaves it out (and keeps it when asked for)."""
+    from segrefine.tracking import WandbLogger
+
+    assert "anonymous" not in WandbLogger(save_dir=".", mode="disabled")._wandb_init
+    assert WandbLogger(save_dir=".", mode="disabled", anonymous=True)._wandb_init["anonymous"] == "allow"
 
 
 def test_curated_config_drops_run_only_keys_but_keeps_tuned_values():
@@ -253,3 +279,24 @@ def test_curated_config_drops_run_only_keys_but_keeps_tuned_values():
     }
     # The comparison view hides the tuned value; the curated one shows it.
     assert comparable_config(config)["head"]["bilateral_compat"] == "<tuned>"
+
+
+def test_reading_wandb_without_credentials_stops_with_one_line_naming_the_fix(tmp_path, monkeypatch):
+    from segrefine.report import main
+    from segrefine.tracking import require_wandb_credentials
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none there
+    with pytest.raises(SystemExit) as stopped:
+        main(["--wandb", "team/project"])
+    message = str(stopped.value.code)
+    assert "wandb login" in message and "WANDB_API_KEY" in message and "\n" not in message
+    # A netrc entry for wandb's host, or the key in the environment, is enough (not checked online).
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    require_wandb_credentials()
+    (tmp_path / "netrc").write_text("machine example.org\n  login user\n  password secret\n")
+    with pytest.raises(SystemExit, match="api.wandb.ai"):
+        require_wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    require_wandb_credentials()

@@ -3,18 +3,20 @@ Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and not
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
-from segrefine.runconfig import curated_config
+from segrefine.labels import run_label
+from segrefine.runconfig import config_group, curated_config
 from segrefine.tracking import RunInfo
 from segrefine.validation import ConfigValueError, class_count_problem
 
@@ -88,32 +90,56 @@ def initialise_from(module, source: str, head_target: str) -> None:
     log.info("initialised from %s (%s)", path, "backbone and head" if same_head else "backbone")
 
 
-def run_info(cfg: DictConfig, job_type: str, resume: bool = False, extra_config: dict | None = None) -> RunInfo:
-    """How the tracker files a run. Group ``backbone-head-data``, so wandb's grouped runs table
-    has one row per compared model (seeds, experiments and job types inside it); the
-    experiment is a tag ``experiment:<name>`` and the config key ``experiment``. Config: the
-    curated run config (no run-only keys, no machine paths), the code's provenance and
-    ``extra_config`` (an evaluation's split and source)."""
+def run_info(cfg: DictConfig, job_type: str, resume: bool = False, extra_config: dict | None = None,
+             label: str | None = None) -> RunInfo:
+    """How trackers file a run. Name ``<label> s<seed>``; group: one per exact configuration
+    (``runconfig.config_group``: a report row, its seeds and evaluations inside, never two
+    configurations in one); the experiment a tag ``experiment:<name>`` and the config key
+    ``experiment``. Config: the curated run config (no run-only keys, no machine paths), the
+    code's provenance and ``extra_config`` (an evaluation's split and source). ``label``:
+    the run's label if the caller composed it (evaluations), else ``labels.run_label``."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    label = label or run_label(config)
     return RunInfo(
         output_dir=cfg.paths.output_dir,
         experiment=cfg.name,
         job_type=job_type,
-        run_name=f"{cfg.backbone.name}-{cfg.head.name}-s{cfg.seed}",
-        group=f"{cfg.backbone.name}-{cfg.head.name}-{cfg.data.name}",
+        label=label,
+        run_name=f"{label} s{cfg.seed}",
+        group=config_group(config),
         tags=[cfg.data.name, cfg.backbone.name, cfg.head.name, f"experiment:{cfg.name}"],
-        config={**curated_config(OmegaConf.to_container(cfg, resolve=True)), "experiment": cfg.name,
-                "provenance": provenance(), **(extra_config or {})},
+        config={**curated_config(config), "experiment": cfg.name, "provenance": provenance(), **(extra_config or {})},
         resume=resume,
     )
 
 
-def build_logger(cfg: DictConfig, run: RunInfo):
-    """The configured logger, or False for ``logger=none``."""
-    if not cfg.get("logger") or "_target_" not in cfg.logger:
-        return False
-    # Built as a partial so Hydra does not try to instantiate the run's config inside RunInfo.
-    return instantiate(cfg.logger, _partial_=True)(run=run)
+def logger_configs(node: Any) -> list[DictConfig]:
+    """The Lightning logger configs of ``cfg.logger``: a mapping of named ones
+    (``logger=[wandb,csv]``), or a single config with a ``_target_`` (configs of older runs)."""
+    if not node:
+        return []
+    if "_target_" in node:
+        return [node]
+    return [c for c in node.values() if c is not None and "_target_" in c]
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+def build_loggers(cfg: DictConfig, run: RunInfo) -> list | bool:
+    """The configured loggers (False for none), with ``run``'s name, group, job type, tags and
+    resume flag in the ``run`` node their configs interpolate, and the curated run config as
+    every logger's hyperparameters (Lightning's own call for that)."""
+    filled = copy.deepcopy(cfg)
+    with open_dict(filled):
+        filled.run = run.interpolated()
+    loggers = [instantiate(node, _convert_="all") for node in logger_configs(filled.get("logger"))]
+    for logger in loggers:
+        logger.log_hyperparams(run.config)
+    return loggers or False
+
+
+def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[pl.Callback]:
+    """The configured callbacks; without a logger, those that need one (LearningRateMonitor)
+    are left out rather than failing the run."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    if not with_logger:
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    return callbacks

@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 # Third-party classes a stored config may name (besides segrefine.*): the trainer, Lightning's
 # callbacks and torch optimisers / LR schedulers.
-ALLOWED_TARGETS = ("pytorch_lightning.Trainer", "pytorch_lightning.callbacks.", "torch.optim.")
+ALLOWED_TARGETS = ("pytorch_lightning.Trainer", "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.", "torch.optim.")
 
 
 def resolve_checkpoint_file(ckpt_path: str | Path, key: str = "ckpt_path") -> Path:

@@ -51,3 +51,33 @@ def check_config_dir() -> None:
     raise SystemExit(f"segrefine: no config at {CONFIG_DIR}/train.yaml: this install of segrefine lacks its conf/ "
                      "package data; reinstall it (pip install . or pip install -e . from the repository), "
                      f"or set {ENV_VAR} to a copy of the repository's conf/ folder")
+
+
+# The groups a user chooses from; the others (preset_data/*, paths, callbacks, hydra) are
+# composed for them. `--help` lists these with their options (conf/hydra/help/).
+USER_GROUPS = ("backbone", "head", "data", "trainer", "logger", "experiment", "preset", "metrics", "optim")
+
+
+def group_options(*groups: str) -> str:
+    """``group: option, option`` per group, as Hydra's loader sees them (the user's
+    ``--config-dir`` included); for the ``--help`` template (resolver ``segrefine_groups``)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    lines = []
+    for group in groups or USER_GROUPS:
+        if loader is not None:
+            options = sorted(loader.get_group_options(group))
+        else:
+            options = sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("segrefine_groups", group_options, replace=True)
+
+
+_register_resolvers()

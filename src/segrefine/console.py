@@ -29,6 +29,9 @@ BANNER_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "pytorch_lightning.accelerators.cuda",
 )
+# Loggers whose WARNING lines are notices: Lightning's MLflow logger announces the MLflow
+# experiment it creates in a new run folder's store.
+NOTICE_LOGGERS = ("pytorch_lightning.loggers.mlflow", "lightning.pytorch.loggers.mlflow")
 
 log = logging.getLogger("segrefine")
 
@@ -42,7 +45,10 @@ def quiet_console(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=message)
     for name in BANNER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its store's table-creation lines (logger=mlflow)
 
 
 def is_verbose(cfg: Any) -> bool:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
+from segrefine.labels import evaluation_label
 from segrefine.results import read_results
 from segrefine.runconfig import comparable_config, config_differences
 from segrefine.runs import check_eval_folder, evaluation_record, headline_key, objective_key, run_cli_job, run_record
@@ -100,6 +101,8 @@ def eval_config(cfg: DictConfig, train_cfg: DictConfig) -> DictConfig:
         run_cfg.metrics = cfg.metrics
         run_cfg.save_predictions = cfg.get("save_predictions")
         run_cfg.name = cfg.name or train_cfg.name
+        run_cfg.label = cfg.get("label")  # the evaluation's own (the training run's is the source's)
+        run_cfg.run = cfg.get("run")
     return run_cfg
 
 
@@ -120,6 +123,14 @@ def head_weights(run_cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) ->
             f"head={run_cfg.head.name}, or choose a head that needs no training (e.g. none, densecrf)"
         )
     return untrained
+
+
+def training_label(ckpt_file: Path) -> str | None:
+    """The label in the results.json of the run folder holding ``ckpt_file``, if any."""
+    try:
+        return read_results(ckpt_file.parent.parent).get("label")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def training_wandb_id(ckpt_file: Path) -> str | None:
@@ -153,7 +164,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
 
-    from segrefine.build import build_data, build_logger, build_module, run_info
+    from segrefine.build import build_data, build_loggers, build_module, run_info
     from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.data.common import evaluation_loader
@@ -167,6 +178,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_targets(stored, f"the config stored in {ckpt_file}")
     train_cfg = OmegaConf.create(stored)
     run_cfg = eval_config(cfg, train_cfg)
+    label = evaluation_label(OmegaConf.to_container(run_cfg, resolve=True), stored, training_label(ckpt_file), cfg.split)
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(run_cfg, resolve=True))
     check_config(OmegaConf.to_container(run_cfg, resolve=True))
@@ -186,8 +198,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         use_job_command_for_ddp()
     try:
         training_id = training_wandb_id(ckpt_file)
-        logger = build_logger(run_cfg, run_info(run_cfg, "eval", extra_config=wandb_source(cfg, train_cfg, ckpt_file,
-                                                                                            training_id)))
+        # An evaluation on the validation split chooses parameters: a tuning job to the tracker.
+        run = run_info(run_cfg, "eval" if cfg.split == "test" else "tune", label=label,
+                       extra_config=wandb_source(cfg, train_cfg, ckpt_file, training_id))
+        logger = build_loggers(run_cfg, run)
         trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[StopOnSignal()],
                                           default_root_dir=str(output_dir))
         trainer.test(module, dataloaders=evaluation_loader(datamodule, cfg.split), verbose=False)
@@ -195,7 +209,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics = {**module.test_results, **params}
         if not trainer.is_global_zero:
             return metrics
-        log_summary(logger, {**params, "metrics_protocol": run_cfg.metrics.protocol})
+        log_summary(logger, {**params, "metrics_protocol": run_cfg.metrics.protocol, "label": label})
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
         log_per_image_table(logger, module.volume_rows, key=f"{cfg.split}/per_volume")
         wandb_info = close_wandb(logger)
@@ -203,6 +217,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             output_dir,
             {
                 **run_record(run_cfg, "eval"),
+                "label": label,
                 "split": cfg.split,
                 "metrics": metrics,
                 "per_image": module.test_rows,

@@ -1624,6 +1624,10 @@ def main(argv: list[str] | None = None) -> int:
                                             ("--experiment", "experiment"), ("--tag", "tags")) if filters[key]]
         parser.error(f"{', '.join(given)} select runs of a wandb project: add --wandb ENTITY/PROJECT "
                      "(run folders are selected by naming them)")
+    if args.wandb:  # one line naming `wandb login` / WANDB_API_KEY, not wandb's traceback
+        from segrefine.tracking import require_wandb_credentials
+
+        require_wandb_credentials()
     try:
         study = load_wandb_study(args.wandb, **filters) if args.wandb else load_study(args.dirs)
     except FileNotFoundError as e:

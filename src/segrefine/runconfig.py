@@ -18,6 +18,8 @@ RUN_ONLY_KEYS = (
     "paths",
     "hydra",
     "logger",
+    "run",  # how trackers file the run: its name, group, job type (segrefine.build.run_info)
+    "label",  # the row in words (segrefine.labels); which runs form a row is the config's business
     "name",
     "print_config",
     "verbose",
@@ -35,6 +37,17 @@ RUN_ONLY_KEYS = (
     "callbacks.last_checkpoint.dirpath",
     "callbacks.wandb_images",
 )
+# Callbacks that only report on training (under any name in ``callbacks``): adding one makes
+# no new configuration. EarlyStopping, by contrast, changes when training ends.
+LOGGING_CALLBACKS = ("LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
+                     "RichModelSummary", "DeviceStatsMonitor", "WandbValidationImages")
+LOGGING_CALLBACK_MODULES = ("pytorch_lightning.", "lightning.pytorch.", "segrefine.tracking.")
+
+
+def is_logging_callback(target: Any) -> bool:
+    """Whether a callback's ``_target_`` is one of Lightning's (or segrefine's) ``LOGGING_CALLBACKS``."""
+    target = str(target or "")
+    return target.startswith(LOGGING_CALLBACK_MODULES) and target.rsplit(".", 1)[-1] in LOGGING_CALLBACKS
 
 
 def is_run_only(dotted: str) -> bool:
@@ -84,6 +97,10 @@ def _settings(config: Mapping[str, Any], drop: tuple[str, ...] = (), absolute: b
     result = _replace_paths(dict(config), _path_prefixes(config, absolute))
     for dotted in (*RUN_ONLY_KEYS, *drop):
         _drop(result, dotted)
+    callbacks = result.get("callbacks")
+    if isinstance(callbacks, Mapping):
+        result["callbacks"] = {k: v for k, v in callbacks.items()
+                               if not (isinstance(v, Mapping) and is_logging_callback(v.get("_target_")))}
     return result
 
 
@@ -118,6 +135,21 @@ def comparable_config(config: Mapping[str, Any], drop: tuple[str, ...] = ()) -> 
     if isinstance(tuned, Mapping):
         result["head"] = {k: ("<tuned>" if k in (tuned.get("keys") or ()) else v) for k, v in head.items()}
     return result
+
+
+def config_group(config: Mapping[str, Any]) -> str:
+    """The tracker group of a run: one per exact configuration (a row of the report), so the
+    seeds of a configuration share it and two configurations never do. A readable prefix
+    ``<backbone>-<head>-<data>`` and a hash of ``comparable_config(config, drop=("seed",))``."""
+    import hashlib
+    import json
+
+    def name(key: str) -> str:
+        node = config.get(key)
+        return str(node.get("name")) if isinstance(node, Mapping) else "?"
+
+    settings = json.dumps(comparable_config(config, drop=("seed",)), sort_keys=True, default=str)
+    return f"{name('backbone')}-{name('head')}-{name('data')}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

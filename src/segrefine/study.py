@@ -57,6 +57,12 @@ class Plan:
                 raise ValueError(f"job {job.name} refers to train job {ref}, which is not (yet) in the plan")
         if job.tuned_from is not None and self.get("tune", job.tuned_from) is None:
             raise ValueError(f"job {job.name} refers to tune job {job.tuned_from}, which is not (yet) in the plan")
+        if job.kind != "tune":
+            from segrefine.labels import check_label
+
+            if '"' in job.label or "\\" in job.label or "${" in job.label:
+                raise ValueError(f"job {job.name}: its label {job.label!r} holds a quote, backslash or ${{")
+            check_label(job.label or None)
         self.jobs.append(job)
         return job
 
@@ -112,6 +118,8 @@ def runtime_overrides(job: Job, plan: Plan, out: Path, tuned_file: Callable[[Job
     from segrefine.tuning import tuned_overrides
 
     overrides = list(job.overrides)
+    if job.label and job.kind != "tune":  # the row in words: the run's label (run-only, no new row)
+        overrides.append(f'label="{job.label}"')
     if job.source is not None and job.kind == "train":
         overrides.append(f"init_from={plan.get('train', job.source).folder(out).resolve()}")
     if job.tuned_from is not None:
@@ -387,56 +395,63 @@ def study_plan(
     unknown = (densecrf | densecrf_3d | controls | set(heads)) - set(backbones)
     if unknown:
         raise ValueError(f"{sorted(unknown)} are not backbones of this study ({sorted(backbones)})")
+    from segrefine.labels import HEAD_WORDS, backbone_words
+
     plan = Plan()
     base = (f"experiment={experiment}", f"preset={preset}", *overrides)
+    # Labels name rows, not jobs: the same for every seed, at most 60 characters.
+    words = {prefix: backbone_words(_backbone((*base, *backbone, "head=none")), "none")
+             for prefix, backbone in backbones.items()}
     for seed in seeds:
         for prefix, backbone in backbones.items():
             common = (*base, *backbone, f"seed={seed}")
-            none = plan.add(Job(f"{prefix}-none-s{seed}", "train", (*common, "head=none"), seed, label=f"{prefix}"))
+            name = words[prefix]
+            none = plan.add(Job(f"{prefix}-none-s{seed}", "train", (*common, "head=none"), seed, label=name))
             tuned = None
             if prefix in densecrf:
                 plan.add(Job(f"{prefix}-densecrf-s{seed}", "eval", ("head=densecrf",), seed, source=none.name,
-                             pairs_with=none.name, label=f"{prefix} + offline DenseCRF (defaults, same weights)"))
+                             pairs_with=none.name, label=f"{name} + DenseCRF (defaults)"))
                 if tune:
                     tuned = plan.add(Job(none.name, "tune", (), seed, source=none.name,
                                          label=f"DenseCRF parameters of {none.name} on val"))
                     plan.add(Job(f"{prefix}-densecrf_tuned-s{seed}", "eval", ("head=densecrf",), seed,
                                  source=none.name, tuned_from=tuned.name, tuned_head="densecrf", pairs_with=none.name,
-                                 label=f"{prefix} + offline DenseCRF (tuned on val, same weights)"))
+                                 label=f"{name} + DenseCRF (tuned on val)"))
             if prefix in densecrf_3d:
                 volume = ("head=densecrf", "head.volume=true", "head.name=densecrf_3d")
                 plan.add(Job(f"{prefix}-densecrf_3d-s{seed}", "eval", volume, seed, source=none.name,
-                             pairs_with=none.name, label=f"{prefix} + 3-D DenseCRF per volume (defaults, same weights)"))
+                             pairs_with=none.name, label=f"{name} + 3-D DenseCRF (defaults)"))
                 if tune:
                     tuned_3d = plan.add(Job(f"{prefix}-none-3d-s{seed}", "tune", ("head.volume=true",), seed, source=none.name,
-                                            label=f"3-D DenseCRF parameters of {none.name} on val subjects"))
+                                            label=f"3-D DenseCRF parameters of {none.name}, val subjects"))
                     plan.add(Job(f"{prefix}-densecrf_3d_tuned-s{seed}", "eval", volume, seed, source=none.name,
                                  tuned_from=tuned_3d.name, tuned_head="densecrf_3d", pairs_with=none.name,
-                                 label=f"{prefix} + 3-D DenseCRF per volume (tuned on val subjects, same weights)"))
+                                 label=f"{name} + 3-D DenseCRF (tuned on val subjects)"))
             for head in heads.get(prefix, ()):
                 trained = (*common, f"head={head}")
                 if head == "crfrnn" and crfrnn_protocol == "finetune":
                     more = (f"trainer.max_epochs={finetune_epochs}",)
                     cont = plan.add(Job(f"{prefix}-none-continued-s{seed}", "train", (*common, "head=none", *more), seed,
-                                        source=none.name, label=f"{prefix}, {finetune_epochs} more epochs from {none.name}"))
+                                        source=none.name, label=f"{name}, none +{finetune_epochs} ep (CRF-RNN's baseline)"))
                     plan.add(Job(f"{prefix}-crfrnn-s{seed}", "train", (*trained, *more), seed, source=none.name,
                                  tuned_from=tuned.name if tuned else None, tuned_head="crfrnn", pairs_with=cont.name,
-                                 label=f"{prefix} + CRF-RNN fine-tuned {finetune_epochs} epochs from {none.name}"
-                                       + (" (CRF initialised from the tuned DenseCRF)" if tuned else "")))
+                                 label=f"{name} + CRF-RNN (fine-tuned +{finetune_epochs} ep"
+                                       + (", tuned init)" if tuned else ")")))
                     continue
                 # (the seed does not change a backbone: composed once for all seeds)
                 matched = changed_backbone([*base, *backbone, "head=none"], [*base, *backbone, f"head={head}"])
                 baseline = none
                 if matched:
-                    name = f"{prefix}-none-{'-'.join(m.split('.', 1)[1].replace('=', '') for m in matched)}-s{seed}"
-                    baseline = plan.get("train", name) or plan.add(Job(
-                        name, "train", (*common, "head=none", *matched), seed,
-                        label=f"{prefix} on the backbone head={head} uses ({', '.join(matched)})"))
-                protocol = " (trained jointly from scratch)" if head == "crfrnn" else ""
+                    job_name = f"{prefix}-none-{'-'.join(m.split('.', 1)[1].replace('=', '') for m in matched)}-s{seed}"
+                    matched_words = backbone_words(_backbone((*base, *backbone, "head=none", *matched)), "none")
+                    baseline = plan.get("train", job_name) or plan.add(Job(
+                        job_name, "train", (*common, "head=none", *matched), seed,
+                        label=f"{matched_words} ({HEAD_WORDS.get(head, head)}'s baseline)"))
+                protocol = " (from scratch)" if head == "crfrnn" else ""
                 plan.add(Job(f"{prefix}-{head}-s{seed}", "train", trained, seed, pairs_with=baseline.name,
-                             label=f"{prefix} + {head}{protocol}"))
+                             label=f"{name} + {HEAD_WORDS.get(head, head)}{protocol}"))
                 if head == "pointrend" and prefix in controls:
                     plan.add(Job(f"{prefix}-none-fine_skip-s{seed}", "train",
                                  (*common, "head=none", "backbone.fine_skip=true"), seed,
-                                 label=f"{prefix} + stride-4 skip, no refinement: the control for {prefix} + pointrend"))
+                                 label=f"{name} + stride-4 skip ({HEAD_WORDS.get(head, head)}'s control)"))
     return plan

@@ -1,5 +1,8 @@
-"""Experiment tracking: logger factories (one signature for all, built with Hydra
-``_target_``), validation overlays and the per-image test table for wandb."""
+"""Experiment tracking: segrefine's wandb logger (Lightning's, with its offline and resume
+rules), the run's summary, validation overlays and the per-image test table for wandb.
+
+Loggers are plain Lightning logger configs (``conf/logger/``); what segrefine knows about a
+run reaches them by interpolation of the ``run`` node (``RunInfo``)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 
 from segrefine.validation import ConfigValueError
 
@@ -25,16 +28,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunInfo:
-    """What every logger factory gets besides its own config."""
+    """How trackers file a run; logger configs read it as ``${run.name}``, ``${run.group}``,
+    ``${run.job_type}``, ``${run.tags}`` and ``${run.resume}`` (``segrefine.build.build_loggers``)."""
 
     output_dir: str
     experiment: str
-    job_type: str  # "train" | "eval"
-    run_name: str
-    group: str  # the wandb group: runs that form one row of the results table
+    job_type: str  # "train" | "eval" | "tune"
+    label: str  # the row in words (segrefine.labels)
+    run_name: str  # "<label> s<seed>"
+    group: str  # one per exact configuration (segrefine.runconfig.config_group)
     tags: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # what every logger gets as hyperparameters
     resume: bool = False  # continuing an interrupted run in the same output dir
+
+    def interpolated(self) -> dict[str, Any]:
+        """The ``run`` node of the config that logger configs interpolate."""
+        return {"name": self.run_name, "group": self.group, "job_type": self.job_type, "tags": list(self.tags),
+                "resume": self.resume}
 
 
 def previous_wandb_id(save_dir: str | Path) -> str | None:
@@ -44,58 +54,84 @@ def previous_wandb_id(save_dir: str | Path) -> str | None:
     return match.group(1) if match else None
 
 
-def make_wandb_logger(
-    run: RunInfo,
-    project: str = "segrefine",
-    entity: str | None = None,
-    mode: str = "offline",
-    log_model: bool | str = False,
-) -> WandbLogger:
+class WandbLogger(LightningWandbLogger):
     """Lightning's WandbLogger, writing into the job's output dir; offline unless ``mode=online``.
+
+    Differs from Lightning's in three rules: ``mode`` instead of Lightning's ``offline=True``
+    (which rewrites ``WANDB_MODE`` for every later job of the process); ``resume_run``
+    continues the wandb run already in ``save_dir`` (an interrupted job); and no
+    ``anonymous`` setting reaches ``wandb.init`` (Lightning always passes one, and wandb
+    >= 0.19 warns on every run that it has no effect).
 
     ``log_model``: True logs the checkpoints as a ``model`` artifact when training ends,
     "all" as each is written (offline too: ``wandb sync`` uploads them)."""
-    mode = {"dryrun": "offline"}.get(mode, mode)  # old wandb spelling, still set by some tools
-    if mode not in ("offline", "online", "disabled"):
-        raise ConfigValueError(f"logger.mode={mode!r} must be one of offline, online, disabled")
-    Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-    if mode == "online":  # wandb may wait silently for its server (90 s by default): say what it is doing
-        print("segrefine: wandb online: contacting the server (logger.mode=offline or WANDB_MODE=offline logs "
-              "without it)", file=sys.stderr, flush=True)
-    return WandbLogger(
-        name=run.run_name,
-        save_dir=run.output_dir,
-        id=previous_wandb_id(run.output_dir) if run.resume else None,
-        project=project,
-        entity=entity,
-        mode=mode,  # not Lightning's `offline=True`: that rewrites WANDB_MODE for later jobs
-        group=run.group,
-        job_type=run.job_type,
-        tags=run.tags,
-        config=run.config,
-        log_model=log_model,
-    )
+
+    def __init__(self, *, save_dir: str = ".", mode: str = "offline", resume_run: bool = False,
+                 id: str | None = None, **kwargs: Any):
+        mode = {"dryrun": "offline"}.get(mode, mode)  # old wandb spelling, still set by some tools
+        if mode not in ("offline", "online", "disabled"):
+            raise ConfigValueError(f"logger.wandb.mode={mode!r} must be one of offline, online, disabled")
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if mode == "online":  # wandb may wait silently for its server (90 s by default): say what it is doing
+            print("segrefine: wandb online: contacting the server (logger.wandb.mode=offline or WANDB_MODE=offline "
+                  "logs without it)", file=sys.stderr, flush=True)
+        if resume_run and id is None:
+            id = previous_wandb_id(save_dir)
+        super().__init__(save_dir=str(save_dir), mode=mode, id=id, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning's own dict of wandb.init arguments
+            self._wandb_init.pop("anonymous", None)
 
 
-def make_csv_logger(run: RunInfo, name: str = "csv") -> CSVLogger:
-    return CSVLogger(save_dir=run.output_dir, name=name, version="")
+def wandb_logger(loggers: Any) -> LightningWandbLogger | None:
+    """The wandb logger among a run's loggers (a list, one logger, or False), if any."""
+    if isinstance(loggers, LightningWandbLogger):
+        return loggers
+    return next((lg for lg in (loggers or ()) if isinstance(lg, LightningWandbLogger)), None) \
+        if isinstance(loggers, (list, tuple)) else None
 
 
-def wandb_run_info(logger: Any) -> dict[str, str] | None:
-    """``{"id", "dir", "mode"}`` of the logger's wandb run, for results.json."""
-    if not isinstance(logger, WandbLogger):
+def require_wandb_credentials() -> None:
+    """Stop with one line when wandb has no credentials (``wandb login`` or ``WANDB_API_KEY``),
+    instead of wandb's UsageError traceback from deep inside its API. Checks what wandb
+    reads (the environment, then the netrc entry of ``WANDB_BASE_URL``'s host) without
+    contacting the server: a key that is present but wrong still fails there, with wandb's message."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except FileNotFoundError:
+        pass
+    except (OSError, netrc.NetrcParseError) as e:
+        raise SystemExit(f"segrefine: wandb credentials in {path} are unreadable ({e}): run `wandb login` again, "
+                         "or set WANDB_API_KEY") from None
+    raise SystemExit(f"segrefine: reading runs from wandb needs credentials for {host}: run `wandb login` once, "
+                     "or set WANDB_API_KEY")
+
+
+def wandb_run_info(loggers: Any) -> dict[str, str] | None:
+    """``{"id", "name", "group", "dir", "mode"}`` of the run's wandb run, for results.json."""
+    logger = wandb_logger(loggers)
+    if logger is None:
         return None
     run = logger.experiment
     mode = run.settings.mode  # public; "dryrun" is the old spelling of offline, "run"/"shared" are online
     mode = mode if mode in ("disabled", "offline") else "offline" if mode == "dryrun" else "online"
-    return {"id": run.id, "dir": os.path.relpath(run.dir, logger.save_dir), "mode": mode}
+    return {"id": run.id, "name": run.name, "group": run.group, "dir": os.path.relpath(run.dir, logger.save_dir),
+            "mode": mode}
 
 
-def log_summary(logger: Any, values: dict[str, Any]) -> None:
+def log_summary(loggers: Any, values: dict[str, Any]) -> None:
     """Values that describe the whole run (parameter counts, fit time, steps, best epoch)
     into the wandb run's summary, so they are columns of the runs table (no-op for other
     loggers; results.json records them either way). None values are left out."""
-    if not isinstance(logger, WandbLogger):
+    logger = wandb_logger(loggers)
+    if logger is None:
         return
     logger.experiment.summary.update({k: v for k, v in values.items() if v is not None})
 
@@ -169,9 +205,10 @@ def wandb_log_problem(info: dict[str, str], save_dir: str | Path, wait: float = 
         time.sleep(0.1)
 
 
-def close_wandb(logger: Any) -> dict[str, str] | None:
-    """Finish the logger's wandb run and check that its local log was written whole; a
+def close_wandb(loggers: Any) -> dict[str, str] | None:
+    """Finish the run's wandb run and check that its local log was written whole; a
     failure is logged on the console and returned as the record's ``error``."""
+    logger = wandb_logger(loggers)
     info = wandb_run_info(logger)
     finish_wandb()
     if info is not None and info.get("mode") != "disabled":
@@ -200,8 +237,8 @@ class WandbValidationImages(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or self.num_images <= 0 or trainer.sanity_checking:
             return
-        logger = trainer.logger
-        if not isinstance(logger, WandbLogger) or outputs is None:
+        logger = wandb_logger(trainer.loggers)
+        if logger is None or outputs is None:
             return
         import wandb
 
@@ -216,9 +253,10 @@ class WandbValidationImages(pl.Callback):
         logger.experiment.log({"val/overlays": images, "trainer/global_step": trainer.global_step})
 
 
-def log_per_image_table(logger: Any, rows: list[dict], key: str = "test/per_image") -> None:
+def log_per_image_table(loggers: Any, rows: list[dict], key: str = "test/per_image") -> None:
     """The per-image metrics as a ``wandb.Table`` (no-op for other loggers)."""
-    if not isinstance(logger, WandbLogger) or not rows:
+    logger = wandb_logger(loggers)
+    if logger is None or not rows:
         return
     import wandb
 
@@ -227,3 +265,41 @@ def log_per_image_table(logger: Any, rows: list[dict], key: str = "test/per_imag
         return str(value) if isinstance(value, (list, tuple)) else value
 
     logger.experiment.log({key: wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])})
+
+
+class BestValue(pl.Callback):
+    """The best value of a validation metric and its epoch, for the run's summary beside the
+    last value (``<monitor>_best``, ``<monitor>_best_epoch``). Its state travels in the
+    checkpoints, so a resumed run still knows the epochs before the interruption."""
+
+    def __init__(self, monitor: str = "val/iou", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r} must be max or min")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.epoch: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # validation_end, not validation_epoch_end: Lightning calls callbacks' epoch-end hooks
+        # before the module's, which logs the epoch's metrics.
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        value = float(value)
+        if value != value:  # NaN is never the best
+            return
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best, self.epoch = value, int(trainer.current_epoch)
+
+    def values(self) -> dict[str, Any]:
+        return {f"{self.monitor}_best": self.best, f"{self.monitor}_best_epoch": self.epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.epoch = state_dict.get("best"), state_dict.get("epoch")

@@ -31,11 +31,13 @@ from segrefine.runs import (
     run_cli_job,
     set_threads,
 )
+from segrefine.labels import check_label
 from segrefine.validation import check_config
 
 log = logging.getLogger(__name__)
 # Whole-run values of results.json's metrics that also go to the wandb run's summary.
-SUMMARY_KEYS = ("params", "params/trainable", "train/fit_seconds", "train/steps", "train/best_epoch")
+SUMMARY_KEYS = ("params", "params/trainable", "train/fit_seconds", "train/steps", "train/best_epoch",
+                "val/iou_best", "val/iou_best_epoch")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -50,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.head.get("volume"):
         raise ValueError("head.volume=true (the 3-D CRF per subject volume) is post-hoc only: train with "
                          "head=none and evaluate its checkpoint with segrefine-eval head=densecrf head.volume=true")
+    check_label(cfg.get("label"))
     output_dir = Path(cfg.paths.output_dir)
     explicit = cfg.get("force") or cfg.get("ckpt_path")  # the user asks for training here
     if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
@@ -60,13 +63,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from segrefine.build import build_callbacks, build_data, build_logger, build_module, initialise_from, run_info
+    from segrefine.build import build_callbacks, build_data, build_loggers, build_module, initialise_from, run_info
     from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import AtomicCheckpointIO
     from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_for_ddp
     from segrefine.results import write_results
-    from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
+    from segrefine.tracking import BestValue, close_wandb, finish_wandb, log_per_image_table, log_summary
 
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
@@ -89,8 +92,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if HydraConfig.initialized():
         use_job_command_for_ddp()
     try:
-        logger = build_logger(cfg, run_info(cfg, "train", resume=ckpt_path is not None))
-        callbacks = [*build_callbacks(cfg), StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
+        run = run_info(cfg, "train", resume=ckpt_path is not None)
+        logger = build_loggers(cfg, run)
+        best = BestValue("val/iou", "max")  # the summary's best val/iou beside the last
+        callbacks = [*build_callbacks(cfg, with_logger=bool(logger)), best,
+                     StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
                                           plugins=[AtomicCheckpointIO()])
         fit_start = time.perf_counter()
@@ -98,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         fit_seconds = time.perf_counter() - fit_start
 
         metrics: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # Read before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that epoch.
+        metrics.update(best.values())
         checkpoint = None
         if cfg.get("test", True):
             checkpoint = _best_checkpoint(trainer)
@@ -115,12 +123,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
             return metrics  # one results.json per job, written by rank 0
         # The same values as wandb summary columns (the runs table), under the same keys.
         # metrics_protocol: the report's default columns (the curated config drops metrics.protocol).
-        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol})
+        # label: the row in words, for readers of the runs table (the run's name adds the seed).
+        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol,
+                             "label": run.label})
         wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
         write_results(
             output_dir,
             {
                 **run_record(cfg, "train"),
+                "label": run.label,
                 "metrics": metrics,
                 "per_image": module.test_rows,
                 "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
