@@ -158,14 +158,14 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
             study.enqueue_trial(params)
     try:
         study.optimize(objective, n_trials=trials)
+        best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
+        no_crf = best_value <= none_value
+        if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
+            head.kernels = CRFKernels(**NO_CRF)
+            best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)  # still needs the worker pool
     finally:
         if getattr(head, "_pool", None) is not None:
             head._pool.shutdown(cancel_futures=True)
-    best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
-    no_crf = best_value <= none_value
-    if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
-        head.kernels = CRFKernels(**NO_CRF)
-        best, best_value = dict(NO_CRF), _val_iou(head, cache, num_classes)
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
