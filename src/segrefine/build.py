@@ -38,6 +38,9 @@ def check_metrics_config(cfg: DictConfig) -> None:
     protocol = cfg.metrics.get("protocol")
     if protocol not in PROTOCOLS:
         raise ValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
+    merge = cfg.metrics.get("merge_foreground", False)
+    if not isinstance(merge, bool):
+        raise ValueError(f"metrics.merge_foreground={merge!r} must be true or false")
 
 
 # Keys of a backbone or head config that describe the component rather than configure it:
@@ -69,6 +72,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         boundary_tolerance=cfg.metrics.boundary_tolerance,
         boundary_tolerance_unit=cfg.metrics.boundary_tolerance_unit,
         save_predictions=cfg.get("save_predictions") or 0,
+        merge_foreground=cfg.metrics.get("merge_foreground", False),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
