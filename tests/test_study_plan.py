@@ -207,7 +207,8 @@ def test_origin_table_prints_three_blocks_and_names_the_protocol(tmp_path):
         folder = tmp_path / kind / job
         folder.mkdir(parents=True)
         config = {"seed": seed, "data": {"name": "synthetic", "image_size": 64, "batch_size": 5},
-                  "trainer": {"max_epochs": 8, "limit_train_batches": 10}, "metrics": {"merge_foreground": True}}
+                  "trainer": {"max_epochs": 8, "limit_train_batches": 10}, "metrics": {"merge_foreground": True},
+                  "backbone": {"name": "unet", "variant": "vanilla", "encoder_name": None, "base_width": None}}
         (folder / "results.json").write_text(json.dumps({"status": "complete", "metrics": metrics, "seed": seed,
                                                          "num_classes": 3, "config": config}))
 
@@ -227,7 +228,7 @@ def test_origin_table_prints_three_blocks_and_names_the_protocol(tmp_path):
     assert "| Vanilla U-Net | 75.42 | 83.49 | 72.18 |" in table.split("**(c)")[1]
     # The footnote says what ours are.
     assert "data synthetic, image size 64, 3 classes, foreground merged: True; 8 epochs" in table
-    assert "seeds 0, 1" in table
+    assert "seeds 0, 1" in table and "networks (?): unet vanilla width 32;" in table  # from the runs' configs
     # With the origin protocol's numbers in every training run, its columns are used.
     keys = {v: 0.5 for v in origin.ORIGIN_KEYS.values()}
     for seed in (0, 1):

@@ -64,11 +64,6 @@ NETWORKS = {
         "crfunet": ("backbone=unet",),
     },
 }
-NETWORK_WORDS = {
-    "origin": "FCN-8s on VGG-16 (smp stages, no fc6/fc7), SegNet (VGG-16-BN), vanilla U-Net 32-512, CRF-U-Net "
-              "64-1024 (vanilla layout)",
-    "resnet18": "FCN-8s and U-Net on ResNet-18 (smp), SegNet (VGG-16-BN)",
-}
 # The origin's CrfRnnLayer (Models/CRFunet.py): theta_alpha 160, theta_beta 3, theta_gamma 3,
 # 10 iterations in training and test, C x C kernel weights initialised I (parametrisation zheng).
 # Its bilateral kernel saw the network input scaled to [-1, 1]; theta_beta 3 there is
@@ -234,6 +229,17 @@ def _records(out: Path) -> list[dict]:
     return records
 
 
+def network(config: dict) -> str | None:
+    """A backbone in words from its config: ``unet vanilla width 32``, ``fcn 8s vgg16``, ..."""
+    backbone = config.get("backbone") or {}
+    if not backbone.get("name"):
+        return None
+    width = backbone.get("base_width") or (32 if backbone.get("variant") == "vanilla" else None)
+    encoder = backbone.get("encoder_name") or ("resnet18" if backbone.get("variant") == "smp" else None)
+    parts = [backbone["name"], backbone.get("variant"), encoder, f"width {width}" if width else None]
+    return " ".join(str(p) for p in parts if p)
+
+
 def footnote(out: Path, records: list[dict]) -> str:
     """What the numbers are: preset, data, epochs, networks, seeds, from the runs themselves."""
     study = json.loads((out / "origin_study.json").read_text()) if (out / "origin_study.json").is_file() else {}
@@ -253,9 +259,9 @@ def footnote(out: Path, records: list[dict]) -> str:
     batch = values(lambda c: (c.get("data") or {}).get("batch_size"))
     seeds = values(lambda c: c.get("seed"))
     return (
-        f"Ours: preset {study.get('preset', '?')}; data {data}, image size {size}, {classes} classes, foreground "
+        f"preset {study.get('preset', '?')}; data {data}, image size {size}, {classes} classes, foreground "
         f"merged: {merged}; {epochs} epochs from scratch (fine-tuning/continuations: {more} more) of at most {batches} "
-        f"batches of {batch}; networks: {NETWORK_WORDS.get(study.get('networks'), study.get('networks', '?'))}; "
+        f"batches of {batch}; networks ({study.get('networks', '?')}): {values(network)}; "
         f"seeds {seeds}. Cells are mean ± std across seeds (one seed: the value). "
         "Published: the origin study, one seed, its own hippocampus MRI data (binary), 320 px, 80 epochs."
     )
@@ -295,7 +301,7 @@ def origin_table(out: Path) -> str:
           "continuation given the same extra epochs); CIs and p-values in report/table.md", BLOCK_B, with_delta=True)
     lines += ["**(c) Published** (the origin study)", "", "| model | IU | DSC | PA |", "|---|---|---|---|"]
     lines += [f"| {model} | " + " | ".join(f"{v:.2f}" for v in values) + " |" for model, values in PUBLISHED.items()]
-    lines += ["", f"Ours: {protocol}. " + footnote(out, records),
+    lines += ["", f"Ours: {protocol}; " + footnote(out, records),
               "CNN-CRF is our reading of the origin text (FCN-8s + offline DenseCRF on the same weights)."]
     return "\n".join(lines)
 
