@@ -15,6 +15,7 @@ VARIANTS = [
     (["backbone=fcn", "backbone.variant=32s"], 32),
     (["backbone=fcn", "backbone.variant=16s"], 16),
     (["backbone=fcn", "backbone.variant=8s"], 8),
+    (["backbone=fcn", "backbone.variant=8s", "backbone.encoder_name=vgg16"], 8),
     (["backbone=fcn", "backbone.variant=8s", "backbone.upsampling=bilinear"], 8),
     (["backbone=fcn", "backbone.fine_skip=true"], 4),
     (["backbone=pspnet", "backbone.variant=zhao"], 8),

@@ -125,14 +125,14 @@ def test_fcn8s_on_vgg16_trains(make_cfg):
     image = (mask[:, None].float() + 0.1 * torch.randn(2, 1, 64, 64))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     losses = []
-    for _ in range(10):
+    for _ in range(6):
         logits = torch.nn.functional.interpolate(net(image).logits, size=(64, 64), mode="bilinear")
         loss = torch.nn.functional.cross_entropy(logits, mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0]  # 0.69 -> 0.54 with this seed
+    assert losses[-1] < 0.9 * losses[0]  # 0.69 -> 0.59 with this seed
 
 
 # -- the binary protocol against a transcription of the origin's utils.py ---------------------
