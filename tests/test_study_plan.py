@@ -229,6 +229,13 @@ def test_origin_table_prints_three_blocks_and_names_the_protocol(tmp_path):
     # The footnote says what ours are.
     assert "data synthetic, image size 64, 3 classes, foreground merged: True; 8 epochs" in table
     assert "seeds 0, 1" in table and "networks (?): unet vanilla width 32;" in table  # from the runs' configs
+    # --crfrnn-protocol scratch: the CRF-RNN row says so and is against the U-Net itself.
+    result("train", "unet-crfrnn-s0", **{"test/iou": 0.72, "test/dice": 0.8, "test/pixel_acc": 0.9})
+    (tmp_path / "origin_study.json").write_text(json.dumps({"preset": "smoke", "crfrnn_protocol": "scratch"}))
+    assert "| U-Net + CRF-RNN trained jointly from scratch (--crfrnn-protocol scratch) | 72.00 | 80.00 | 90.00 | 1 | " \
+           "+2.00 | unet-none |" in origin.origin_table(tmp_path)
+    (tmp_path / "origin_study.json").unlink()
+    (tmp_path / "train" / "unet-crfrnn-s0" / "results.json").unlink()
     # With the origin protocol's numbers in every training run, its columns are used.
     keys = {v: 0.5 for v in origin.ORIGIN_KEYS.values()}
     for seed in (0, 1):
