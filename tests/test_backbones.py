@@ -10,10 +10,12 @@ from segrefine.build import build_data, build_module
 
 VARIANTS = [
     (["backbone=unet"], 1),
+    (["backbone=unet", "backbone.variant=vanilla", "backbone.base_width=8"], 1),
     (["backbone=pspnet"], 8),
     (["backbone=fcn", "backbone.variant=32s"], 32),
     (["backbone=fcn", "backbone.variant=16s"], 16),
     (["backbone=fcn", "backbone.variant=8s"], 8),
+    (["backbone=fcn", "backbone.variant=8s", "backbone.encoder_name=vgg16"], 8),
     (["backbone=fcn", "backbone.variant=8s", "backbone.upsampling=bilinear"], 8),
     (["backbone=fcn", "backbone.fine_skip=true"], 4),
     (["backbone=pspnet", "backbone.variant=zhao"], 8),
@@ -35,7 +37,7 @@ def test_backbone_shapes_strides_and_gradients(make_cfg, overrides, stride):
     for feature, s, c in zip(out.features, backbone.feature_strides, backbone.feature_channels):
         assert feature.shape[1:] == (c, 64 // s, 96 // s)
     out.logits.square().mean().backward()
-    first_conv = next(p for n, p in backbone.named_parameters() if "encoder" in n)
+    first_conv = next(p for n, p in backbone.named_parameters() if "encoder" in n or "vanilla.down" in n)
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
 

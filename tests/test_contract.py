@@ -29,6 +29,7 @@ from segrefine.types import IGNORE_INDEX, BackboneOutput
 BACKBONES = {
     "fcn": ["backbone=fcn"],
     "unet": ["backbone=unet", "backbone.encoder_depth=3", "backbone.decoder_channels=[16,8,8]"],
+    "unet-vanilla": ["backbone=unet", "backbone.variant=vanilla", "backbone.encoder_depth=3", "backbone.base_width=4"],
     "pspnet": ["backbone=pspnet", "backbone.psp_out_channels=16"],
     "segnet": ["backbone=segnet", "backbone.encoder_name=vgg11_bn", "backbone.encoder_depth=3"],
 }

@@ -146,8 +146,7 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     from test_datasets import write_msd_task
 
     origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
-    # SegNet is the model engineer's backbone; until it is in conf/backbone/ the plan is checked without it.
-    backbones = ["fcn", "segnet", "unet"] if (REPO / "conf" / "backbone" / "segnet.yaml").exists() else ["fcn", "unet"]
+    backbones = ["fcn", "segnet", "unet"]
     root = tmp_path_factory.mktemp("msd") / "Task04_Hippocampus"
     write_msd_task(root, n=3)
     args = type("Args", (), {"preset": "full", "seeds": "0,1", "tune_trials": 40, "crfrnn_protocol": "finetune",
@@ -157,26 +156,44 @@ def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tm
     assert jobs == {("train", f"{b}-none") for b in backbones} | {
         ("eval", "fcn-densecrf"), ("eval", "fcn-densecrf_tuned"), ("tune", "fcn-none"), ("tune", "unet-none"),
         ("eval", "unet-densecrf"), ("eval", "unet-densecrf_tuned"), ("train", "unet-none-continued"),
-        ("train", "unet-crfrnn"),
+        ("train", "unet-crfrnn"), ("train", "crfunet-crfrnn"),
         # data=msd is volumetric: U-Net's none checkpoint also gets the 3-D CRF, defaults and tuned
         ("eval", "unet-densecrf_3d"), ("tune", "unet-none-3d"),
         ("eval", "unet-densecrf_3d_tuned")}
     # Every table row is a job of the plan, and every published row is shown.
-    assert {job for _, _, job in origin.ROWS if not job.startswith("segnet") or "segnet" in backbones} <= {
-        name for _, name in jobs}
-    assert {published for _, published, _ in origin.ROWS if published} == set(origin.PUBLISHED)
+    assert {job for _, _, job, _ in origin.ROWS} <= {name for _, name in jobs}
+    assert {against for *_, against in origin.ROWS if against} <= {name for _, name in jobs}
+    assert {published for _, published, _, _ in origin.ROWS if published} == set(origin.PUBLISHED)
     found = check_pairings(plan, out, tuned_file)
     assert found[("train", "unet-crfrnn-s1")] == ["unet-none-continued-s1"]
     assert found[("eval", "fcn-densecrf_tuned-s0")] == ["fcn-none-s0"]
     assert found[("eval", "unet-densecrf_3d_tuned-s1")] == ["unet-none-s1"]
     head = job_config(plan.get("eval", "unet-densecrf_3d_tuned-s0"), plan, out, tuned_file)["head"]
     assert head["volume"] is True and head["name"] == "densecrf_3d_tuned"
+    # Block (a)'s CRF-U-Net is 64 wide: no none run pairs with it by accident.
+    assert found[("train", "crfunet-crfrnn-s0")] == []
     config = job_config(plan.get("train", "unet-none-s0"), plan, out, tuned_file)
-    # The origin schedule, on the MSD source.
+    # The origin schedule, networks and binary protocol, on the MSD source.
     assert config["data"]["name"] == "msd" and config["data"]["batch_size"] == 5
-    assert config["metrics"]["protocol"] == "unet_crfrnn"  # the origin study's IU/DSC/PA
+    assert config["metrics"]["protocol"] == "unet_crfrnn" and config["metrics"]["merge_foreground"] is True
     assert (config["trainer"]["max_epochs"], config["trainer"]["limit_train_batches"]) == (80, 10)
-    assert job_config(plan.get("train", "fcn-none-s0"), plan, out, tuned_file)["backbone"]["variant"] == "8s"
+    assert config["optim"]["scheduler"]["_target_"] == "torch.optim.lr_scheduler.StepLR"
+    assert (config["optim"]["scheduler"]["gamma"], config["optim"]["scheduler"]["step_size"]) == (0.9, None)
+    assert config["backbone"]["variant"] == "vanilla" and config["backbone"]["base_width"] is None  # 32
+    fcn = job_config(plan.get("train", "fcn-none-s0"), plan, out, tuned_file)["backbone"]
+    assert (fcn["variant"], fcn["encoder_name"], fcn["encoder_weights"]) == ("8s", "vgg16", None)
+    crfunet = job_config(plan.get("train", "crfunet-crfrnn-s0"), plan, out, tuned_file)
+    assert (crfunet["backbone"]["base_width"], crfunet["trainer"]["max_epochs"], crfunet["init_from"]) == (64, 80, None)
+    assert (crfunet["head"]["parametrisation"], crfunet["head"]["iterations"], crfunet["head"]["bilateral_sxy"]) == (
+        "zheng", 10, 160)
+    # --networks resnet18: segrefine's networks; its CRF-U-Net then is the U-Net and pairs with it.
+    resnet = origin.plan_for(args, [*origin.METRICS_OVERRIDES, "data=msd", f"data.root={root}"], ["unet"], "resnet18")
+    assert plan_backbone(resnet, "unet-none-s0", out, tuned_file)["variant"] == "smp"
+    assert check_pairings(resnet, out, tuned_file)[("train", "crfunet-crfrnn-s0")] == ["unet-none-s0"]
+
+
+def plan_backbone(plan, name, out, tuned_file):
+    return job_config(plan.get("train", name), plan, out, tuned_file)["backbone"]
 
 
 def test_a_job_that_does_not_compose_is_named_before_anything_runs(tuned_file, out):
@@ -187,32 +204,52 @@ def test_a_job_that_does_not_compose_is_named_before_anything_runs(tuned_file, o
     assert not (out / "train" / "fcn-none-s0").exists()
 
 
-def test_origin_table_prints_published_beside_ours_and_names_the_protocol(tmp_path):
+def test_origin_table_prints_three_blocks_and_names_the_protocol(tmp_path):
     import json
 
     origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
 
-    def result(kind, job, **metrics):
+    def result(kind, job, seed=0, **metrics):
         folder = tmp_path / kind / job
         folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps({"status": "complete", "metrics": metrics}))
+        config = {"seed": seed, "data": {"name": "synthetic", "image_size": 64, "batch_size": 5},
+                  "trainer": {"max_epochs": 8, "limit_train_batches": 10}, "metrics": {"merge_foreground": True},
+                  "backbone": {"name": "unet", "variant": "vanilla", "encoder_name": None, "base_width": None}}
+        (folder / "results.json").write_text(json.dumps({"status": "complete", "metrics": metrics, "seed": seed,
+                                                         "num_classes": 3, "config": config}))
 
     result("train", "unet-none-s0", **{"test/iou": 0.70, "test/dice": 0.80, "test/pixel_acc": 0.9})
-    result("train", "unet-none-s1", **{"test/iou": 0.74, "test/dice": 0.84, "test/pixel_acc": 0.9})
+    result("train", "unet-none-s1", 1, **{"test/iou": 0.74, "test/dice": 0.84, "test/pixel_acc": 0.9})
+    result("eval", "unet-densecrf-s0", **{"test/iou": 0.75, "test/dice": 0.6, "test/pixel_acc": 0.8})
     result("eval", "fcn-densecrf-s0", **{"test/iou": 0.5, "test/dice": 0.6, "test/pixel_acc": 0.8})
     table = origin.origin_table(tmp_path)
     # Standard-protocol numbers only: said so, never under the origin's column names.
     assert "NOT the origin's" in table and "ours IoU" in table and "ours IU" not in table
-    assert "| Vanilla U-Net | 75.42 | 83.49 | 72.18 | 72.00 ± 2.83 | 82.00 ± 2.83 | 90.00 ± 0.00 | 2 |" in table
-    assert "| CNN-CRF, our reading: FCN-8s + offline DenseCRF (defaults) | 68.73 | 73.22 | 51.77 | 50.00 |" in table
-    assert "SegNet" not in table.split("\n\n")[0]  # rows without runs are left out
+    block_a, block_b = table.split("**(b)")[0], table.split("**(b)")[1].split("**(c)")[0]
+    assert "| Vanilla U-Net | 72.00 ± 2.83 | 82.00 ± 2.83 | 90.00 ± 0.00 | 2 | Vanilla U-Net |" in block_a
+    assert "| CNN-CRF, our reading: FCN-8s + offline DenseCRF (defaults) | 50.00 | 60.00 | 80.00 | 1 | CNN-CRF |" in block_a
+    assert "SegNet" not in block_a  # rows without runs are left out
+    # (b): the paired difference over the seeds both have (seed 0 only: 75 - 70).
+    assert "| U-Net + CRF (offline, default parameters), same weights | 75.00 | 60.00 | 80.00 | 1 | +5.00 | unet-none |" in block_b
+    assert "| Vanilla U-Net | 75.42 | 83.49 | 72.18 |" in table.split("**(c)")[1]
+    # The footnote says what ours are.
+    assert "data synthetic, image size 64, 3 classes, foreground merged: True; 8 epochs" in table
+    assert "seeds 0, 1" in table and "networks (?): unet vanilla width 32;" in table  # from the runs' configs
+    # --crfrnn-protocol scratch: the CRF-RNN row says so and is against the U-Net itself.
+    result("train", "unet-crfrnn-s0", **{"test/iou": 0.72, "test/dice": 0.8, "test/pixel_acc": 0.9})
+    (tmp_path / "origin_study.json").write_text(json.dumps({"preset": "smoke", "crfrnn_protocol": "scratch"}))
+    assert "| U-Net + CRF-RNN trained jointly from scratch (--crfrnn-protocol scratch) | 72.00 | 80.00 | 90.00 | 1 | " \
+           "+2.00 | unet-none |" in origin.origin_table(tmp_path)
+    (tmp_path / "origin_study.json").unlink()
+    (tmp_path / "train" / "unet-crfrnn-s0" / "results.json").unlink()
     # With the origin protocol's numbers in every training run, its columns are used.
     keys = {v: 0.5 for v in origin.ORIGIN_KEYS.values()}
     for seed in (0, 1):
         path = tmp_path / "train" / f"unet-none-s{seed}" / "results.json"
-        path.write_text(json.dumps({"status": "complete", "metrics": keys}))
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "metrics": keys}))
     table = origin.origin_table(tmp_path)
-    assert "origin protocol (metrics=unet_crfrnn)" in table and "| Vanilla U-Net | 75.42 | 83.49 | 72.18 | 50.00 ± 0.00" in table
+    assert "origin protocol (metrics=unet_crfrnn)" in table and "| Vanilla U-Net | 50.00 ± 0.00" in table
 
 
 def test_study_time_adds_up_over_reruns(tmp_path, capsys):

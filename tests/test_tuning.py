@@ -89,13 +89,14 @@ def test_when_no_trial_beats_no_crf_the_tuned_crf_is_the_identity(trained_run, t
 
     real = tuning._val_objective
 
-    def every_crf_hurts(head, cache, num_classes, protocol):
-        value = real(head, cache, num_classes, protocol)
+    def every_crf_hurts(head, cache, num_classes, protocol, merge=False):
+        value = real(head, cache, num_classes, protocol, merge)
         crf_on = head is not None and (head.kernels.gaussian_compat or head.kernels.bilateral_compat)
         return value - 0.5 if crf_on else value
 
     monkeypatch.setattr(tuning, "_val_objective", every_crf_hurts)
-    summary = tune_densecrf(trained_run, tmp_path, trials=3, overrides=["head.num_workers=1"])
+    # Two workers: the identity is re-scored with the worker pool the trials used (it was shut down too early once).
+    summary = tune_densecrf(trained_run, tmp_path, trials=3, overrides=["head.num_workers=2"])
     assert summary["no_crf_chosen"] and summary["best_params"] == NO_CRF and summary["outcome"] == "no_crf"
     assert summary["best_value"] == summary["none_value"]
     saved = OmegaConf.load(tmp_path / TUNED_FILE)

@@ -41,6 +41,9 @@ def check_metrics_config(cfg: DictConfig) -> None:
     protocol = cfg.metrics.get("protocol")
     if protocol not in PROTOCOLS:
         raise ConfigValueError(f"metrics.protocol={protocol!r} must be one of {tuple(PROTOCOLS)} (metrics=standard|unet_crfrnn)")
+    merge = cfg.metrics.get("merge_foreground", False)
+    if not isinstance(merge, bool):
+        raise ConfigValueError(f"metrics.merge_foreground={merge!r} must be true or false")
 
 
 # Keys of a backbone or head config that describe the component rather than configure it:
@@ -76,6 +79,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         boundary_tolerance_unit=cfg.metrics.boundary_tolerance_unit,
         save_predictions=cfg.get("save_predictions") or 0,
         nsd_tolerance_mm=cfg.metrics.get("nsd_tolerance_mm", 1.0),
+        merge_foreground=cfg.metrics.get("merge_foreground", False),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

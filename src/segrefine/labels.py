@@ -37,14 +37,22 @@ def check_label(label: Any) -> str | None:
     return label
 
 
+# Variants that are a backbone's default build: not worth a word in a label.
+DEFAULT_VARIANTS = (None, "lite", "smp")
+
+
 def backbone_words(backbone: Mapping[str, Any], head: str | None = None) -> str:
     """"FCN-8s", "PSPNet (Zhao)", "U-Net stopped at stride 4", "FCN-8s + stride-4 skip"."""
     name = str(backbone.get("name"))
     words = BACKBONE_WORDS.get(name, name)
-    if name == "fcn" and backbone.get("variant"):
-        words += f"-{backbone['variant']}"
-    elif backbone.get("variant") not in (None, "lite"):
-        words += f" ({str(backbone['variant']).capitalize()})"
+    variant = backbone.get("variant")
+    if name == "fcn" and variant:
+        words += f"-{variant}"
+    elif name == "unet" and variant == "vanilla":  # the origin study's network, by its own name
+        words = f"Vanilla {words}" + (f" (width {backbone['base_width']})" if backbone.get("base_width") not in
+                                      (None, 32) else "")
+    elif variant not in DEFAULT_VARIANTS:
+        words += f" ({str(variant).capitalize()})"
     stride = backbone.get("output_stride")
     if isinstance(stride, int) and stride > 1 and head != "pointrend":  # PointRend asks for its coarse map itself
         words += f" stopped at stride {stride}"

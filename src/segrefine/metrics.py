@@ -257,14 +257,40 @@ def protocol_per_image(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+# -- the origin's binary foreground (metrics.merge_foreground) --------------------------------
+
+# Recorded after the unet_crfrnn definition in results.json when metrics.merge_foreground is on.
+MERGED_FOREGROUND = (
+    "Foreground merged (metrics.merge_foreground=true): every class > 0 counts as the one foreground class, "
+    "so C = 2 (background, foreground) as on the origin's binary masks; ignored (255) pixels stay ignored."
+)
+
+
+def merge_foreground(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Label maps with every class > 0 as class 1 (the origin's binary foreground); ``ignore_index`` kept."""
+    labels = labels.long()
+    return torch.where(labels == ignore_index, labels, (labels > 0).long())
+
+
+def unet_crfrnn_per_image(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
+                          merge: bool = False) -> dict[str, torch.Tensor]:
+    """The ``unet_crfrnn`` protocol per image of ``(B, H, W)`` label maps, over the C classes or,
+    with ``merge``, over background and the merged foreground (``merge_foreground``)."""
+    if merge:
+        preds, target, num_classes = merge_foreground(preds), merge_foreground(target), 2
+    return protocol_per_image(_confusions(preds, target, num_classes))
+
+
 def protocol_metrics(
-    preds: torch.Tensor, masks: torch.Tensor, num_classes: int, protocol: str = "unet_crfrnn"
+    preds: torch.Tensor, masks: torch.Tensor, num_classes: int, protocol: str = "unet_crfrnn",
+    merge_foreground: bool = False,
 ) -> dict[str, float]:
     """A split's metrics under a protocol, for scripts and notebooks.
 
     ``preds``/``masks``: ``(N, H, W)`` integer label maps, 255 ignored. ``unet_crfrnn`` gives
-    ``{"iu", "dsc", "pa"}`` averaged over images (values in [0, 1]); ``standard`` gives the
-    pooled ``{"iou", "dice", "pixel_acc", "boundary_f1"}``.
+    ``{"iu", "dsc", "pa"}`` averaged over images (values in [0, 1]); with ``merge_foreground``
+    every label > 0 is the single foreground class first, as the origin scored its binary
+    masks. ``standard`` gives the pooled ``{"iou", "dice", "pixel_acc", "boundary_f1"}``.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} must be one of {tuple(PROTOCOLS)}")
@@ -272,20 +298,25 @@ def protocol_metrics(
         raise ValueError(f"preds {tuple(preds.shape)} and masks {tuple(masks.shape)} must both be (N, H, W)")
     preds, masks = preds.long(), masks.long()
     if protocol == "standard":
+        if merge_foreground:
+            raise ValueError("merge_foreground=True is part of the unet_crfrnn protocol; the standard protocol "
+                             "scores the classes as they are (use protocol='unet_crfrnn')")
         metrics = SegmentationMetrics(num_classes)
         metrics.update(preds, masks)
         return {k: v for k, v in metrics.compute().items() if k in METRIC_NAMES}
-    values = protocol_per_image(_confusions(preds, masks, num_classes))
+    values = unet_crfrnn_per_image(preds, masks, num_classes, merge=merge_foreground)
     return {k: v.mean().item() for k, v in values.items()}
 
 
 def per_image_metrics(
     preds: torch.Tensor, target: torch.Tensor, num_classes: int, boundary_tolerance: float = 0.0075,
-    boundary_tolerance_unit: str = "diagonal",
+    boundary_tolerance_unit: str = "diagonal", merge_foreground: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each metric of every protocol for each image of a batch: ``{name: (B,) float64}``.
 
     Standard metrics under their own names, the ``unet_crfrnn`` ones as ``unet_crfrnn/iu`` etc.
+    (over background and the merged foreground with ``merge_foreground``; the standard ones
+    never merge).
     """
     confusion = _confusions(preds, target, num_classes)
     counts = boundary_counts(preds, target, num_classes, boundary_tolerance, unit=boundary_tolerance_unit)
@@ -295,7 +326,9 @@ def per_image_metrics(
         "pixel_acc": pixel_accuracy(confusion),
         "boundary_f1": foreground_mean(boundary_f1_from_counts(counts)),
     }
-    rows.update({f"unet_crfrnn/{k}": v for k, v in protocol_per_image(confusion).items()})
+    origin = (unet_crfrnn_per_image(preds, target, num_classes, merge=True) if merge_foreground
+              else protocol_per_image(confusion))
+    rows.update({f"unet_crfrnn/{k}": v for k, v in origin.items()})
     return rows
 
 

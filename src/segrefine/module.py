@@ -6,6 +6,7 @@ Anything that differs between heads lives in the head (``forward`` and ``losses`
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ class SegmentationModule(pl.LightningModule):
         boundary_tolerance_unit: str = "diagonal",
         save_predictions: int = 0,
         nsd_tolerance_mm: float = 1.0,
+        merge_foreground: bool = False,
     ):
         super().__init__()
         # The resolved run config travels in every checkpoint so `evaluate` can rebuild the model.
@@ -47,6 +49,8 @@ class SegmentationModule(pl.LightningModule):
         self.num_classes, self.class_names = num_classes, list(class_names)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.boundary_tolerance, self.boundary_tolerance_unit = boundary_tolerance, boundary_tolerance_unit
+        # The unet_crfrnn numbers over background and the merged foreground (metrics.merge_foreground).
+        self.merge_foreground = bool(merge_foreground)
         self.val_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
         self.test_metrics = SegmentationMetrics(num_classes, class_names, boundary_tolerance, boundary_tolerance_unit)
         self.test_rows: list[dict[str, Any]] = []
@@ -101,8 +105,11 @@ class SegmentationModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if getattr(self.scheduler_factory, "keywords", {}).get("total_iters", 0) is None:
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        if keywords.get("total_iters", 0) is None:
             kwargs["total_iters"] = int(self.trainer.estimated_stepping_batches)
+        if keywords.get("step_size", 0) is None:
+            kwargs["step_size"] = steps_per_epoch(self.trainer)
         scheduler = self.scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -147,7 +154,8 @@ class SegmentationModule(pl.LightningModule):
         self._test_images += len(image)
         preds = logits.argmax(1)
         self.test_metrics.update(preds, mask)
-        rows = per_image_metrics(preds, mask, self.num_classes, self.boundary_tolerance, self.boundary_tolerance_unit)
+        rows = per_image_metrics(preds, mask, self.num_classes, self.boundary_tolerance, self.boundary_tolerance_unit,
+                                 merge_foreground=self.merge_foreground)
         self.test_sizes.add((int(preds.shape[-2]), int(preds.shape[-1])))
         for i, sample_id in enumerate(batch["id"]):
             self.test_rows.append({"id": sample_id, **{k: float(v[i]) for k, v in rows.items()}})
@@ -190,7 +198,7 @@ class SegmentationModule(pl.LightningModule):
         if len(chosen):
             self.test_metrics.update(preds[chosen], mask[chosen])
             rows = per_image_metrics(preds[chosen], mask[chosen], self.num_classes, self.boundary_tolerance,
-                                     self.boundary_tolerance_unit)
+                                     self.boundary_tolerance_unit, merge_foreground=self.merge_foreground)
             self.test_sizes.add((int(preds.shape[-2]), int(preds.shape[-1])))
             for j, i in enumerate(chosen.tolist()):
                 sample_id = str(batch["id"][i])
@@ -281,6 +289,17 @@ class SegmentationModule(pl.LightningModule):
         parameters = [*self.backbone.parameters(), *self.head.parameters()]
         return {"params": sum(p.numel() for p in parameters),
                 "params/trainable": sum(p.numel() for p in parameters if p.requires_grad)}
+
+
+def steps_per_epoch(trainer) -> int:
+    """Optimiser steps in one training epoch (``optim.scheduler.step_size: null`` means one epoch)."""
+    epochs, total = trainer.max_epochs, trainer.estimated_stepping_batches
+    if not epochs or epochs < 1 or not math.isfinite(total) or total % epochs:
+        raise ValueError(
+            f"optim.scheduler.step_size=null means one epoch's optimiser steps, which trainer.max_epochs={epochs} and "
+            f"{total} steps in all do not give; set optim.scheduler.step_size=<steps per decay>"
+        )
+    return int(total // epochs)
 
 
 def prediction_key(sample_id: str) -> str:

@@ -98,7 +98,8 @@ PROTOCOL_NOTES = {
     "standard": "standard protocol: IoU/Dice over foreground classes; *pooled* = over the split's confusion "
                 "matrix; *img mean* = per-image values averaged over images (the aggregation the Δ uses).",
     "unet_crfrnn": "unet_crfrnn protocol (the origin study's evaluation, C classes): per image IU and DSC over all "
-                   "classes including background (0 for a class empty in prediction or truth; DSC +1 smoothed), "
+                   "classes including background, or over background and one merged foreground in runs with "
+                   "metrics.merge_foreground=true (0 for a class empty in prediction or truth; DSC +1 smoothed), "
                    "PA = foreground recall (not pixel accuracy), each averaged over images.",
 }
 VOLUME_NOTE = ("Volumes: each subject's slices restacked (padding removed) and scored as one volume: Dice, NSD "

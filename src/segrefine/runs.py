@@ -219,12 +219,14 @@ def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, An
     """What results.json says about the test numbers besides the numbers: the metric
     definitions, the classes, and the saved predictions file for the report's figure."""
     from segrefine.hardware import describe
-    from segrefine.metrics import PROTOCOLS, VOLUME_DEFINITIONS
+    from segrefine.metrics import MERGED_FOREGROUND, PROTOCOLS, VOLUME_DEFINITIONS
 
+    merged = bool(cfg.metrics.get("merge_foreground", False))
     record: dict[str, Any] = {
         "metrics_protocol": cfg.metrics.protocol,
         "metric_definitions": {
             **PROTOCOLS,
+            **({"unet_crfrnn": f"{PROTOCOLS['unet_crfrnn']} {MERGED_FOREGROUND}"} if merged else {}),
             "boundary_tolerance": f"{cfg.metrics.boundary_tolerance} ({cfg.metrics.boundary_tolerance_unit})",
         },
         "boundary_tolerance_px": module.boundary_tolerance_px(),

@@ -83,10 +83,10 @@ def _hydra_value(value: Any) -> str:
 # -- tuning ------------------------------------------------------------------------------------
 
 
-def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]], str]:
+def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]], DictConfig]:
     """The densecrf head, per validation batch (padded image, backbone logits at that size,
-    mask, height, width): everything a trial needs, the backbone run once; and the metric
-    protocol the run reports under."""
+    mask, height, width): everything a trial needs, the backbone run once; and the run's
+    ``metrics`` config (its protocol and merge_foreground say what the objective scores)."""
     from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.evaluate import eval_config
     from segrefine.build import build_data, build_module
@@ -114,7 +114,7 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
         with torch.no_grad():
             for batch in evaluation_loader(datamodule, "val"):
                 cache.append((batch, _VolumeLogits(module.volume_logits(batch, refine=False))))
-        return module.head, cache, run_cfg.metrics.protocol
+        return module.head, cache, run_cfg.metrics
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             height, width = batch["image"].shape[-2:]
@@ -123,7 +123,7 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
             # What the head would upsample itself; the cached logits are then at the image's size.
             logits = upsample_logits(out, image.shape[-2:])
             cache.append((image, BackboneOutput(logits, [], (), 1), batch["mask"], height, width))
-    return module.head, cache, run_cfg.metrics.protocol
+    return module.head, cache, run_cfg.metrics
 
 
 class _VolumeLogits:
@@ -133,20 +133,21 @@ class _VolumeLogits:
         self.logits = logits
 
 
-def _val_objective(head, cache, num_classes: int, protocol: str) -> float:
+def _val_objective(head, cache, num_classes: int, protocol: str, merge: bool = False) -> float:
     """``objective_key(protocol)`` as segrefine-eval computes it: the per-image headline
     metric (``metrics.per_image_metrics``' definitions) averaged over the validation images
     (for volumes: over the split's slices of the refined volumes)."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from segrefine.metrics import foreground_mean, per_class_iou, protocol_per_image
+    from segrefine.metrics import foreground_mean, per_class_iou, unet_crfrnn_per_image
     from segrefine.types import IGNORE_INDEX
 
     def headline(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if protocol == "unet_crfrnn":  # with the run's metrics.merge_foreground, as evaluation scores it
+            return unet_crfrnn_per_image(preds, masks, num_classes, merge=merge)["iu"]
         confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
                                  for p, t in zip(preds, masks)])
-        return protocol_per_image(confusion)["iu"] if protocol == "unet_crfrnn" else \
-            foreground_mean(per_class_iou(confusion))
+        return foreground_mean(per_class_iou(confusion))
 
     values = []
     with torch.no_grad():
@@ -190,14 +191,15 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
                                          f"paths.output_dir={output}", *overrides])
-    head, cache, protocol = _validation_cache(cfg)
-    num_classes = head.num_classes
-    none_value = _val_objective(None, cache, num_classes, protocol)
+    head, cache, metrics_cfg = _validation_cache(cfg)
+    num_classes, protocol = head.num_classes, metrics_cfg.protocol
+    merge = bool(metrics_cfg.get("merge_foreground", False))
+    none_value = _val_objective(None, cache, num_classes, protocol, merge)
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in SEARCH_SPACE.items()}
         head.kernels = CRFKernels(**values)
-        return _val_objective(head, cache, num_classes, protocol)
+        return _val_objective(head, cache, num_classes, protocol, merge)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -207,14 +209,14 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
             study.enqueue_trial(params)
     try:
         study.optimize(objective, n_trials=trials)
+        best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
+        no_crf = best_value <= none_value
+        if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
+            head.kernels = CRFKernels(**NO_CRF)
+            best, best_value = dict(NO_CRF), _val_objective(head, cache, num_classes, protocol, merge)  # needs the pool
     finally:
         if getattr(head, "_pool", None) is not None:
             head._pool.shutdown(cancel_futures=True)
-    best, best_value = {k: float(v) for k, v in study.best_params.items()}, float(study.best_value)
-    no_crf = best_value <= none_value
-    if no_crf:  # nothing beat no CRF: keep the predictions (zero pairwise weights change nothing)
-        head.kernels = CRFKernels(**NO_CRF)
-        best, best_value = dict(NO_CRF), _val_objective(head, cache, num_classes, protocol)
     saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
     for key, value in best.items():
         saved[key] = value
