@@ -391,6 +391,7 @@ def test_eval_refuses_a_training_folder_train_an_evaluations_and_a_stopped_evalu
     assert json.loads((stopped / "results.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # ~8 s: Lightning's own requeue path, which segrefine's signal handling leaves in place
 def test_lightnings_slurm_requeue_still_works_under_submitits_sigterm_handler(make_cfg, monkeypatch, tmp_path):
     """SLURM pre-emption as submitit sees it: SIGUSR1 makes Lightning save its hpc checkpoint
     and requeue the job (scontrol), then SIGTERM ends this attempt. submitit's own SIGTERM

@@ -34,18 +34,20 @@ def study_rows(tmp_path, configurations, seeds=(0,), predictions=False):
     return rows
 
 
-def drawn_texts(fig):
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    renderer = canvas.get_renderer()
+def drawn_texts(fig, renderer=None):
+    if renderer is None:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
     return [(t, t.get_window_extent(renderer)) for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
 
 
 def assert_readable(fig, row_labels=()):
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
+    renderer = canvas.get_renderer()
     # What is drawn (tick labels outside the view limits are not) lies inside the figure.
-    drawn = fig.get_tightbbox(canvas.get_renderer())
+    drawn = fig.get_tightbbox(renderer)
     width, height = fig.get_size_inches()
     assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01, \
         f"drawn extent {drawn} leaves the {width:.2f} x {height:.2f} in figure"
@@ -53,12 +55,13 @@ def assert_readable(fig, row_labels=()):
     needed = [*fig.texts, *(t for legend in fig.legends for t in legend.get_texts())]
     for ax in fig.axes:
         needed += [ax.title, ax.xaxis.label, ax.yaxis.label, *(ax.get_legend().get_texts() if ax.get_legend() else ())]
-    for text, extent in drawn_texts(fig):
+    texts = drawn_texts(fig, renderer)
+    for text, extent in texts:
         if text.get_text() in row_labels or any(text is t for t in needed):
             assert extent.x0 >= fig.bbox.x0 - 1 and extent.x1 <= fig.bbox.x1 + 1, text.get_text()
             assert extent.y0 >= fig.bbox.y0 - 1 and extent.y1 <= fig.bbox.y1 + 1, text.get_text()
     # Row labels (y tick labels) never overlap their neighbours.
-    ticks = sorted((e for t, e in drawn_texts(fig) if t.get_text() in row_labels), key=lambda e: e.y0)
+    ticks = sorted((e for t, e in texts if t.get_text() in row_labels), key=lambda e: e.y0)
     assert all(a.y1 <= b.y0 + 0.5 for a, b in zip(ticks, ticks[1:]))
 
 

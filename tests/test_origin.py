@@ -113,6 +113,7 @@ def test_vanilla_unet_stops_its_decoder_at_a_coarse_stride():
     assert out.logits.shape == (1, 3, 8, 12) and out.stride == 4
 
 
+@pytest.mark.slow  # ~10 s; the contract matrix builds and runs FCN-8s on VGG-16 in the default suite
 def test_fcn8s_on_vgg16_trains(make_cfg):
     from segrefine.build import build_component
 
