@@ -1,17 +1,19 @@
-"""Builders: the DataModule, the model, the logger and the callbacks of a run, from its
-Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and nothing else."""
+"""Builders: the DataModule, the model, the loggers, the callbacks and the Trainer of a run,
+from its Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and nothing
+else."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.checkpoints import AtomicCheckpointIO, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
@@ -147,3 +149,12 @@ def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[pl.Callba
     if not with_logger:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     return callbacks
+
+
+def build_trainer(cfg: DictConfig, loggers: list | bool, callbacks: list[pl.Callback], output_dir: str | Path,
+                  atomic_checkpoints: bool = False) -> pl.Trainer:
+    """The configured Trainer (``cfg.trainer``) writing under ``output_dir``. With
+    ``atomic_checkpoints`` (training) a checkpoint is written to a temporary file and renamed,
+    so an interrupted save never leaves a truncated ``last.ckpt`` to resume from."""
+    plugins = {"plugins": [AtomicCheckpointIO()]} if atomic_checkpoints else {}
+    return instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(output_dir), **plugins)
