@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segrefine.checkpoints import AtomicCheckpointIO, load_checkpoint, load_weights, resolve_checkpoint_file
@@ -20,7 +20,7 @@ from segrefine.provenance import provenance
 from segrefine.labels import run_label
 from segrefine.runconfig import config_group, curated_config
 from segrefine.tracking import RunInfo
-from segrefine.validation import ConfigValueError, class_count_problem
+from segrefine.validation import ConfigValueError, class_count_problem, rule_problems
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,23 @@ DESCRIPTIVE_KEYS = ("name", "tuned")
 
 def build_component(node: DictConfig, **kwargs: Any) -> Any:
     """A backbone or head from its config node (``cfg.backbone`` / ``cfg.head``), without the
-    descriptive keys; ``kwargs`` are what the run supplies (channels, classes, the backbone)."""
+    descriptive keys; ``kwargs`` are what the run supplies (channels, classes, the backbone).
+    The class's own ``CONFIG_RULES`` (types and ranges of its keys) are checked first, so a bad
+    value is refused naming the key rather than failing inside the component."""
     # Resolved in place first: a node's interpolations may point elsewhere in the run config
     # (conf/backbone/unet.yaml reads head.coarse_stride).
     config = OmegaConf.to_container(node, resolve=True)
+    rules = getattr(get_class(config["_target_"]), "CONFIG_RULES", None) if "_target_" in config else None
+    if rules and (problems := rule_problems(config, rules, prefix=node._key() if isinstance(node, DictConfig) else None)):
+        raise ConfigValueError("; ".join(problems))
     return instantiate({key: value for key, value in config.items() if key not in DESCRIPTIVE_KEYS}, **kwargs)
+
+
+def check_trainable(cfg: DictConfig) -> None:
+    """Refuse to train a head configured for post-hoc use only (its ``training_problem``)."""
+    head = get_class(cfg.head._target_)
+    if problem := head.training_problem(OmegaConf.to_container(cfg.head, resolve=True)):
+        raise ConfigValueError(problem)
 
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:

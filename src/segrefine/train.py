@@ -43,20 +43,19 @@ SUMMARY_KEYS = ("params", "params/trainable", "train/fit_seconds", "train/steps"
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write results.json; returns the metrics dict. A finished
     job is skipped (``force=true`` redoes it); an interrupted one resumes from ``last.ckpt``."""
-    if cfg.get("print_config"):
-        print(OmegaConf.to_yaml(cfg, resolve=True))
     check_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if (previous := previous_results(cfg, output_dir)) is not None:
         return previous["metrics"]
 
     import pytorch_lightning as pl
-
-    from segrefine.build import build_callbacks, build_data, build_loggers, build_module, build_trainer, initialise_from, run_info
+    from segrefine.build import (build_callbacks, build_data, build_loggers, build_module, build_trainer, check_trainable,
+                                 initialise_from, run_info)
     from segrefine.callbacks import StopOnSignal
     from segrefine.distributed import use_job_command_under_hydra
     from segrefine.tracking import BestValue, finish_wandb
 
+    check_trainable(cfg)
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = checkpoint_to_resume(cfg, output_dir)
@@ -83,11 +82,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Everything about the config that can be refused before torch loads."""
+    """Print the config if asked (``print_config``); refuse what can be refused before torch
+    loads (the head's own refusal: ``build.check_trainable``)."""
+    if cfg.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
     check_config(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.head.get("volume"):
-        raise ValueError("head.volume=true (the 3-D CRF per subject volume) is post-hoc only: train with "
-                         "head=none and evaluate its checkpoint with segrefine-eval head=densecrf head.volume=true")
     check_label(cfg.get("label"))
 
 
