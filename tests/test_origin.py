@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from segrefine.metrics import merge_foreground, per_image_metrics, protocol_metrics
 from segrefine.types import IGNORE_INDEX as I
 
@@ -204,9 +203,8 @@ def test_merge_changes_the_issue_example_and_ignored_pixels_stay_ignored():
 
 
 def test_plan_only_shows_the_three_blocks_and_an_extrapolated_full_run(monkeypatch, tmp_path):
-    from test_study_plan import load_script
+    from segrefine.study import origin
 
-    origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
     monkeypatch.setattr(sys, "argv", ["run.py", "--plan-only", "--out", str(tmp_path / "study")])
     printed = io.StringIO()
     with redirect_stdout(printed):

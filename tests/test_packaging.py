@@ -1,5 +1,6 @@
-"""segrefine as an installed package (issue 15): the configs ship inside the wheel, users add
-their own configs through Hydra's search path, and tuned heads never land in the install."""
+"""segrefine as an installed package: the configs ship inside the wheel, a study runs from it,
+users add their own configs through Hydra's search path, and tuned heads never land in the
+install."""
 
 from __future__ import annotations
 
@@ -109,6 +110,15 @@ def test_wheel_ships_the_configs_and_runs_from_a_fresh_venv(tmp_path):
     assert job.returncode == 0, job.stderr[-3000:]
     # The composed config is exactly the checkout's.
     assert yaml.safe_load(job.stdout) == OmegaConf.to_container(compose_train())
+
+    # A study runs from the wheel, outside the repository: its plan composes and pairs.
+    study = python.parent / ("segrefine-study.exe" if os.name == "nt" else "segrefine-study")
+    plan = subprocess.run([str(study), "paper_table", "--plan-only", "--backbones", "fcn", "--heads", "none,pointrend",
+                           "--out", str(cwd / "study")], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert plan.returncode == 0, plan.stdout[-2000:] + plan.stderr[-3000:]
+    for row in ("| fcn-none-s0 | train | 0 |", "| fcn-densecrf_tuned-s0 | eval | 0 |", "| fcn-pointrend-s0 | train | 0 |"):
+        assert row in plan.stdout, plan.stdout
+    assert not (cwd / "study" / "train").exists()  # --plan-only runs nothing
 
 
 def test_lightning_fabric_comes_with_pytorch_lightning():

@@ -1,24 +1,26 @@
-"""Builders: the DataModule, the model, the logger and the callbacks of a run, from its
-Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and nothing else."""
+"""Builders: the DataModule, the model, the loggers, the callbacks and the Trainer of a run,
+from its Hydra config. ``train``, ``evaluate`` and ``tuning`` build through these and nothing
+else."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+from segrefine.checkpoints import AtomicCheckpointIO, load_checkpoint, load_weights, resolve_checkpoint_file
 from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
 from segrefine.labels import run_label
 from segrefine.runconfig import config_group, curated_config
 from segrefine.tracking import RunInfo
-from segrefine.validation import ConfigValueError, class_count_problem
+from segrefine.validation import ConfigValueError, class_count_problem, rule_problems
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,23 @@ DESCRIPTIVE_KEYS = ("name", "tuned")
 
 def build_component(node: DictConfig, **kwargs: Any) -> Any:
     """A backbone or head from its config node (``cfg.backbone`` / ``cfg.head``), without the
-    descriptive keys; ``kwargs`` are what the run supplies (channels, classes, the backbone)."""
+    descriptive keys; ``kwargs`` are what the run supplies (channels, classes, the backbone).
+    The class's own ``CONFIG_RULES`` (types and ranges of its keys) are checked first, so a bad
+    value is refused naming the key rather than failing inside the component."""
     # Resolved in place first: a node's interpolations may point elsewhere in the run config
     # (conf/backbone/unet.yaml reads head.coarse_stride).
     config = OmegaConf.to_container(node, resolve=True)
+    rules = getattr(get_class(config["_target_"]), "CONFIG_RULES", None) if "_target_" in config else None
+    if rules and (problems := rule_problems(config, rules, prefix=node._key() if isinstance(node, DictConfig) else None)):
+        raise ConfigValueError("; ".join(problems))
     return instantiate({key: value for key, value in config.items() if key not in DESCRIPTIVE_KEYS}, **kwargs)
+
+
+def check_trainable(cfg: DictConfig) -> None:
+    """Refuse to train a head configured for post-hoc use only (its ``training_problem``)."""
+    head = get_class(cfg.head._target_)
+    if problem := head.training_problem(OmegaConf.to_container(cfg.head, resolve=True)):
+        raise ConfigValueError(problem)
 
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
@@ -147,3 +161,12 @@ def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[pl.Callba
     if not with_logger:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     return callbacks
+
+
+def build_trainer(cfg: DictConfig, loggers: list | bool, callbacks: list[pl.Callback], output_dir: str | Path,
+                  atomic_checkpoints: bool = False) -> pl.Trainer:
+    """The configured Trainer (``cfg.trainer``) writing under ``output_dir``. With
+    ``atomic_checkpoints`` (training) a checkpoint is written to a temporary file and renamed,
+    so an interrupted save never leaves a truncated ``last.ckpt`` to resume from."""
+    plugins = {"plugins": [AtomicCheckpointIO()]} if atomic_checkpoints else {}
+    return instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(output_dir), **plugins)

@@ -175,6 +175,15 @@ def use_job_command_for_ddp() -> None:
         setattr(module, _PATCHED, _job_subprocess_cmd)
 
 
+def use_job_command_under_hydra() -> None:
+    """``use_job_command_for_ddp`` when the job runs under Hydra (a plain ``train(cfg)`` call
+    from a notebook or test has no job command to re-run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        use_job_command_for_ddp()
+
+
 def gather_objects(obj, world_size: int) -> list:
     """``obj`` from every rank (``[obj]`` without a process group)."""
     if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():

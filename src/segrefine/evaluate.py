@@ -162,13 +162,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in SPLITS:
         raise ConfigValueError(f"split={cfg.split!r} must be one of {SPLITS}")
     import pytorch_lightning as pl
-    from hydra.core.hydra_config import HydraConfig
 
-    from segrefine.build import build_data, build_loggers, build_module, run_info
+    from segrefine.build import build_data, build_loggers, build_module, build_trainer, run_info
     from segrefine.callbacks import StopOnSignal
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.data.common import evaluation_loader
-    from segrefine.distributed import use_job_command_for_ddp
+    from segrefine.distributed import use_job_command_under_hydra
     from segrefine.results import write_results
     from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
 
@@ -194,16 +193,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     load_weights(module, checkpoint, ckpt_file, with_head=weights == "checkpoint")
     module.eval_prefix = cfg.split
 
-    if HydraConfig.initialized():
-        use_job_command_for_ddp()
+    use_job_command_under_hydra()
     try:
         training_id = training_wandb_id(ckpt_file)
         # An evaluation on the validation split chooses parameters: a tuning job to the tracker.
         run = run_info(run_cfg, "eval" if cfg.split == "test" else "tune", label=label,
                        extra_config=wandb_source(cfg, train_cfg, ckpt_file, training_id))
         logger = build_loggers(run_cfg, run)
-        trainer = hydra.utils.instantiate(run_cfg.trainer, logger=logger, callbacks=[StopOnSignal()],
-                                          default_root_dir=str(output_dir))
+        trainer = build_trainer(run_cfg, logger, [StopOnSignal()], output_dir)
         trainer.test(module, dataloaders=evaluation_loader(datamodule, cfg.split), verbose=False)
         params = module.parameter_counts()
         metrics = {**module.test_results, **params}

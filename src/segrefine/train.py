@@ -41,107 +41,140 @@ SUMMARY_KEYS = ("params", "params/trainable", "train/fit_seconds", "train/steps"
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, write results.json; returns the metrics dict.
-
-    Re-running a finished job returns its results without training (``force=true`` redoes
-    it); a job interrupted after a checkpoint continues from ``last.ckpt`` (``resume``).
-    """
-    if cfg.get("print_config"):
-        print(OmegaConf.to_yaml(cfg, resolve=True))
-    check_config(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.head.get("volume"):
-        raise ValueError("head.volume=true (the 3-D CRF per subject volume) is post-hoc only: train with "
-                         "head=none and evaluate its checkpoint with segrefine-eval head=densecrf head.volume=true")
-    check_label(cfg.get("label"))
+    """Fit, test the best checkpoint, write results.json; returns the metrics dict. A finished
+    job is skipped (``force=true`` redoes it); an interrupted one resumes from ``last.ckpt``."""
+    check_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    explicit = cfg.get("force") or cfg.get("ckpt_path")  # the user asks for training here
-    if not explicit and (previous := finished_run(cfg, output_dir)) is not None:
-        log.info("%s already has complete results for this config: skipped (force=true to redo)", output_dir)
+    if (previous := previous_results(cfg, output_dir)) is not None:
         return previous["metrics"]
 
     import pytorch_lightning as pl
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
-
-    from segrefine.build import build_callbacks, build_data, build_loggers, build_module, initialise_from, run_info
+    from segrefine.build import (build_callbacks, build_data, build_loggers, build_module, build_trainer, check_trainable,
+                                 initialise_from, run_info)
     from segrefine.callbacks import StopOnSignal
-    from segrefine.checkpoints import AtomicCheckpointIO
-    from segrefine.data.common import evaluation_loader
-    from segrefine.distributed import use_job_command_for_ddp
-    from segrefine.results import write_results
-    from segrefine.tracking import BestValue, close_wandb, finish_wandb, log_per_image_table, log_summary
+    from segrefine.distributed import use_job_command_under_hydra
+    from segrefine.tracking import BestValue, finish_wandb
 
+    check_trainable(cfg)
     set_threads(cfg.get("num_threads"))
     pl.seed_everything(cfg.seed, workers=True)
-    ckpt_path, automatic = resume_checkpoint(cfg, output_dir)
-    if ckpt_path is not None:
-        check_resume(cfg, ckpt_path, automatic)
-        log.info("resuming the interrupted run from %s", ckpt_path)
+    ckpt_path = checkpoint_to_resume(cfg, output_dir)
     datamodule = build_data(cfg)
     check_training_steps(cfg, datamodule)
     module = build_module(cfg, datamodule)
     if cfg.get("init_from"):
         initialise_from(module, cfg.init_from, cfg.head._target_)
-
-    stale = output_dir / "checkpoints"
-    if ckpt_path is None and (stale / "last.ckpt").is_file():
-        # Starting afresh (resume=false / force=true): Lightning would write last-v1.ckpt beside
-        # the old last.ckpt, which a later resume would then pick up.
-        log.warning("starting afresh: removing the earlier attempt's checkpoints in %s", stale)
-        shutil.rmtree(stale)
-    if HydraConfig.initialized():
-        use_job_command_for_ddp()
+    if ckpt_path is None:
+        remove_stale_checkpoints(output_dir)
+    use_job_command_under_hydra()
     try:
         run = run_info(cfg, "train", resume=ckpt_path is not None)
         logger = build_loggers(cfg, run)
         best = BestValue("val/iou", "max")  # the summary's best val/iou beside the last
-        callbacks = [*build_callbacks(cfg, with_logger=bool(logger)), best,
-                     StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
-                                          plugins=[AtomicCheckpointIO()])
-        fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        fit_seconds = time.perf_counter() - fit_start
-
-        metrics: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        # Read before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that epoch.
-        metrics.update(best.values())
-        checkpoint = None
-        if cfg.get("test", True):
-            checkpoint = _best_checkpoint(trainer)
-            trainer.test(module, dataloaders=evaluation_loader(datamodule, "test"), ckpt_path=checkpoint,
-                         verbose=False, weights_only=True)
-            metrics.update(module.test_results)
-            log_per_image_table(logger, module.test_rows)
-            log_per_image_table(logger, module.volume_rows, key="test/per_volume")
-        metrics.update(module.parameter_counts())
-        # Training cost of this invocation (validation included; a resumed run counts its own part).
-        metrics["train/fit_seconds"] = fit_seconds
-        metrics["train/steps"] = trainer.global_step
-        metrics["train/best_epoch"] = _best_epoch(trainer)
-        if not trainer.is_global_zero:
-            return metrics  # one results.json per job, written by rank 0
-        # The same values as wandb summary columns (the runs table), under the same keys.
-        # metrics_protocol: the report's default columns (the curated config drops metrics.protocol).
-        # label: the row in words, for readers of the runs table (the run's name adds the seed).
-        log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol,
-                             "label": run.label})
-        wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
-        write_results(
-            output_dir,
-            {
-                **run_record(cfg, "train"),
-                "label": run.label,
-                "metrics": metrics,
-                "per_image": module.test_rows,
-                "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
-                **(evaluation_record(module, output_dir, cfg) if cfg.get("test", True) else {}),
-                "wandb": wandb_info,
-            },
-        )
+        callbacks = [*build_callbacks(cfg, with_logger=bool(logger)), best, StopOnSignal(str(output_dir / "checkpoints" / "last.ckpt"))]
+        trainer = build_trainer(cfg, logger, callbacks, output_dir, atomic_checkpoints=True)
+        metrics, checkpoint = fit_and_test(cfg, trainer, module, datamodule, ckpt_path, best, logger)
+        if trainer.is_global_zero:  # one results.json per job, written by rank 0
+            write_train_results(cfg, output_dir, run, logger, module, metrics, checkpoint)
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Print the config if asked (``print_config``); refuse what can be refused before torch
+    loads (the head's own refusal: ``build.check_trainable``)."""
+    if cfg.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    check_config(OmegaConf.to_container(cfg, resolve=True))
+    check_label(cfg.get("label"))
+
+
+def previous_results(cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The results of this config already complete in ``output_dir`` (the job is skipped), or
+    None; None too when the user asks for training here (``force`` or ``ckpt_path``)."""
+    if cfg.get("force") or cfg.get("ckpt_path"):
+        return None
+    previous = finished_run(cfg, output_dir)
+    if previous is not None:
+        log.info("%s already has complete results for this config: skipped (force=true to redo)", output_dir)
+    return previous
+
+
+def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to continue from (``ckpt_path``, or the interrupted run's ``last.ckpt``
+    under ``resume``), checked against this config; None to start afresh."""
+    ckpt_path, automatic = resume_checkpoint(cfg, output_dir)
+    if ckpt_path is not None:
+        check_resume(cfg, ckpt_path, automatic)
+        log.info("resuming the interrupted run from %s", ckpt_path)
+    return ckpt_path
+
+
+def remove_stale_checkpoints(output_dir: Path) -> None:
+    """Starting afresh (resume=false / force=true) over an earlier attempt: Lightning would
+    write last-v1.ckpt beside the old last.ckpt, which a later resume would then pick up."""
+    stale = output_dir / "checkpoints"
+    if (stale / "last.ckpt").is_file():
+        log.warning("starting afresh: removing the earlier attempt's checkpoints in %s", stale)
+        shutil.rmtree(stale)
+
+
+def fit_and_test(cfg: DictConfig, trainer, module, datamodule, ckpt_path: str | None, best, logger
+                 ) -> tuple[dict[str, float], str | None]:
+    """Fit, then test the best checkpoint (unless ``test=false``); the run's metrics (the last
+    and best validation values, test metrics, parameter counts, training cost) and the tested
+    checkpoint (None when not tested)."""
+    from segrefine.data.common import evaluation_loader
+    from segrefine.tracking import log_per_image_table
+
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_seconds = time.perf_counter() - fit_start
+
+    metrics: dict[str, float] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    # Read before testing: trainer.test(ckpt_path=best) restores the callbacks' state of that epoch.
+    metrics.update(best.values())
+    checkpoint = None
+    if cfg.get("test", True):
+        checkpoint = _best_checkpoint(trainer)
+        trainer.test(module, dataloaders=evaluation_loader(datamodule, "test"), ckpt_path=checkpoint,
+                     verbose=False, weights_only=True)
+        metrics.update(module.test_results)
+        log_per_image_table(logger, module.test_rows)
+        log_per_image_table(logger, module.volume_rows, key="test/per_volume")
+    metrics.update(module.parameter_counts())
+    # Training cost of this invocation (validation included; a resumed run counts its own part).
+    metrics["train/fit_seconds"] = fit_seconds
+    metrics["train/steps"] = trainer.global_step
+    metrics["train/best_epoch"] = _best_epoch(trainer)
+    return metrics, checkpoint
+
+
+def write_train_results(cfg: DictConfig, output_dir: Path, run, logger, module, metrics: dict[str, float],
+                        checkpoint: str | None) -> None:
+    """The wandb summary, then results.json (last: its presence means the run is complete)."""
+    from segrefine.results import write_results
+    from segrefine.tracking import close_wandb, log_summary
+
+    # The same values as wandb summary columns (the runs table), under the same keys.
+    # metrics_protocol: the report's default columns (the curated config drops metrics.protocol).
+    # label: the row in words, for readers of the runs table (the run's name adds the seed).
+    log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol,
+                         "label": run.label})
+    wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
+    write_results(
+        output_dir,
+        {
+            **run_record(cfg, "train"),
+            "label": run.label,
+            "metrics": metrics,
+            "per_image": module.test_rows,
+            "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
+            **(evaluation_record(module, output_dir, cfg) if cfg.get("test", True) else {}),
+            "wandb": wandb_info,
+        },
+    )
 
 
 def check_training_steps(cfg: DictConfig, datamodule) -> None:

@@ -43,6 +43,14 @@ class Head(nn.Module):
     # head: None = no (its parameters need training and would be random); otherwise what
     # its parameters then are, recorded as results.json "head_weights".
     untrained: str | None = None
+    # Types and ranges of this head's own config keys (segrefine.validation.rule_problems),
+    # checked by segrefine.build.build_component before the head is built.
+    CONFIG_RULES: dict = {}
+
+    @classmethod
+    def training_problem(cls, config: dict) -> str | None:
+        """Why this head's config (``cfg.head``) cannot be trained, naming the fix; None if it can."""
+        return None
 
     def __init__(self, num_classes: int, backbone: BackboneSpec | None = None):
         super().__init__()

@@ -33,6 +33,7 @@ class CRFRNNHead(Head):
     the weights are initial values."""
 
     untrained = "untrained: initialised from the config (equal to densecrf with the same parameters)"
+    CONFIG_RULES = {"iterations": (int, 1, ()), "eval_iterations": (int, 1, ())}
 
     def __init__(
         self,

@@ -107,6 +107,14 @@ class DenseCRFHead(Head):
     defaults these are)."""
 
     untrained = "none needed (fixed CRF parameters from the config)"
+    CONFIG_RULES = {"iterations": (int, 1, ())}
+
+    @classmethod
+    def training_problem(cls, config: dict) -> str | None:
+        if config.get("volume"):
+            return ("head.volume=true (the 3-D CRF per subject volume) is post-hoc only: train with head=none and "
+                    "evaluate its checkpoint with segrefine-eval head=densecrf head.volume=true")
+        return None
 
     def __init__(
         self,

@@ -60,6 +60,9 @@ class Backbone(nn.Module):
     feature_strides: tuple[int, ...]
     required_divisor: int
     output_stride: int
+    # Types and ranges of this backbone's own config keys (segrefine.validation.rule_problems),
+    # checked by segrefine.build.build_component before the backbone is built.
+    CONFIG_RULES: dict = {}
 
     def declare(
         self,

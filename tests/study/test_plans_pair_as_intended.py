@@ -133,19 +133,10 @@ def test_without_tuning_crfrnn_starts_from_the_head_defaults(tuned_file, out):
     assert crfrnn["head"]["bilateral_sxy"] == OmegaConf.load(REPO / "conf" / "head" / "crfrnn.yaml").bilateral_sxy
 
 
-def load_script(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"script_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tmp_path_factory):
     from test_datasets import write_msd_task
 
-    origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
+    from segrefine.study import origin
     backbones = ["fcn", "segnet", "unet"]
     root = tmp_path_factory.mktemp("msd") / "Task04_Hippocampus"
     write_msd_task(root, n=3)
@@ -207,7 +198,7 @@ def test_a_job_that_does_not_compose_is_named_before_anything_runs(tuned_file, o
 def test_origin_table_prints_three_blocks_and_names_the_protocol(tmp_path):
     import json
 
-    origin = load_script(REPO / "experiments" / "unet_crfrnn_table" / "run.py")
+    from segrefine.study import origin
 
     def result(kind, job, seed=0, **metrics):
         folder = tmp_path / kind / job

@@ -31,7 +31,7 @@ def run_paper_table(out, data_dir, backbones: str, controls: str, heads: str = "
 def tiny_study(tmp_path_factory, data_dir):
     """The study script end to end on one backbone with the CRF heads (every backbone x head
     pair is built and trained by test_contract.py, every backbone's plan with PointRend and
-    its matched baseline is checked in test_study_plan.py; the slow test runs it all)."""
+    its matched baseline is checked in test_plans_pair_as_intended.py; the slow test runs it all)."""
     out = tmp_path_factory.mktemp("study")
     return out, run_paper_table(out, data_dir, "unet", "", heads="none,crfrnn")
 

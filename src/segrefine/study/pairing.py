@@ -1,0 +1,50 @@
+"""The pairing check: the report pairs a head with the ``none`` run whose
+``comparable_config(config, drop=("seed",))`` differs only in ``head`` (and has the same seed),
+so every plan is checked against that rule by composing its configs, without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from segrefine.study.plan import Job, Plan, job_config
+
+
+def pairings(configs: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """For every non-``none`` job, the ``none`` train jobs of the same seed whose comparable
+    config differs from it only in ``head``: the report's pairing rule."""
+    from segrefine.runconfig import comparable_config, config_differences
+
+    nones = {key: c for key, c in configs.items() if key[0] == "train" and c["head"]["name"] == "none"}
+    out = {}
+    for key, config in configs.items():
+        if config["head"]["name"] == "none":
+            continue
+        mine = comparable_config(config, drop=("seed",))
+        out[key] = sorted(
+            name for (kind, name), none in nones.items()
+            if none["seed"] == config["seed"]
+            and all(d == "head" or d.startswith("head.") for d in config_differences(mine, comparable_config(none, drop=("seed",))))
+        )
+    return out
+
+
+def check_pairings(plan: Plan, out: Path, tuned_file: Callable[[Job], Path]) -> dict[tuple[str, str], list[str]]:
+    """Compose every train/eval job and refuse a plan whose report pairing is not the intended
+    one (a head paired with another baseline, or with none, or with two)."""
+    configs = {}
+    for job in plan.jobs:
+        if job.kind != "tune":
+            try:
+                configs[(job.kind, job.name)] = job_config(job, plan, out, tuned_file)
+            except Exception as e:  # Hydra's composition errors name the key; add the job
+                raise ValueError(f"{job.kind} job {job.name} does not compose: {e}") from e
+    found = pairings(configs)
+    wrong = []
+    for (kind, name), nones in found.items():
+        intended = plan.get(kind, name).pairs_with
+        if nones != ([intended] if intended else []):
+            wrong.append(f"{kind} {name}: pairs with {nones or 'nothing'}, intended {intended or 'nothing'}")
+    if wrong:
+        raise ValueError("the study's pairing is not the intended one:\n  " + "\n  ".join(wrong))
+    return found
