@@ -5,7 +5,7 @@ the predictions runs saved (``predictions.npz``).
 Nothing here builds a model or reads a checkpoint: figures only read results.json contents
 (passed in by ``segrefine.analysis.render``) and the saved arrays, loaded without pickle. Labels come
 from configs, so they are drawn as plain text (no mathtext: a ``$`` in a label stays a ``$``).
-Every figure grows with its rows and keeps its text inside (tests/test_figures.py).
+Every figure grows with its rows and keeps its text inside (tests/analysis/test_figures.py).
 """
 
 from __future__ import annotations
