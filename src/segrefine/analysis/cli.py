@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from segrefine.record.protocols import BASE_PROTOCOLS, COST, PROTOCOLS
-from segrefine.analysis.sources import load_study, load_wandb_study
-from segrefine.analysis.rows import Row, mean_spread, run_value
 from segrefine.analysis.render import Report, numeric_record, tuning_outcome, write_report
+from segrefine.analysis.rows import Row, mean_spread, run_value
+from segrefine.analysis.sources import load_study, load_wandb_study
+from segrefine.record.protocols import BASE_PROTOCOLS, COST, PROTOCOLS
 
 
 def main_records(rows: list[Row], protocol: str) -> list[dict[str, Any]]:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from segrefine.record.protocols import COST, Column, PROTOCOLS, PROTOCOL_NOTES, VOLUME
-from segrefine.analysis.sources import Study, study_protocol
 from segrefine.analysis.rows import BASELINE_HEAD, Row, head_words, mean_spread, run_value
+from segrefine.analysis.sources import Study, study_protocol
 from segrefine.analysis.stats import ALPHA, CONDITIONAL, NO_TEST, reachability, summarise
+from segrefine.record.protocols import COST, Column, PROTOCOLS, PROTOCOL_NOTES, VOLUME
 
 
 def _stars(p: float | None) -> str:

@@ -12,8 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from segrefine.runconfig import comparable_config, config_differences
 from segrefine.record.protocols import Column
+from segrefine.runconfig import comparable_config, config_differences
 
 
 BASELINE_HEAD = "none"
@@ -270,7 +270,7 @@ def _label_head_variants(rows: list[Row]) -> None:
                                                 for k in keys)])
 
 
-def _pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
+def pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
     """*same weights* when ``run`` evaluated the baseline's own checkpoint under another head."""
     source = run.get("source") if run.get("job_type") == "eval" else None
     if not isinstance(source, dict):

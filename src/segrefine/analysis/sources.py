@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-from segrefine.record.run_record import FILENAME
 from segrefine.record.protocols import BASE_PROTOCOLS, VOLUME
+from segrefine.record.run_record import FILENAME
 
 
 @dataclass

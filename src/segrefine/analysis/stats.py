@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from segrefine.analysis.rows import Row, pairing_kind, group_rows
 from segrefine.record.protocols import Column, PROTOCOLS
-from segrefine.analysis.rows import Row, _pairing_kind, group_rows
 
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -267,7 +267,7 @@ def summarise(runs: list[dict[str, Any]], protocol: str = "standard") -> tuple[l
         seeds, missing = _pairs(row, row.baseline)
         if missing:
             row.notes.append(f"seeds {', '.join(map(str, missing))} have no `none` run: not in the Δ")
-        kinds = {_pairing_kind(row.runs[s], row.baseline.runs[s]) for s in seeds}
+        kinds = {pairing_kind(row.runs[s], row.baseline.runs[s]) for s in seeds}
         row.pairing = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
         row.same_as = next((r for r in rows if r is not row and r.baseline is row.baseline and r.stats
                             and r.same_as is None and _same_values(row, r, columns)), None)
