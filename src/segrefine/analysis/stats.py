@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from segrefine.analysis.rows import Row, pairing_kind, group_rows
+from segrefine.analysis.rows import Row, group_rows, pairing_kind
 from segrefine.record.protocols import Column, PROTOCOLS
 
 
