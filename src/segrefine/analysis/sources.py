@@ -37,6 +37,8 @@ def metric_range(key: str) -> tuple[float, float] | None:
     """The values ``key`` can take, or None when segrefine defines no range for it."""
     leaf = key.rsplit("/", 1)[-1]
     matches = lambda names: any(leaf == n or leaf.startswith(n + "_") for n in names)  # noqa: E731
+    if leaf.endswith("_epoch"):  # an epoch count, e.g. val/iou_best_epoch, not the metric it names
+        return (0.0, math.inf)
     if matches(FRACTION_METRICS):
         return (0.0, 1.0)
     if matches(NON_NEGATIVE_METRICS):
