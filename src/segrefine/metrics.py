@@ -30,25 +30,14 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from segrefine.record.protocols import DEFINITIONS
 from segrefine.types import IGNORE_INDEX
 
 METRIC_NAMES = ("iou", "dice", "pixel_acc", "boundary_f1")
 PROTOCOL_NAMES = ("iu", "dsc", "pa")
-# Plain-words definitions, recorded in every results.json next to the numbers.
-PROTOCOLS = {
-    "standard": (
-        "test/{iou,dice,pixel_acc,boundary_f1}: pooled over the split's confusion matrix (boundary counts summed); "
-        "IoU/Dice averaged over foreground classes 1..C-1 present in target or prediction (1 if none); "
-        "pixel accuracy over all scored pixels; ignored (255) pixels never scored. "
-        "test/*_image: the same per-image values averaged over images (the aggregation of the report's paired deltas)."
-    ),
-    "unet_crfrnn": (
-        "per image over all C classes including background: IU = mean_c IoU_c, IoU_c = TP/(TP+FP+FN) and 0 when "
-        "class c is empty in the prediction or the ground truth; DSC likewise with (2TP+1)/(|pred_c|+|gt_c|+1); "
-        "PA = foreground recall sum_{c>0} TP_c / sum_{c>0} |gt_c| (0 without foreground pixels), not pixel accuracy; "
-        "ignored (255) pixels excluded; each averaged over images (UNet-CRF-RNN utils.py, generalised to C classes)."
-    ),
-}
+# Plain-words definitions, recorded in every results.json next to the numbers (one registry:
+# segrefine.record.protocols, torch-free, beside the report's columns).
+PROTOCOLS = DEFINITIONS
 
 
 def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Mask value that is never scored or trained on (Pascal VOC convention).
-IGNORE_INDEX = 255
+from segrefine.record.protocols import IGNORE_INDEX  # noqa: F401  (re-exported: defined torch-free in record)
 
 
 class BackboneSpec:

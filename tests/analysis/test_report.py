@@ -454,3 +454,18 @@ def test_error_outline_keeps_the_inside_of_an_error_region():
     expected = errors.copy()
     expected[2:4, 2:4] = False  # the 2x2 inside shows the predicted class
     assert np.array_equal(error_outline(errors), expected)
+
+
+def test_a_training_runs_best_epoch_is_a_count_not_an_iou_fraction(tmp_path):
+    """train.py records val/iou_best_epoch (the epoch of the best val/iou): a run whose best
+    epoch is 7 is complete and in the table, while a real IoU above 1 still keeps a run out."""
+    path = run(tmp_path / "epoch7", BASE)
+    record = json.loads(path.read_text())
+    record["metrics"].update({"val/iou_best": 0.61, "val/iou_best_epoch": 7, "train/best_epoch": 7})
+    path.write_text(json.dumps(record))
+    study = load_study([tmp_path])
+    assert len(study.runs) == 1 and study.incomplete == []
+    record["metrics"]["val/iou_best"] = 1.2
+    path.write_text(json.dumps(record))
+    (where, reason), = load_study([tmp_path]).incomplete
+    assert "val/iou_best=1.2" in reason and "iou_best_epoch" not in reason

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("calibration", Path(__file__).parents[1] / "benchmarks" / "calibration.py")
+SPEC = importlib.util.spec_from_file_location("calibration", Path(__file__).parents[2] / "benchmarks" / "calibration.py")
 calibration = importlib.util.module_from_spec(SPEC)
 sys.modules["calibration"] = calibration  # dataclasses look their module up there
 SPEC.loader.exec_module(calibration)
