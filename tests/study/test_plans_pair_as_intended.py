@@ -133,6 +133,7 @@ def test_without_tuning_crfrnn_starts_from_the_head_defaults(tuned_file, out):
     assert crfrnn["head"]["bilateral_sxy"] == OmegaConf.load(REPO / "conf" / "head" / "crfrnn.yaml").bilateral_sxy
 
 
+@pytest.mark.slow  # ~11 s of config composition on MSD data; tests/test_origin.py checks the plan's blocks
 def test_origin_table_trains_exactly_its_rows_and_pairs_them(tuned_file, out, tmp_path_factory):
     from test_datasets import write_msd_task
 
