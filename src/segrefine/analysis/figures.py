@@ -52,8 +52,13 @@ def _row_values(row: Any, column: Any) -> list[float] | None:
 
 
 def _row_name(row: Any) -> str:
-    head = row.head if row.head != "none" else "none (baseline)"
-    return f"{row.label} · {head}"
+    """The row's label, with its head unless the label already names it (study labels do)."""
+    from segrefine.analysis.rows import head_words
+
+    if row.head == "none":
+        return f"{row.label} · none (baseline)" if "none" not in row.label else row.label
+    words = head_words(row.head).split(",")[0]
+    return row.label if words.lower() in row.label.lower() else f"{row.label} · {row.head}"
 
 
 def _label_inches(labels: list[str], fontsize: float = 8.0) -> float:

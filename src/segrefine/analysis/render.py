@@ -262,7 +262,7 @@ def _compact_delta(row: Row, column: Column, rows: list[Row]) -> str:
     if test is None:
         return "–"
     if row.same_as is not None:
-        return f"= {head_words(row.same_as.head)}" + ("" if row.same_as.label == row.label else f" of {row.same_as.label}")
+        return f"= {head_words(row.same_as.head) if row.same_as.label == row.label else row.same_as.label}"
     text = _interval_text(test, column)
     plain = row.plain_stats.get(column.key)
     if plain is not None:

@@ -17,7 +17,7 @@ from segrefine.runconfig import comparable_config, config_differences
 
 
 BASELINE_HEAD = "none"
-HEAD_ORDER = ("none", "densecrf", "crfrnn", "pointrend")
+HEAD_ORDER = ("none", "densecrf", "densecrf_tuned", "densecrf_3d", "densecrf_3d_tuned", "crfrnn", "pointrend")
 def head_name(run: dict[str, Any]) -> str:
     return str((run["config"].get("head") or {}).get("name", run.get("head")))
 
