@@ -32,21 +32,22 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if _disk_full(error) and not (isinstance(error, OSError) and error.filename):
+        if disk_full(error) is not None and not (isinstance(error, OSError) and error.filename):
             # e.g. torch reports a failed write as "unexpected pos": say what and where
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
 
 
-def _disk_full(error: BaseException | None) -> bool:
-    """Whether ``error``, its cause or its context is a full disk (or quota)."""
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The ENOSPC (or quota) error behind ``error`` (itself, its cause or context: torch reports
+    a failed write as "unexpected pos" with the OSError as its context), or None."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

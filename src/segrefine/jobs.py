@@ -7,7 +7,6 @@ Nothing here imports torch or Lightning (the command line answers ``--help`` wit
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -23,6 +22,8 @@ from typing import Any, Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from segrefine.atomic import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -266,18 +267,6 @@ def stop_on_signals() -> Iterator[None]:
 
 
 # -- short, true errors ----------------------------------------------------------------------
-
-
-def disk_full(error: BaseException) -> OSError | None:
-    """The ENOSPC behind ``error`` (itself, its cause or context: torch reports a failed write
-    as "unexpected pos" with the OSError as its context), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def short_error(error: BaseException, output_dir: str | Path | None = None) -> str | None:

@@ -22,8 +22,8 @@ from typing import Any, Callable
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from segrefine.atomic import atomic_open, atomic_write_text
-from segrefine.jobs import (JobInterrupted, RunFolderError, disk_full, foreign_folder_problem, interruption,
+from segrefine.atomic import atomic_open, atomic_write_text, disk_full
+from segrefine.jobs import (JobInterrupted, RunFolderError, foreign_folder_problem, interruption,
                             is_first_process, run_folder_lock, short_error, stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
