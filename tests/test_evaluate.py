@@ -137,6 +137,7 @@ def test_densecrf_trains_exactly_like_none():
     assert torch.equal(DenseCRFHead(3).train()(out, image), NoHead(3)(out, image))
 
 
+@pytest.mark.slow  # ~11 s: Hydra's Optuna sweeper end to end (the tuning itself is tested in-process in test_tuning)
 def test_optuna_sweep_saves_a_usable_tuned_head(trained_run, data_dir, tmp_path):
     import subprocess
     import sys

@@ -61,6 +61,7 @@ def test_submitit_local_sweep_completes(tmp_path, data_dir):
     assert all((job(sweep, f"seed={s}") / "results.json").exists() for s in (0, 1))
 
 
+@pytest.mark.slow  # ~20 s of CLI sweeps; the resume rules are tested in-process (test_failsafe), a stopped sweep in test_faults
 def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     args = ["-m", *BASE, "trainer.max_epochs=6", "seed=0,1", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
@@ -88,6 +89,7 @@ def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path, data_dir):
     assert done["status"] == "complete" and done["wandb"]["id"] == interrupted_wandb
 
 
+@pytest.mark.slow  # ~10 s of CLI multirun (test_train runs a multirun in the default suite)
 def test_a_failing_job_does_not_stop_the_others(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = cli("segrefine.train", "-m", *BASE, "logger=none", "backbone.encoder_name=resnet18,resnet_nope",
