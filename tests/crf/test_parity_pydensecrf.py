@@ -80,14 +80,15 @@ def _reference(probs, img, *, gsxy=3.0, gcompat=3.0, bsxy=80.0, bsrgb=13.0, bcom
     return np.array(d.inference(iterations)).reshape(C, H, W)
 
 
-def _assert_parity(q: np.ndarray, ref: np.ndarray) -> None:
+def assert_parity(q: np.ndarray, ref: np.ndarray, min_agreement: float = 0.9999) -> None:
+    """The parity bound with pydensecrf: p99.9 |ΔQ| <= 1e-4, max <= 2e-2, argmax agreement."""
     diff = np.abs(q - ref)
     p999 = float(np.quantile(diff, 0.999))
     agree = float((q.argmax(0) == ref.argmax(0)).mean())
     msg = f"p99.9 |dQ|={p999:.2e} max={diff.max():.2e} argmax agreement={agree:.6f}"
     assert p999 <= 1e-4, msg
     assert diff.max() <= 2e-2, msg
-    assert agree >= 0.9999, msg
+    assert agree >= min_agreement, msg
 
 
 def _torch(img: np.ndarray, probs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ def test_dense_crf_matches_pydensecrf(classes, channels):
     ref = _reference(probs, img, use_2d=channels == 3)
     p, im = _torch(img, probs)
     q = dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy()
-    _assert_parity(q, ref)
+    assert_parity(q, ref)
 
 
 def test_dense_crf_matches_pydensecrf_custom_parameters():
@@ -116,7 +117,7 @@ def test_dense_crf_matches_pydensecrf_custom_parameters():
     kernels = CRFKernels(gaussian_sxy=1.7, gaussian_compat=2.0, bilateral_sxy=30.0, bilateral_schan=7.5,
                          bilateral_compat=4.0)
     q = dense_crf(p, im, kernels=kernels, iterations=8)[0].numpy()
-    _assert_parity(q, ref)
+    assert_parity(q, ref)
 
 
 def test_dense_crf_batch_matches_pydensecrf_per_image():
@@ -127,7 +128,7 @@ def test_dense_crf_batch_matches_pydensecrf_per_image():
     im = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
     q = dense_crf(p, im, kernels=PYDENSECRF_KERNELS).numpy()
     for b in range(3):
-        _assert_parity(q[b], _reference(probs[b], imgs[b]))
+        assert_parity(q[b], _reference(probs[b], imgs[b]))
 
 
 def test_dense_crf_zero_iterations_is_softmax_of_unary():
@@ -157,7 +158,7 @@ def test_meanfield_normalization_modes_match_pydensecrf(normalization):
     p, im = _torch(img, probs)
     with torch.no_grad():
         q = crf(torch.log(p), im).exp()[0].numpy()
-    _assert_parity(q, ref)
+    assert_parity(q, ref)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -175,7 +176,7 @@ def test_meanfield_learned_compatibility_matches_pydensecrf_matrix(channels):
     p, im = _torch(img, probs)
     with torch.no_grad():
         q = crf(torch.log(p), im).exp()[0].numpy()
-    _assert_parity(q, ref)
+    assert_parity(q, ref)
 
 
 def test_meanfield_module_default_init_equals_pydensecrf():
@@ -190,7 +191,7 @@ def test_meanfield_module_default_init_equals_pydensecrf():
         crf = MeanFieldCRF(C, kernels=CRFRNN_PAPER_KERNELS, compatibility=comp, iterations=5, eval_iterations=10).eval()
         with torch.no_grad():
             q = crf(torch.log(p), im).exp()[0].numpy()
-        _assert_parity(q, ref)
+        assert_parity(q, ref)
 
 
 def test_dense_crf_matches_pydensecrf_medium():
@@ -198,7 +199,7 @@ def test_dense_crf_matches_pydensecrf_medium():
     img = _image(H, W, 3, seed=classes)
     probs = _probs(classes, H, W, seed=classes)
     p, im = _torch(img, probs)
-    _assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
+    assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
 
 
 @pytest.mark.parametrize("classes", [2, 21])
@@ -207,7 +208,7 @@ def test_dense_crf_matches_pydensecrf_voc_size(classes):
     img = _image(H, W, 3, seed=classes)
     probs = _probs(classes, H, W, seed=classes)
     p, im = _torch(img, probs)
-    _assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
+    assert_parity(dense_crf(p, im, kernels=PYDENSECRF_KERNELS)[0].numpy(), _reference(probs, img))
 
 
 def test_densecrf_phantom_padding_is_what_makes_parity():
@@ -256,4 +257,4 @@ def test_saturated_softmax_backends_agree(kernels):
     probs[:, : H // 2] = np.eye(C, dtype=np.float32)[labels[: H // 2]].transpose(2, 0, 1)  # exact 0s and 1s
     p, im = _torch(img, probs)
     q = dense_crf(p, im, kernels=kernels)[0].numpy()
-    _assert_parity(q, pydensecrf_refine(probs, img.transpose(2, 0, 1).astype(np.float32), 5, kernels))
+    assert_parity(q, pydensecrf_refine(probs, img.transpose(2, 0, 1).astype(np.float32), 5, kernels))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segrefine.crf import CRFKernels, dense_crf
+from test_parity_pydensecrf import assert_parity as parity_bound
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
 
@@ -69,13 +70,7 @@ def ours(probs, image, spacing, k=KERNELS, iterations=5):
 
 
 def assert_parity(q, ref):
-    diff = np.abs(q - ref)
-    p999 = float(np.quantile(diff, 0.999))
-    agree = float((q.argmax(0) == ref.argmax(0)).mean())
-    msg = f"p99.9 |dQ|={p999:.2e} max={diff.max():.2e} argmax agreement={agree:.6f}"
-    assert p999 <= 1e-4, msg
-    assert diff.max() <= 2e-2, msg
-    assert agree >= 0.999, msg
+    parity_bound(q, ref, min_agreement=0.999)  # volumes of a few thousand voxels: 0.1 % is a few voxels
 
 
 @pytest.mark.parametrize("classes,spacing", [(3, (2.0, 0.9, 1.1)), (2, (1.0, 1.0, 1.0)), (4, (3.0, 0.8, 0.8))])
