@@ -300,3 +300,10 @@ def test_subjects_named_by_one_side_only_still_cluster_and_conflicting_ones_are_
     write_with_rows(tmp_path / "none", base_cfg, rows)
     heads, _ = rows_by_head(tmp_path)
     assert any("different subjects" in note for note in heads["densecrf"].notes)
+
+
+def test_one_label_given_to_different_configurations_does_not_merge_their_names(tmp_path):
+    run(tmp_path / "a", BASE, label="my sweep")
+    run(tmp_path / "b", BASE, size=320, label="my sweep")
+    rows, _ = summarise(load_study([tmp_path]).runs)
+    assert len({r.label for r in rows}) == 2 and "my sweep" not in {r.label for r in rows}

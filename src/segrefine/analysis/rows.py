@@ -202,8 +202,15 @@ def group_rows(runs: list[dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
                                                "remove all but one"))
         if kept:
             rows.append(Row(config=config, runs=kept, head=head_name(next(iter(kept.values())))))
-    for row, label in zip(rows, config_labels([r.config for r in rows])):
+    generated = config_labels([r.config for r in rows])
+    for row, label in zip(rows, generated):
         row.label = given_label(row.runs.values()) or label
+    # A given label is a name, not a description: two configurations of one head carrying the
+    # same one (a user who labelled a whole sweep alike) fall back to the labels in words.
+    clashing = {(r.label, r.head) for r in rows if sum((o.label, o.head) == (r.label, r.head) for o in rows) > 1}
+    for row, label in zip(rows, generated):
+        if (row.label, row.head) in clashing:
+            row.label = label
     _label_head_variants(rows)
     _find_baselines(rows)
     _find_plain_baselines(rows)
