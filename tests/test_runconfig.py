@@ -80,3 +80,39 @@ def test_curated_config_shows_no_machine_path_even_where_a_study_made_it_absolut
               "seed": 3, "name": "s"}
     assert curated_config(config) == {"init_from": "<paths.log_dir>/s/train/a", "data": {"root": "<paths.data_dir>/synthetic"},
                                       "seed": 3}
+
+
+def _densecrf(workers, declared: bool = True, target: str = "segrefine.heads.densecrf.DenseCRFHead") -> dict:
+    head = {"_target_": target, "name": "densecrf", "iterations": 5, "num_workers": workers}
+    if declared:
+        head["run_only"] = ["num_workers"]
+    return _config("/r", head=head)
+
+
+def test_keys_a_component_declares_run_only_do_not_count_nor_does_the_declaration():
+    two, eight = comparable_config(_densecrf(2)), comparable_config(_densecrf(8))
+    assert config_differences(two, eight) == []
+    assert two["head"] == {"_target_": "segrefine.heads.densecrf.DenseCRFHead", "name": "densecrf", "iterations": 5}
+    assert "run_only" not in curated_config(_densecrf(2))["head"]
+    # ... while its other keys still do
+    other = _densecrf(2)
+    other["head"]["iterations"] = 10
+    assert config_differences(two, comparable_config(other)) == ["head.iterations"]
+
+
+def test_results_written_before_heads_declared_their_keys_compare_equal_to_new_ones():
+    old = comparable_config(_densecrf(1, declared=False))
+    assert config_differences(old, comparable_config(_densecrf(None))) == []
+    # Another component's undeclared key is a setting: only the DenseCRF head had one then.
+    mine = "my_lab.heads.MyHead"
+    assert config_differences(comparable_config(_densecrf(1, declared=False, target=mine)),
+                              comparable_config(_densecrf(4, declared=False, target=mine))) == ["head.num_workers"]
+
+
+def test_a_declaration_that_is_not_a_list_of_keys_is_refused_naming_it():
+    import pytest
+
+    bad = _densecrf(2)
+    bad["head"]["run_only"] = "num_workers"
+    with pytest.raises(ValueError, match=r"head\.run_only='num_workers' must be a list"):
+        comparable_config(bad)

@@ -32,3 +32,20 @@ def test_overlong_names_keep_both_ends_and_stay_distinct():
 
 def test_no_overrides_is_default():
     assert job_folder([]) == job_folder(["logger=none", "paths.log_dir=/tmp/x"]) == "default"
+
+
+def test_a_key_the_head_declares_run_only_names_no_folder_of_a_composed_sweep():
+    """As Hydra resolves ``hydra.sweep.subdir``: the resolver sees the job's config beside
+    ``hydra``, so conf/head/densecrf.yaml's ``run_only: [num_workers]`` keeps its key out."""
+    from omegaconf import OmegaConf
+
+    from segrefine.study.plan import compose_train
+
+    cfg = compose_train(["head=densecrf"])
+    overrides = ["head=densecrf", "head.num_workers=3", "head.iterations=7", "seed=1"]
+    root = OmegaConf.create({"hydra": {"overrides": {"task": overrides}},
+                             "head": OmegaConf.to_container(cfg.head),
+                             "subdir": "${job_folder:${hydra.overrides.task}}"})
+    assert root.subdir == "head.iterations-7+head-densecrf+seed-1"
+    # Without the config (a caller that has only the overrides) the key is not known to be run-only.
+    assert "head.num_workers-3" in job_folder(overrides)

@@ -266,7 +266,7 @@ def test_curated_config_drops_run_only_keys_but_keeps_tuned_values():
         "paths": {"root_dir": "/home/me/repo", "data_dir": "/data", "output_dir": "/home/me/repo/outputs/job"},
         "logger": {"mode": "offline"},
         "data": {"name": "synthetic", "root": "/data/synthetic"},
-        "head": {"name": "densecrf", "bilateral_compat": 4.5, "num_workers": 2, "tuned": {"keys": ["bilateral_compat"]}},
+        "head": {"name": "densecrf", "bilateral_compat": 4.5, "num_workers": 2, "run_only": ["num_workers"], "tuned": {"keys": ["bilateral_compat"]}},
         "callbacks": {"model_checkpoint": {"dirpath": "/home/me/repo/outputs/job/checkpoints", "monitor": "val/iou"}},
         "init_from": "/home/me/repo/outputs/none-s1",
     }

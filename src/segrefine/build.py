@@ -18,7 +18,7 @@ from segrefine.metrics import PROTOCOLS
 from segrefine.module import SegmentationModule
 from segrefine.provenance import provenance
 from segrefine.labels import run_label
-from segrefine.runconfig import config_group, curated_config
+from segrefine.runconfig import RUN_ONLY_DECLARATION, config_group, curated_config
 from segrefine.tracking import RunInfo
 from segrefine.validation import ConfigValueError, class_count_problem, rule_problems
 
@@ -50,8 +50,9 @@ def check_metrics_config(cfg: DictConfig) -> None:
 
 # Keys of a backbone or head config that describe the component rather than configure it:
 # ``name`` labels it (tables, wandb groups, job names); ``tuned`` records how a tuning
-# protocol chose some of its values (segrefine.tuning).
-DESCRIPTIVE_KEYS = ("name", "tuned")
+# protocol chose some of its values (segrefine.tuning); ``run_only`` lists its keys that never
+# change a result (segrefine.runconfig).
+DESCRIPTIVE_KEYS = ("name", "tuned", RUN_ONLY_DECLARATION)
 
 
 def build_component(node: DictConfig, **kwargs: Any) -> Any:

@@ -81,16 +81,17 @@ def _value_words(key: str, value: str) -> str | None:
     return f"{last.replace('_', ' ')} {value.strip(chr(34) + chr(39))}"
 
 
-def override_words(overrides: Iterable[str]) -> list[str]:
+def override_words(overrides: Iterable[str], config: Mapping[str, Any] | None = None) -> list[str]:
     """What ``key=value`` overrides change, in words ("12 epochs", "lr 0.0001", "no fine skip"):
-    group selections, run-only keys and keys said elsewhere in the label are left out."""
+    group selections, run-only keys (also those ``config``'s components declare) and keys said
+    elsewhere in the label are left out."""
     from segrefine.runconfig import is_run_only
 
     words = []
     for override in overrides:
         key, sep, value = str(override).partition("=")
         key = key.lstrip("+~")
-        if not sep or "." not in key or is_run_only(key) or key in SAID_OTHERWISE:
+        if not sep or "." not in key or is_run_only(key, config) or key in SAID_OTHERWISE:
             continue  # a group selection (backbone=fcn) is said by the names
         if (said := _value_words(key, value)) is not None:
             words.append(said)
@@ -110,7 +111,7 @@ def generated_label(config: Mapping[str, Any], overrides: Iterable[str] = ()) ->
     if head_words(head):
         words += f" + {head_words(head)}"
     # The schedule first: what a reader of a results table asks about before other settings.
-    extras = sorted(override_words(overrides), key=lambda w: not w.endswith((" epoch", " epochs")))
+    extras = sorted(override_words(overrides, config), key=lambda w: not w.endswith((" epoch", " epochs")))
     callbacks = config.get("callbacks") or {}
     if any(isinstance(c, Mapping) and str(c.get("_target_", "")).endswith("EarlyStopping") for c in callbacks.values()):
         extras.insert(0, "early stopping")  # changes when training stops, so it makes its own row

@@ -1,7 +1,10 @@
 """What a run computes, apart from where and how it runs: the one definition of run-only keys.
 
 A resolved run config holds settings that never change a result (output paths, the logger,
-resume/force flags, thread counts, progress bars). ``comparable_config`` drops them and
+resume/force flags, thread counts, progress bars). The run's own are ``RUN_ONLY_KEYS``; a
+component (head, backbone, data, ...) declares its own in its config, ``run_only: [keys]``
+(conf/head/densecrf.yaml: its CRF worker count), so a new component touches no table here.
+``comparable_config`` drops them and
 replaces machine paths by placeholders, so two configs compare equal exactly when they ask
 for the same computation, wherever the runs' folders are. Resume checks, sweep reruns and
 the report's rows all use it. ``curated_config`` is the same view for people (the wandb run
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import os
 from typing import Any, Mapping
+
+from segrefine.record.run_record import UNDECLARED_RUN_ONLY
 
 # Dotted keys (a whole subtree when a prefix) that never change what a run computes.
 RUN_ONLY_KEYS = (
@@ -32,11 +37,13 @@ RUN_ONLY_KEYS = (
     "trainer.accelerator",  # where it runs (cpu/gpu/auto); devices and precision do change results
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
-    "head.num_workers",
     "callbacks.model_checkpoint.dirpath",
     "callbacks.last_checkpoint.dirpath",
     "callbacks.wandb_images",
 )
+# A component config's list of its own run-only keys (``head.run_only: [num_workers]``); the
+# list itself is a declaration, not a setting. segrefine.build leaves it out of the component.
+RUN_ONLY_DECLARATION = "run_only"
 # Callbacks that only report on training (under any name in ``callbacks``): adding one makes
 # no new configuration. EarlyStopping, by contrast, changes when training ends.
 LOGGING_CALLBACKS = ("LearningRateMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary",
@@ -50,11 +57,29 @@ def is_logging_callback(target: Any) -> bool:
     return target.startswith(LOGGING_CALLBACK_MODULES) and target.rsplit(".", 1)[-1] in LOGGING_CALLBACKS
 
 
-def is_run_only(dotted: str) -> bool:
+def declared_run_only(config: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The dotted run-only keys the components of ``config`` declare (``<node>.run_only``), with
+    the declarations themselves; for a node written before declarations, ``UNDECLARED_RUN_ONLY``."""
+    keys: list[str] = []
+    for name, node in (config or {}).items():
+        if not isinstance(node, Mapping):
+            continue
+        declared = node.get(RUN_ONLY_DECLARATION)
+        if declared is None:
+            declared = UNDECLARED_RUN_ONLY.get(str(node.get("_target_")), ())
+        elif isinstance(declared, str) or not all(isinstance(k, str) for k in declared):
+            raise ValueError(f"{name}.{RUN_ONLY_DECLARATION}={declared!r} must be a list of {name}'s keys")
+        keys += [f"{name}.{key}" for key in declared] + [f"{name}.{RUN_ONLY_DECLARATION}"]
+    return tuple(keys)
+
+
+def is_run_only(dotted: str, config: Mapping[str, Any] | None = None) -> bool:
     """Whether a dotted key (or a Hydra override's key: ``+``/``~`` prefixes, ``/`` groups)
-    is run-only: in ``RUN_ONLY_KEYS`` or below one, or Hydra's own."""
+    is run-only: in ``RUN_ONLY_KEYS`` or below one, Hydra's own, or declared run-only by a
+    component of ``config`` (the run's resolved config, when the caller has it)."""
     key = dotted.lstrip("+~").replace("/", ".")
-    return key.startswith("hydra") or any(key == k or key.startswith(k + ".") for k in RUN_ONLY_KEYS)
+    keys = (*RUN_ONLY_KEYS, *declared_run_only(config))
+    return key.startswith("hydra") or any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def _path_prefixes(config: Mapping[str, Any], absolute: bool = False) -> list[tuple[str, str]]:
@@ -95,7 +120,7 @@ def _settings(config: Mapping[str, Any], drop: tuple[str, ...] = (), absolute: b
     """``config`` without run-only keys (and ``drop``), machine paths as placeholders
     (``absolute``: relative ``paths.*`` also in their absolute form, as of this process)."""
     result = _replace_paths(dict(config), _path_prefixes(config, absolute))
-    for dotted in (*RUN_ONLY_KEYS, *drop):
+    for dotted in (*RUN_ONLY_KEYS, *declared_run_only(config), *drop):
         _drop(result, dotted)
     callbacks = result.get("callbacks")
     if isinstance(callbacks, Mapping):

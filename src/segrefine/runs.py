@@ -27,17 +27,18 @@ from segrefine.jobs import (JobInterrupted, RunFolderError, foreign_folder_probl
                             is_first_process, run_folder_lock, short_error, stop_on_signals)
 from segrefine.results import FILENAME as RESULTS_FILE
 from segrefine.results import PREDICTIONS_FILE, read_results
-from segrefine.runconfig import comparable_config, config_differences, curated_config, is_run_only
+from segrefine.runconfig import RUN_ONLY_DECLARATION, comparable_config, config_differences, curated_config, is_run_only
 
 log = logging.getLogger(__name__)
 
 
 # -- job folder names --------------------------------------------------------------------
-def _name_part(override: str) -> str | None:
-    """``key=value`` as ``key-value``; None for run-only keys. A value holding a path (or any
-    character a folder name or an unquoted Hydra value cannot hold) becomes a short hash."""
+def _name_part(override: str, config: Any = None) -> str | None:
+    """``key=value`` as ``key-value``; None for run-only keys (``config``'s components'
+    declared ones too). A value holding a path (or any character a folder name or an unquoted
+    Hydra value cannot hold) becomes a short hash."""
     key, _, value = override.partition("=")
-    if is_run_only(key):
+    if is_run_only(key, config):
         return None
     key = key.lstrip("+~").replace("/", ".")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]*", value):
@@ -45,20 +46,37 @@ def _name_part(override: str) -> str | None:
     return f"{key}-{value}" if value else key
 
 
-def job_folder(overrides: Any, limit: int = 200) -> str:
+def job_folder(overrides: Any, limit: int = 200, _root_: Any = None) -> str:
     """A sweep job's folder name from its overrides: ``backbone-fcn+head-crfrnn+seed-1``.
 
-    Run-only keys (``segrefine.runconfig.RUN_ONLY_KEYS``: paths, logger, resume, ...) are left
-    out, so the same computation always lands in the same folder; values holding paths or odd
+    Run-only keys (``segrefine.runconfig.RUN_ONLY_KEYS``: paths, logger, resume, ...; and those
+    the components of the job's config declare, ``head.run_only``) are left out, so the same computation always lands in the same folder; values holding paths or odd
     characters are hashed. The name holds no ``=``, ``,`` or ``/``, so it can be handed back as
     an unquoted override (``segrefine-eval ckpt_path=<sweep dir>/<name>``). Overlong names keep
     both ends and gain a hash in the middle."""
-    parts = [part for o in sorted(str(o) for o in (overrides or [])) if (part := _name_part(o))]
+    # As a Hydra resolver OmegaConf hands over the whole config (``_root_``): the components'
+    # declarations are read from the task's config beside ``hydra``.
+    config = _task_config(_root_)
+    parts = [part for o in sorted(str(o) for o in (overrides or [])) if (part := _name_part(o, config))]
     name = "+".join(parts) or "default"
     if len(name) > limit:
         keep = (limit - 10) // 2
         name = f"{name[:keep]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}-{name[-keep:]}"
     return name
+
+
+def _task_config(root: Any) -> dict[str, Any] | None:
+    """The components' ``run_only`` declarations of a config (a plain dict, or the root node a
+    resolver receives; other values unresolved, so reading them cannot recurse into ``hydra``)."""
+    if root is None:
+        return None
+    if isinstance(root, dict):
+        return root
+    declarations = {}
+    for name in root.keys():
+        if name != "hydra" and OmegaConf.is_dict(node := root._get_node(name)) and RUN_ONLY_DECLARATION in node:
+            declarations[name] = {RUN_ONLY_DECLARATION: OmegaConf.to_container(node[RUN_ONLY_DECLARATION], resolve=True)}
+    return declarations
 
 
 OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)

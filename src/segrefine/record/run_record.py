@@ -116,6 +116,11 @@ def _from_schema_0(document: dict[str, Any]) -> dict[str, Any]:
     return {"schema": 1, **document}
 
 
+# Configs written before components declared their run-only keys in their own config
+# (``run_only``, read by segrefine.runconfig): results.json files and checkpoints of earlier
+# versions. The keys that were run-only then, by component class; frozen, as old files are.
+UNDECLARED_RUN_ONLY = {"segrefine.heads.densecrf.DenseCRFHead": ("num_workers",)}
+
 # schema read -> the step that turns it into the next one; load applies them up to SCHEMA.
 MIGRATIONS = {0: _from_schema_0}
 
