@@ -242,6 +242,21 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
 # -- Hydra Optuna sweeps ------------------------------------------------------------------------
 
 
+def example_tuned_file(folder: Path) -> Path:
+    """A stand-in for ``tune_densecrf``'s head file, so a study checks its pairings before any
+    tuning ran (the values do not matter: tuned parameters compare as "<tuned>")."""
+    from segrefine.configs import CONFIG_DIR
+
+    path = Path(folder) / TUNED_FILE.replace(".yaml", ".example.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
+    for key, value in ENQUEUED["pydensecrf"].items():
+        head[key] = value
+    head.tuned = tuned_record(1, ENQUEUED["pydensecrf"])
+    path.write_text(OmegaConf.to_yaml(head))
+    return path
+
+
 def tuned_head_config(base: Path, best_params: dict[str, Any], name: str, trials: int | None = None) -> DictConfig:
     """The base head config with ``head.<key>`` best parameters filled in, a new name and the
     ``tuned`` record."""

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from segrefine.study import Job, Plan, check_pairings, example_tuned_file, job_config, pairings, study_plan
+from segrefine.study import Job, Plan, check_pairings, job_config, pairings, study_plan
+from segrefine.tuning import example_tuned_file
 
 # backbone.fine_skip comes with the model engineer's FCN/PSPNet; until then the control's
 # config is composed by appending the key (the pairing rule only reads the composed config).

@@ -22,7 +22,6 @@ from segrefine.study.plan import (
     compose_eval,
     compose_train,
     describe,
-    example_tuned_file,
     is_volumetric,
     job_config,
     runtime_overrides,
@@ -31,6 +30,6 @@ from segrefine.study.runner import EVAL_KEYS, record_time, run_plan, run_study
 
 __all__ = [
     "CRFRNN_PROTOCOLS", "EVAL_KEYS", "FINETUNE_EPOCHS", "KINDS", "TUNE_TRIALS", "Job", "Plan", "changed_backbone",
-    "check_pairings", "compose_eval", "compose_train", "describe", "example_tuned_file", "is_volumetric", "job_config",
+    "check_pairings", "compose_eval", "compose_train", "describe", "is_volumetric", "job_config",
     "pairings", "preset_defaults", "record_time", "run_plan", "run_study", "runtime_overrides", "study_args", "study_plan",
 ]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from segrefine.study.paper_table import preset_defaults, study_args, study_plan
-from segrefine.study.plan import Job, example_tuned_file, is_volumetric, job_config
+from segrefine.study.plan import Job, is_volumetric, job_config
 from segrefine.study.runner import run_study
 
 # The origin study's metric protocol, binary foreground; also for the evaluations and tuning
@@ -144,6 +144,8 @@ def describe_blocks(plan) -> str:
 
 def extrapolated_gpu_minutes(plan, out: Path, tune_trials: int) -> tuple[float, str]:
     """GPU minutes of the plan from the work its composed configs ask for and ``ASSUMED_MS``."""
+    from segrefine.tuning import example_tuned_file
+
     example = example_tuned_file(out / "plan")
     seconds, images = 0.0, {"train": 0, "eval": 0}
     for job in plan.jobs:

@@ -1,6 +1,7 @@
-"""The pairing check: the report pairs a head with the ``none`` run whose
-``comparable_config(config, drop=("seed",))`` differs only in ``head`` (and has the same seed),
-so every plan is checked against that rule by composing its configs, without training."""
+"""The pairing check: the report pairs a head with the baseline run (``head.name`` the
+report's ``BASELINE_HEAD``) whose ``comparable_config(config, drop=("seed",))`` differs only
+in ``head`` (and has the same seed), so every plan is checked against that rule by composing
+its configs, without training."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from segrefine.study.plan import Job, Plan, job_config
 
 
 def pairings(configs: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
-    """For every non-``none`` job, the ``none`` train jobs of the same seed whose comparable
-    config differs from it only in ``head``: the report's pairing rule."""
+    """For every job that is not a baseline, the baseline train jobs of the same seed whose
+    comparable config differs from it only in ``head``: the report's pairing rule."""
+    from segrefine.analysis.rows import BASELINE_HEAD
     from segrefine.runconfig import comparable_config, config_differences
 
-    nones = {key: c for key, c in configs.items() if key[0] == "train" and c["head"]["name"] == "none"}
+    nones = {key: c for key, c in configs.items() if key[0] == "train" and c["head"]["name"] == BASELINE_HEAD}
     out = {}
     for key, config in configs.items():
-        if config["head"]["name"] == "none":
+        if config["head"]["name"] == BASELINE_HEAD:
             continue
         mine = comparable_config(config, drop=("seed",))
         out[key] = sorted(

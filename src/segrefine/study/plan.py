@@ -1,11 +1,12 @@
 """A study as data: the jobs it runs and the configs they compose to.
 
 A plan is a list of ``Job``s. ``train`` jobs train (``segrefine.train``), ``tune`` jobs choose
-the DenseCRF parameters of a ``none`` checkpoint on the validation split
+a post-hoc head's parameters for a baseline checkpoint on the validation split
 (``segrefine.tuning``), ``eval`` jobs evaluate a checkpoint under a post-hoc head
-(``segrefine.evaluate``). A job that is compared with a ``none`` run names it in
+(``segrefine.evaluate``). A job that is compared with a baseline run names it in
 ``pairs_with``; ``segrefine.study.pairing`` checks that the report will pair it so. The
-studies' plans are built in ``segrefine.study.paper_table`` and ``segrefine.study.origin``.
+studies' plans, the only study modules that name heads, are built in
+``segrefine.study.paper_table`` and ``segrefine.study.origin``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class Job:
     seed: int
     source: str | None = None       # train job: init_from; tune/eval job: the checkpoint
     tuned_from: str | None = None   # tune job whose parameters this job's head takes
-    tuned_name: str | None = None   # head.name the tuned head takes (e.g. densecrf_tuned); None keeps the head's
-    pairs_with: str | None = None   # the none train job this job's Δ is against
+    tuned_name: str | None = None   # head.name the tuned head takes; None keeps the head's
+    pairs_with: str | None = None   # the baseline train job this job's Δ is against
     label: str = ""                 # what the row is, in words
 
     def folder(self, out: Path) -> Path:
@@ -90,7 +91,7 @@ def compose_eval(overrides: Iterable[str]):
 
 def changed_backbone(base: list[str], with_head: list[str]) -> list[str]:
     """Overrides that give ``base`` the backbone ``with_head`` composes to (e.g. U-Net's
-    ``output_stride=4`` under head=pointrend): the matched ``none`` baseline's backbone."""
+    ``output_stride=4`` under PointRend): the matched baseline's backbone."""
     a, b = _backbone(tuple(base)), _backbone(tuple(with_head))
     return [f"backbone.{k}={_value(b[k])}" for k in sorted(b) if a.get(k) != b[k]]
 
@@ -108,7 +109,7 @@ def _value(value: Any) -> str:
 
 def runtime_overrides(job: Job, plan: Plan, out: Path, tuned_file: Callable[[Job], Path]) -> list[str]:
     """The job's overrides with what is known only when it runs: checkpoints of earlier jobs
-    and tuned parameters (``tuned_file(tune_job)`` -> its densecrf_tuned.yaml)."""
+    and tuned parameters (``tuned_file(tune_job)`` -> the head file its tuning wrote)."""
     from segrefine.tuning import tuned_overrides
 
     overrides = list(job.overrides)
@@ -158,21 +159,3 @@ def is_volumetric(overrides: Iterable[str]) -> bool:
     from hydra.utils import get_class
 
     return hasattr(get_class(compose_train(list(overrides)).data._target_), "volume_dataloader")
-
-
-def example_tuned_file(folder: Path) -> Path:
-    """A stand-in tuned head for checking pairings before any tuning ran (values do not matter:
-    tuned parameters compare as "<tuned>")."""
-    from omegaconf import OmegaConf
-
-    from segrefine.configs import CONFIG_DIR
-    from segrefine.tuning import ENQUEUED, tuned_record
-
-    path = Path(folder) / "densecrf_tuned.example.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    head = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
-    for key, value in ENQUEUED["pydensecrf"].items():
-        head[key] = value
-    head.tuned = tuned_record(1, ENQUEUED["pydensecrf"])
-    path.write_text(OmegaConf.to_yaml(head))
-    return path

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from segrefine.study.pairing import check_pairings
-from segrefine.study.plan import KINDS, Job, Plan, describe, example_tuned_file, runtime_overrides, compose_eval, compose_train
+from segrefine.study.plan import KINDS, Job, Plan, compose_eval, compose_train, describe, runtime_overrides
 
 # Run-level override keys that also reach the evaluations and the tuning.
 EVAL_KEYS = {"trainer", "logger", "paths", "metrics", "save_predictions"}
-
 
 
 def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterable[str] = (),
@@ -65,6 +64,8 @@ def run_study(args, plan: Plan, out: Path, overrides: list[str], log: Callable[[
     eval_overrides = [o for o in overrides if o.split("=", 1)[0].split(".")[0].lstrip("+~") in EVAL_KEYS]
     eval_overrides += args.eval_override
     print(describe(plan))
+    from segrefine.tuning import example_tuned_file
+
     example = example_tuned_file(out / "plan")
     try:
         check_pairings(plan, out, tuned_file=lambda job: example)
