@@ -18,7 +18,7 @@ from segrefine.atomic import atomic_open, atomic_write_text
 from segrefine.checkpoints import AtomicCheckpointIO
 from segrefine.data import synthetic as synthetic_module
 from segrefine.data.synthetic import SyntheticDataModule
-from segrefine.results import read_results, write_results
+from segrefine.record import RunRecord, read_document
 
 OLD = b"old content, longer than the new one: " + bytes(range(256))
 
@@ -79,15 +79,15 @@ def test_a_successful_write_replaces_the_file_whole(target):
 
 
 def test_results_json_keeps_the_old_run_when_serialisation_fails_midway(tmp_path):
-    write_results(tmp_path, {"metrics": {"test/iou": 0.5}})
+    RunRecord.new(metrics={"test/iou": 0.5}).write(tmp_path)
     before = (tmp_path / "results.json").read_bytes()
     # json.dump writes the document piece by piece: the keys before the bad value reach the file first.
     with pytest.raises(TypeError, match="not JSON serializable"):
-        write_results(tmp_path, {"metrics": {"test/iou": 0.75}, "zz_unserialisable": object()})
+        RunRecord.new(metrics={"test/iou": 0.75}, wandb={"id": object()}).write(tmp_path)
     assert (tmp_path / "results.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
-    write_results(tmp_path, {"metrics": {"test/iou": float("nan")}})
-    assert read_results(tmp_path)["metrics"] == {"test/iou": None}
+    RunRecord.new(metrics={"test/iou": float("nan")}).write(tmp_path)
+    assert read_document(tmp_path)["metrics"] == {"test/iou": None}
 
 
 def test_checkpoint_writer_keeps_the_previous_checkpoint_on_a_full_disk(tmp_path, monkeypatch):

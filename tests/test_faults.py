@@ -716,7 +716,7 @@ def test_an_interruption_never_replaces_complete_results(tmp_path):
     from omegaconf import OmegaConf
 
     from segrefine.jobs import JobInterrupted
-    from segrefine.results import write_results
+    from segrefine.record import RunRecord
     from segrefine.runs import run_recording_failure
 
     def stopped(cfg):
@@ -727,7 +727,7 @@ def test_an_interruption_never_replaces_complete_results(tmp_path):
         run_recording_failure(stopped, cfg)
     assert json.loads((tmp_path / "a" / "results.json").read_text())["status"] == "interrupted"
 
-    done = write_results(tmp_path / "b", {"job_type": "train", "metrics": {"test/iou": 0.5}})
+    done = RunRecord.new(job_type="train", metrics={"test/iou": 0.5}).write(tmp_path / "b")
     before = done.read_text()
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "b")}, "name": "t", "seed": 0})
     with pytest.raises(JobInterrupted):  # e.g. stopped while skipping it, or in a force=true redo

@@ -20,7 +20,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from segrefine.atomic import atomic_open
-from segrefine.results import FILENAME, read_results
+from segrefine.record import FILENAME
+from segrefine.record import read_document as read_results
 
 
 class CheckpointError(ValueError):

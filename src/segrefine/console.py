@@ -62,7 +62,8 @@ def is_verbose(cfg: Any) -> bool:
 
 def job_line(output_dir: str | Path, metrics: dict[str, Any] | None, headline_key: str) -> str:
     """One line per finished job: its folder, its headline metric and its wandb run."""
-    from segrefine.results import FILENAME, read_results
+    from segrefine.record import FILENAME
+    from segrefine.record import read_document as read_results
 
     output_dir = Path(output_dir)
     parts = [f"segrefine: {output_dir}"]

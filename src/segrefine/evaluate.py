@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.labels import evaluation_label
-from segrefine.results import read_results
+from segrefine.record import read_document as read_results
 from segrefine.runconfig import comparable_config, config_differences
-from segrefine.runs import check_eval_folder, evaluation_record, headline_key, objective_key, run_cli_job, run_record
+from segrefine.runs import check_eval_folder, evaluation_fields, headline_key, objective_key, run_cli_job, run_record
 from segrefine.validation import ConfigValueError, check_config
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from segrefine.checkpoints import check_targets, load_checkpoint, load_weights, resolve_checkpoint_file
     from segrefine.data.common import evaluation_loader
     from segrefine.distributed import use_job_command_under_hydra
-    from segrefine.results import write_results
     from segrefine.tracking import close_wandb, finish_wandb, log_per_image_table, log_summary
 
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
@@ -210,26 +209,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         log_per_image_table(logger, module.test_rows, key=f"{cfg.split}/per_image")
         log_per_image_table(logger, module.volume_rows, key=f"{cfg.split}/per_volume")
         wandb_info = close_wandb(logger)
-        write_results(
-            output_dir,
-            {
-                **run_record(run_cfg, "eval"),
-                "label": label,
-                "split": cfg.split,
-                "metrics": metrics,
-                "per_image": module.test_rows,
+        run_record(
+            run_cfg, "eval",
+            label=label,
+            split=cfg.split,
+            metrics=metrics,
+            per_image=module.test_rows,
+            checkpoint=os.path.relpath(ckpt_file, output_dir),
+            head_weights=weights,
+            source={
                 "checkpoint": os.path.relpath(ckpt_file, output_dir),
-                "head_weights": weights,
-                "source": {
-                    "checkpoint": os.path.relpath(ckpt_file, output_dir),
-                    **lineage(train_cfg),
-                    "run_config": comparable_config(stored),
-                    "wandb_id": training_id,
-                },
-                **evaluation_record(module, output_dir, run_cfg),
-                "wandb": wandb_info,
+                **lineage(train_cfg),
+                "run_config": comparable_config(stored),
+                "wandb_id": training_id,
             },
-        )
+            **evaluation_fields(module, output_dir, run_cfg),
+            wandb=wandb_info,
+        ).write(output_dir)
         return metrics
     finally:
         finish_wandb(sys.exc_info()[1])  # the exception in flight, if any: the wandb run is marked failed

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from segrefine.atomic import atomic_open, atomic_write_text, disk_full
 from segrefine.jobs import (JobInterrupted, RunFolderError, foreign_folder_problem, interruption,
                             is_first_process, run_folder_lock, short_error, stop_on_signals)
-from segrefine.results import FILENAME as RESULTS_FILE
-from segrefine.results import PREDICTIONS_FILE, read_results
+from segrefine.record import FILENAME as RESULTS_FILE
+from segrefine.record import PREDICTIONS_FILE, RunRecord
+from segrefine.record import read_document as read_results
 from segrefine.runconfig import RUN_ONLY_DECLARATION, comparable_config, config_differences, curated_config, is_run_only
 
 log = logging.getLogger(__name__)
@@ -198,23 +199,25 @@ def check_resume(cfg: DictConfig, ckpt_path: str, automatic: bool) -> None:
 
 
 # -- what results.json says besides the metrics ------------------------------------------
-def run_record(cfg: DictConfig, job_type: str) -> dict[str, Any]:
-    """The identifying fields of a results.json: ``config`` (the resolved config, as run),
-    ``run_config`` (the curated one the wandb run shows) and ``provenance`` (the code)."""
+def run_record(cfg: DictConfig, job_type: str, **fields: Any) -> RunRecord:
+    """The ``RunRecord`` of this run: its identity (``config``, the resolved config as run;
+    ``run_config``, the curated one the wandb run shows; ``provenance``, the code) and
+    ``fields`` (metrics, per-image rows, checkpoint, ...; ``evaluation_fields``)."""
     from segrefine.provenance import provenance
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    return {
-        "job_type": job_type,
-        "experiment": cfg.name,
-        "data": cfg.data.name,
-        "backbone": cfg.backbone.name,
-        "head": cfg.head.name,
-        "seed": cfg.seed,
-        "config": config,
-        "run_config": curated_config(config),
-        "provenance": provenance(),
-    }
+    return RunRecord.new(
+        job_type=job_type,
+        experiment=cfg.name,
+        data=cfg.data.name,
+        backbone=cfg.backbone.name,
+        head=cfg.head.name,
+        seed=cfg.seed,
+        config=config,
+        run_config=curated_config(config),
+        provenance=provenance(),
+        **fields,
+    )
 
 
 def headline_key(cfg: DictConfig, split: str = "test") -> str:
@@ -233,9 +236,9 @@ def objective_key(protocol: str, split: str = "val") -> str:
     return f"{split}/unet_crfrnn/iu" if protocol == "unet_crfrnn" else f"{split}/iou_image"
 
 
-def evaluation_record(module, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
-    """What results.json says about the test numbers besides the numbers: the metric
-    definitions, the classes, and the saved predictions file for the report's figure."""
+def evaluation_fields(module, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The ``RunRecord`` fields that say what the test numbers are, besides the numbers: the
+    metric definitions, the classes, and the saved predictions file for the report's figure."""
     from segrefine.hardware import describe
     from segrefine.metrics import MERGED_FOREGROUND, PROTOCOLS, VOLUME_DEFINITIONS
 
@@ -347,14 +350,12 @@ def record_interruption(cfg: DictConfig, job_type: str, stop: JobInterrupted) ->
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an unresolvable key must not hide the interruption
         config = OmegaConf.to_container(cfg, resolve=False)
-    from segrefine.results import write_results
-
     try:
-        write_results(output_dir, {
-            "status": "interrupted", "signal": stop.signal_name, "job_type": job_type, "experiment": cfg.get("name"),
-            "seed": cfg.get("seed"), "config": config,
-            "checkpoint": os.path.relpath(last, output_dir) if job_type == "train" and last.is_file() else None,
-        })
+        RunRecord.new(
+            status="interrupted", signal=stop.signal_name, job_type=job_type, experiment=cfg.get("name"),
+            seed=cfg.get("seed"), config=config,
+            checkpoint=os.path.relpath(last, output_dir) if job_type == "train" and last.is_file() else None,
+        ).write(path)
     except OSError as e:
         log.error("could not record the interruption in %s (%s)", path, e)
 

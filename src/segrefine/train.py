@@ -22,7 +22,7 @@ from segrefine.configs import CONFIG_DIR, check_config_dir
 from segrefine.console import is_verbose, job_line, quiet_console
 from segrefine.runs import (
     check_resume,
-    evaluation_record,
+    evaluation_fields,
     finished_run,
     headline,
     headline_key,
@@ -154,7 +154,6 @@ def fit_and_test(cfg: DictConfig, trainer, module, datamodule, ckpt_path: str | 
 def write_train_results(cfg: DictConfig, output_dir: Path, run, logger, module, metrics: dict[str, float],
                         checkpoint: str | None) -> None:
     """The wandb summary, then results.json (last: its presence means the run is complete)."""
-    from segrefine.results import write_results
     from segrefine.tracking import close_wandb, log_summary
 
     # The same values as wandb summary columns (the runs table), under the same keys.
@@ -163,18 +162,15 @@ def write_train_results(cfg: DictConfig, output_dir: Path, run, logger, module, 
     log_summary(logger, {**{k: metrics[k] for k in SUMMARY_KEYS}, "metrics_protocol": cfg.metrics.protocol,
                          "label": run.label})
     wandb_info = close_wandb(logger)  # before results.json, which records whether its log is whole
-    write_results(
-        output_dir,
-        {
-            **run_record(cfg, "train"),
-            "label": run.label,
-            "metrics": metrics,
-            "per_image": module.test_rows,
-            "checkpoint": os.path.relpath(checkpoint, output_dir) if checkpoint else None,
-            **(evaluation_record(module, output_dir, cfg) if cfg.get("test", True) else {}),
-            "wandb": wandb_info,
-        },
-    )
+    run_record(
+        cfg, "train",
+        label=run.label,
+        metrics=metrics,
+        per_image=module.test_rows,
+        checkpoint=os.path.relpath(checkpoint, output_dir) if checkpoint else None,
+        **(evaluation_fields(module, output_dir, cfg) if cfg.get("test", True) else {}),
+        wandb=wandb_info,
+    ).write(output_dir)
 
 
 def check_training_steps(cfg: DictConfig, datamodule) -> None:

@@ -124,3 +124,12 @@ def test_a_json_list_is_not_a_run_record(tmp_path):
     (tmp_path / FILENAME).write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not a run record"):
         load(tmp_path / FILENAME)
+
+
+def test_a_record_a_job_builds_writes_what_the_old_writer_wrote_and_refuses_a_misspelt_field(tmp_path):
+    fields = payload("crfrnn", 0, [0.5, 0.7])
+    written = RunRecord.new(**fields).write(tmp_path / "new")
+    assert written.read_text() == old_writer(tmp_path / "old", fields).read_text()
+    assert json.loads(written.read_text())["predictions"] is None  # given as None: written as null
+    with pytest.raises(TypeError, match="RunRecord has no field 'metric'"):
+        RunRecord.new(metric={"test/iou": 0.5})

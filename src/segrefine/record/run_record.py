@@ -61,6 +61,16 @@ class RunRecord:
     _keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
+    def new(cls, **values: Any) -> RunRecord:
+        """The record a job writes: ``values`` by field name (an unknown name is refused, so a
+        typo cannot slip into results.json). results.json holds ``schema``, ``status`` and then
+        exactly the fields given, in that order; a field given as None is written as null."""
+        known = {f.name for f in fields(cls)} - {"extra", "_keys"}
+        if unknown := sorted(set(values) - known):
+            raise TypeError(f"RunRecord has no field {', '.join(map(repr, unknown))}")
+        return cls.from_dict({"schema": SCHEMA, "status": "complete", **values})
+
+    @classmethod
     def from_dict(cls, document: dict[str, Any]) -> RunRecord:
         if not isinstance(document, dict):
             raise TypeError(f"a run record is a JSON object, not a {type(document).__name__}")

@@ -21,7 +21,8 @@ def run_plan(plan: Plan, out: Path, *, tune_trials: int, eval_overrides: Iterabl
     """Run every job in plan order, in this process; a job whose folder already holds a
     complete result is skipped (as segrefine-train does). Returns seconds per job kind."""
     from segrefine.evaluate import evaluate
-    from segrefine.results import FILENAME, read_results
+    from segrefine.record import FILENAME
+    from segrefine.record import read_document as read_results
     from segrefine.runs import run_recording_failure
     from segrefine.train import train
     from segrefine.tuning import TUNED_FILE, tune_densecrf
