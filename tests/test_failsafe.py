@@ -1,5 +1,5 @@
 """Never a silent wrong result: resume and evaluate only what matches, safe loading of
-checkpoints and stored configs, honest failure records (issue 12)."""
+checkpoints and stored configs, honest failure records."""
 
 from __future__ import annotations
 

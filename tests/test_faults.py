@@ -1,4 +1,4 @@
-"""Faults and hostile input, round two (issue 27): labels that would break a table, report
+"""Faults and hostile input: labels that would break a table, report
 outputs that must appear whole, overlapping report arguments, masks read as drawn, bad
 class counts, runs that would train nothing."""
 
@@ -130,7 +130,7 @@ def test_overlapping_report_folders_list_each_run_once(tmp_path, capsys):
         assert "| U-Net | none | – |" in out and "| U-Net | CRF-RNN | 2 |" in out
 
 
-# -- 7: class counts that reach the ignore index ----------------------------------------
+# -- class counts that reach the ignore index ----------------------------------------
 
 
 @pytest.mark.parametrize("overrides", [("data.num_classes=255",), ("data.num_classes=256",), ("data.num_classes=300",),
@@ -163,7 +163,7 @@ def test_a_source_counting_its_own_classes_is_held_to_the_same_limit(make_cfg, t
         build_module(make_cfg(), Counted())
 
 
-# -- 6: runs that would train no step -----------------------------------------------------
+# -- runs that would train no step -----------------------------------------------------
 
 
 @pytest.mark.parametrize("override, message", [
@@ -198,7 +198,7 @@ def test_an_empty_train_split_is_refused(make_cfg):
         check_training_steps(make_cfg(), Empty())
 
 
-# -- 1: SIGTERM / SIGINT stop at a safe point, are recorded, and say how to resume ------------
+# -- SIGTERM / SIGINT stop at a safe point, are recorded, and say how to resume ------------
 
 CLI_BASE = [o for o in TINY if not o.startswith("logger=")] + ["backbone=pspnet", "logger=none"]
 
@@ -273,7 +273,7 @@ def test_the_printed_command_resumes_a_stopped_training_from_its_batch(tmp_path,
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # 3 epochs x 2
 
 
-# -- 2: run folders are exclusive ------------------------------------------------------------
+# -- run folders are exclusive ------------------------------------------------------------
 
 HOLD = ("import sys, time\n"
         "from segrefine.jobs import run_folder_lock\n"
@@ -459,7 +459,7 @@ def test_a_signal_stops_a_sweep_non_zero_before_its_later_jobs(tmp_path, data_di
     assert "Traceback" not in stderr
 
 
-# -- 9: short, true errors ----------------------------------------------------------------------
+# -- short, true errors ----------------------------------------------------------------------
 
 
 def test_a_user_error_prints_two_lines_without_a_traceback_unless_asked(tmp_path, data_dir):
@@ -558,7 +558,7 @@ def test_wandb_online_without_a_server_says_how_to_run_offline(tmp_path, data_di
     assert "Traceback" not in proc.stderr
 
 
-# -- 5 (issue case): masks and volumes read as drawn ----------------------------------------------
+# -- masks and volumes read as drawn ----------------------------------------------
 
 
 def test_float_masks_are_rounded_not_truncated_and_soft_values_refused(tmp_path):

@@ -176,7 +176,7 @@ def test_merged_protocol_equals_the_origin_on_three_class_masks():
     assert rows["iou"].tolist() == pytest.approx(per_image_metrics(preds, masks, 3)["iou"].tolist())
 
 
-def test_merge_changes_the_issue_example_and_ignored_pixels_stay_ignored():
+def test_merging_the_foreground_scores_a_perfect_prediction_1_and_ignored_pixels_stay_ignored():
     # Class 2 the only foreground, predicted perfectly: over C = 3 the empty class 1 scores 0.
     mask = torch.zeros(1, 4, 4, dtype=torch.long)
     mask[0, :2, :2] = 2
