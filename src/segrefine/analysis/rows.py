@@ -199,8 +199,8 @@ def group_rows(runs: Iterable[RunRecord | dict[str, Any]]) -> tuple[list[Row], l
                 continue
             where = ", ".join(str(m.location) for m in members)
             for m in members:
-                duplicates.append((str(m.location), f"duplicate: same config and seed {seed} as {where}; not averaged, "
-                                               "remove all but one"))
+                duplicates.append((str(m.location), f"duplicate: same config and seed {seed} as {where}; "
+                                                    "not averaged, remove all but one"))
         if kept:
             rows.append(Row(config=config, runs=kept, head=head_name(next(iter(kept.values())))))
     generated = config_labels([r.config for r in rows])
