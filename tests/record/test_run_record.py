@@ -124,3 +124,15 @@ def test_a_json_list_is_not_a_run_record(tmp_path):
     (tmp_path / FILENAME).write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not a run record"):
         load(tmp_path / FILENAME)
+
+
+def test_where_a_record_was_read_is_known_but_never_written(tmp_path):
+    # ``location`` is the reader's, not the file's: a document key of that name stays a document key.
+    document = {"schema": 1, "status": "complete", "job_type": "train", "location": "a hand-added note"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / FILENAME).write_text(json.dumps(document))
+    record = load(tmp_path / "run" / FILENAME)
+    assert record.location == str(tmp_path / "run") and record.extra == {"location": "a hand-added note"}
+    assert record.to_dict() == document and load(tmp_path / "run").location == str(tmp_path / "run")
+    written = json.loads(record.write(tmp_path / "copy").read_text())
+    assert written == document and load(tmp_path / "copy") == record  # == leaves location out
