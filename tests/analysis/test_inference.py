@@ -213,7 +213,7 @@ def test_a_run_with_metrics_out_of_their_range_is_listed_not_tabled(tmp_path, ca
     record["metrics"]["test/iou"], record["metrics"]["test/ms_per_image"] = 1.7, -5.0
     bad.write_text(json.dumps(record))
     study = load_study([tmp_path])
-    assert [r["backbone"] for r in study.runs] == ["unet"]
+    assert [r.backbone for r in study.runs] == ["unet"]
     (where, reason), = study.incomplete
     assert where.endswith("bad") and "test/iou=1.7" in reason and "test/ms_per_image=-5" in reason
     assert main([str(tmp_path), "--no-figures"]) == 0

@@ -16,6 +16,7 @@ from segrefine.report import (
     holm,
     load_study,
     main,
+    run_value,
     sign_flip_p,
     summarise,
     to_csv,
@@ -221,7 +222,7 @@ def test_delta_is_on_the_aggregation_of_the_column_beside_it(tmp_path):
     rows, _ = rows_of(tmp_path)
     crf, none = rows[("U-Net", "crfrnn")], rows[("U-Net", "none")]
     column = Column("test/iou_image", "IoU % (img mean)", "iou")
-    means = [np.mean([crf.value(r, column) for r in x.runs.values()]) for x in (crf, none)]
+    means = [np.mean([run_value(r, column) for r in x.runs.values()]) for x in (crf, none)]
     assert crf.stats["test/iou_image"]["mean"] == pytest.approx(means[0] - means[1])
 
 
@@ -251,8 +252,8 @@ def test_markdown_csv_latex_carry_the_same_numbers(tmp_path):
     full = [line.split(" | ") for line in to_markdown_full(rows).splitlines()[2:4]]
     tex = [line.split(" & ") for line in to_latex(rows).splitlines() if line.startswith("U-Net")]
     for row, from_csv, from_md, from_full, from_tex in zip(rows, parsed, md, full, tex):
-        pooled = [row.value(r, Column("test/iou", "")) for r in row.runs.values()]
-        image = [row.value(r, Column("test/iou_image", "")) for r in row.runs.values()]
+        pooled = [run_value(r, Column("test/iou", "")) for r in row.runs.values()]
+        image = [run_value(r, Column("test/iou_image", "")) for r in row.runs.values()]
         assert float(from_csv["test/iou_mean"]) == pytest.approx(np.mean(pooled))
         assert float(from_csv["test/iou_image_mean"]) == pytest.approx(np.mean(image))
         assert from_full[4] == f"{np.mean(pooled) * 100:.2f} ± {np.std(pooled, ddof=1) * 100:.2f}"

@@ -161,7 +161,7 @@ def test_wandb_rows_and_pairing_equal_those_from_the_runs_folders(tmp_path):
     assert len(wandb_study.runs) == len(folder_study.runs) == 8
     assert wandb_study.skipped == [(f"{PROJECT}/id-tune0", "split 'val' (tuning evaluation), not a test result")]
     assert [r for _, r in folder_study.skipped] == [r for _, r in wandb_study.skipped] and not wandb_study.incomplete
-    assert all(not set(WANDB_EXTRA_KEYS) & set(r["config"]) for r in wandb_study.runs)
+    assert all(not set(WANDB_EXTRA_KEYS) & set(r.config) for r in wandb_study.runs)
     folder_rows, _ = summarise(folder_study.runs)
     wandb_rows, _ = summarise(wandb_study.runs)
     assert [(r.label, r.head, r.pairing) for r in wandb_rows] == [(r.label, r.head, r.pairing) for r in folder_rows]
@@ -187,9 +187,9 @@ def test_runs_logged_before_the_layout_are_read_with_their_group_as_experiment(t
     study_folders(tmp_path)
     runs = [fake_run(tmp_path / n, f"id-{n}", legacy=True) for n in ("none0", "crf0", "none1", "crf1")]
     study = load_wandb_study(PROJECT, api=FakeApi(runs), experiment="t")
-    assert {r["experiment"] for r in study.runs} == {"t"} and len(study.runs) == 4
+    assert {r.experiment for r in study.runs} == {"t"} and len(study.runs) == 4
     rows, _ = summarise(study.runs)
-    folder_rows, _ = summarise([r for r in load_study([tmp_path]).runs if r["_path"].split("/")[-1] in
+    folder_rows, _ = summarise([r for r in load_study([tmp_path]).runs if r.location.split("/")[-1] in
                                 ("none0", "crf0", "none1", "crf1")])
     assert to_markdown(rows) == to_markdown(folder_rows)
 
@@ -226,7 +226,7 @@ def selection_runs(tmp_path):
 def test_filters_go_to_the_server_and_are_checked_here(tmp_path, filters, server, kept):
     api = FakeApi(selection_runs(tmp_path))
     study = load_wandb_study(PROJECT, api=api, **filters)
-    assert [r["_path"].rsplit("/", 1)[-1] for r in study.runs] == kept
+    assert [r.location.rsplit("/", 1)[-1] for r in study.runs] == kept
     expected = wandb_filters(**filters)
     assert api.calls == [(PROJECT, expected)]
     if server is not None:
@@ -263,7 +263,7 @@ def test_runs_of_several_experiments_are_refused_without_experiment(tmp_path, mo
     assert main(["--wandb", PROJECT, "--no-figures", "--out", str(tmp_path / "report")]) == 2
     assert "choose one with --experiment NAME" in capsys.readouterr().err
     study = load_wandb_study(PROJECT, api=FakeApi(runs), experiment="c")
-    assert [r["_path"] for r in study.runs] == [f"{PROJECT}/old"]
+    assert [r.location for r in study.runs] == [f"{PROJECT}/old"]
     assert study.incomplete == [(f"{PROJECT}/old-crashed", "wandb state 'crashed'")]
 
 
@@ -281,9 +281,9 @@ def test_nan_from_wandb_is_treated_as_null_in_results_json(tmp_path, nan):
     folder_rows, _ = summarise(load_study([tmp_path]).runs)
     study = load_wandb_study(PROJECT, api=FakeApi([fake_run(tmp_path / "none", "n", nan=nan),
                                                    fake_run(tmp_path / "crf", "c", nan=nan)]))
-    crf = next(r for r in study.runs if r["_path"].endswith("/c"))
-    assert crf["per_image"][3]["iou"] is None and crf["per_image"][3]["boundary_f1"] == record["per_image"][3]["boundary_f1"]
-    assert crf["metrics"]["test/boundary_f1"] is None
+    crf = next(r for r in study.runs if r.location.endswith("/c"))
+    assert crf.per_image[3]["iou"] is None and crf.per_image[3]["boundary_f1"] == record["per_image"][3]["boundary_f1"]
+    assert crf.metrics["test/boundary_f1"] is None
     rows, _ = summarise(study.runs)
     # A null per-image value is missing data: its pair is left out (and counted), never a number in the Δ.
     assert rows[1].notes == ["Δ IoU % (img mean): 1 image pairs with a non-finite value left out"]
@@ -317,7 +317,7 @@ def test_the_metric_protocol_comes_from_the_summary_or_an_old_resolved_config(tm
     new.summary["metrics_protocol"] = "unet_crfrnn"
     old.config["metrics"] = {"protocol": "unet_crfrnn"}
     study = load_wandb_study(PROJECT, api=FakeApi([new, old]), experiment="t")
-    assert [r.get("metrics_protocol") for r in study.runs] == ["unet_crfrnn", "unet_crfrnn"]
+    assert [r.metrics_protocol for r in study.runs] == ["unet_crfrnn", "unet_crfrnn"]
     assert study_protocol(study.runs, None) == "unet_crfrnn"
     del new.summary["metrics_protocol"]  # not recorded: the default, standard, which then differs
     with pytest.raises(ValueError, match="different metric protocols"):

@@ -133,3 +133,15 @@ def test_a_record_a_job_builds_writes_what_the_old_writer_wrote_and_refuses_a_mi
     assert json.loads(written.read_text())["predictions"] is None  # given as None: written as null
     with pytest.raises(TypeError, match="RunRecord has no field 'metric'"):
         RunRecord.new(metric={"test/iou": 0.5})
+
+
+def test_where_a_record_was_read_is_known_but_never_written(tmp_path):
+    # ``location`` is the reader's, not the file's: a document key of that name stays a document key.
+    document = {"schema": 1, "status": "complete", "job_type": "train", "location": "a hand-added note"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / FILENAME).write_text(json.dumps(document))
+    record = load(tmp_path / "run" / FILENAME)
+    assert record.location == str(tmp_path / "run") and record.extra == {"location": "a hand-added note"}
+    assert record.to_dict() == document and load(tmp_path / "run").location == str(tmp_path / "run")
+    written = json.loads(record.write(tmp_path / "copy").read_text())
+    assert written == document and load(tmp_path / "copy") == record  # == leaves location out

@@ -48,7 +48,7 @@ def check_rows(out, stdout, backbones, heads=("none", "densecrf", "densecrf_tune
             # One seed: a test conditional on the model for same-weights pairs, none for retrained ones.
             expected = "images" if row.pairing == "same weights" else "none"
             assert all(t["n"] == 1 and t["level"] == expected for t in row.stats.values())
-            assert len(row.baseline.runs[0]["per_image"]) == 8  # every test image paired
+            assert len(row.baseline.runs[0].per_image) == 8  # every test image paired
     # Evaluations record the training config with the head replaced: paired on the same weights.
     densecrf = [r for r in rows if r.head in ("densecrf", "densecrf_tuned")]
     assert len(densecrf) == 2 * len(backbones)

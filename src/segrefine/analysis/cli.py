@@ -21,7 +21,6 @@ prints the Markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ def main_records(rows: list[Row], protocol: str) -> list[dict[str, Any]]:
         for column in others:
             record[f"delta_{column.per_image}"] = (row.stats.get(column.key) or {}).get("mean")
         record["ms_per_image"] = _number(cost)
-        record["params"] = next(iter(row.runs.values()))["metrics"].get("params")
+        record["params"] = next(iter(row.runs.values())).metrics.get("params")
         records.append(record)
     return records
 
@@ -62,7 +61,7 @@ def _number(value: float) -> float | None:
 
 def report_experiment(report: Report) -> str:
     """The experiment the report's runs belong to (the most common ``experiment``)."""
-    names = [str(run.get("experiment") or "") for row in report.rows for run in row.runs.values()]
+    names = [str(run.experiment or "") for row in report.rows for run in row.runs.values()]
     names = [n for n in names if n] or ["runs"]
     return max(dict.fromkeys(names), key=names.count)
 

@@ -2,7 +2,7 @@
 configuration, accuracy against cost with its Pareto front, and a qualitative grid drawn from
 the predictions runs saved (``predictions.npz``).
 
-Nothing here builds a model or reads a checkpoint: figures only read results.json contents
+Nothing here builds a model or reads a checkpoint: figures only read the rows' run records
 (passed in by ``segrefine.analysis.render``) and the saved arrays, loaded without pickle. Labels come
 from configs, so they are drawn as plain text (no mathtext: a ``$`` in a label stays a ``$``).
 Every figure grows with its rows and keeps its text inside (tests/analysis/test_figures.py).
@@ -20,7 +20,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from segrefine.analysis.rows import head_words, run_value
 from segrefine.record.protocols import IGNORE_INDEX as IGNORE
+from segrefine.record.run_record import RunRecord
 
 PREDICTION_KEYS = ("ids", "images", "masks", "predictions")
 PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
@@ -45,16 +47,13 @@ def _t_interval(values: list[float]) -> tuple[float, float] | None:
 
 
 def _row_values(row: Any, column: Any) -> list[float] | None:
-    """A row's value of ``column`` per seed (None if a seed lacks it); ``row.value`` is the
-    report's reader, passed in so figures never import the report module."""
-    values = [row.value(r, column) for r in row.runs.values()]
+    """A row's value of ``column`` per seed (None if a seed lacks it), as the table reads it."""
+    values = [run_value(r, column) for r in row.runs.values()]
     return None if any(v is None for v in values) else values
 
 
 def _row_name(row: Any) -> str:
     """The row's label, with its head unless the label already names it (study labels do)."""
-    from segrefine.analysis.rows import head_words
-
     if row.head == "none":
         return f"{row.label} · none (baseline)" if "none" not in row.label else row.label
     words = head_words(row.head).split(",")[0]
@@ -206,12 +205,15 @@ def plot_cost(rows: list[Any], column: Any, cost: Any, path: Path) -> Path:
         return _save(cost_figure(rows, column, cost), path, dpi=120)
 
 
-def load_predictions(run: dict[str, Any]) -> tuple[dict[str, tuple] | None, str]:
-    """``{id: (image, mask, prediction)}`` from a run's predictions.npz, or (None, why)."""
-    name = run.get("predictions")
+def load_predictions(run: RunRecord) -> tuple[dict[str, tuple] | None, str]:
+    """``{id: (image, mask, prediction)}`` from a run's predictions.npz (a file of the run's
+    folder, its ``location``), or (None, why)."""
+    name = run.predictions
     if not name:
         return None, "no saved predictions (run made with save_predictions=0 or before they were saved)"
-    path = Path(run["_path"]) / name
+    if run.location is None:
+        return None, f"{name}: the run's folder is not known (a record not read from a folder)"
+    path = Path(run.location) / name
     if Path(name).is_absolute() or ".." in Path(name).parts:
         return None, f"predictions path {name!r} is not a file of the run folder"
     try:
@@ -228,9 +230,9 @@ def load_predictions(run: dict[str, Any]) -> tuple[dict[str, tuple] | None, str]
     return {i: (arrays["images"][k], arrays["masks"][k], arrays["predictions"][k]) for k, i in enumerate(ids)}, ""
 
 
-def _num_classes(run: dict[str, Any], arrays: dict[str, tuple]) -> int:
+def _num_classes(run: RunRecord, arrays: dict[str, tuple]) -> int:
     """From results.json (``num_classes``), the config, else the largest label seen."""
-    value = run.get("num_classes") or (run["config"].get("data") or {}).get("num_classes")
+    value = run.num_classes or (run.config.get("data") or {}).get("num_classes")
     if isinstance(value, int) and value > 0:
         return value
     labels = [a[k][a[k] != IGNORE] for a in arrays.values() for k in (1, 2)]
@@ -253,7 +255,7 @@ def plot_qualitative(rows: list[Any], column: Any, path: Path, count: int = 4) -
             for head, run in members:
                 arrays, why = load_predictions(run)
                 if arrays is None:
-                    notes.append((run["_path"], why))
+                    notes.append((str(run.location), why))
                 else:
                     loaded[head] = (run, arrays)
             if base.head not in loaded or len(loaded) < 2:
@@ -279,14 +281,14 @@ def error_outline(errors: np.ndarray) -> np.ndarray:
 
 
 def base_run_path(loaded: dict[str, tuple], base: Any) -> str:
-    return loaded[base.head][0]["_path"]
+    return str(loaded[base.head][0].location)
 
 
 def grid_figure(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, count: int = 4) -> Figure:
     """The qualitative grid of one baseline and seed; ``loaded``: head -> (run, predictions)."""
     base_run, base_arrays = loaded[base.head]
     ids = sorted(set.intersection(*(set(a) for _, a in loaded.values())))
-    value = {head: {r["id"]: r.get(column.per_image) for r in run.get("per_image", [])} for head, (run, _) in loaded.items()}
+    value = {head: {r["id"]: r.get(column.per_image) for r in run.per_image or ()} for head, (run, _) in loaded.items()}
     others = [h for h in loaded if h != base.head]
 
     def delta(head: str, sample_id: str) -> float:
@@ -324,7 +326,7 @@ def grid_figure(base: Any, seed: Any, loaded: dict[str, tuple], column: Any, cou
         ax.set_yticks([])
     fig.suptitle(f"{base.label} / seed {seed}: saved test images with the largest and smallest Δ of {best}\n"
                  f"({column.title}, per image, head minus none); red outlines = errors", fontsize="x-small")
-    names = list(base_run.get("class_names") or [])
+    names = list(base_run.class_names or [])
     names += [str(c) for c in range(len(names), num_classes)]
     handles = [Patch(color=cmap(c), label=names[c]) for c in range(num_classes)]
     handles.append(Patch(facecolor="white", edgecolor="red", label="error"))

@@ -21,6 +21,7 @@ from segrefine.analysis.rows import BASELINE_HEAD, Row, head_words, mean_spread,
 from segrefine.analysis.sources import Study, study_protocol
 from segrefine.analysis.stats import ALPHA, CONDITIONAL, NO_TEST, reachability, summarise
 from segrefine.record.protocols import COST, Column, PROTOCOLS, PROTOCOL_NOTES, VOLUME
+from segrefine.record.run_record import RunRecord
 
 
 def _stars(p: float | None) -> str:
@@ -80,7 +81,7 @@ def tuning_outcome(row: Row, rows: list[Row]) -> str:
     (zero kernel weights) or a new point, per seed where the seeds differ ('' otherwise)."""
     outcomes = {}
     for seed, run in row.runs.items():
-        head = (run.get("config") or {}).get("head") or {}
+        head = (run.config or {}).get("head") or {}
         tuned = head.get("tuned")
         if not isinstance(tuned, dict) or not tuned.get("keys"):
             return ""
@@ -92,7 +93,7 @@ def tuning_outcome(row: Row, rows: list[Row]) -> str:
         values = [head.get(k) for k in keys]
         if all(head.get(k) == 0 for k in keys if k.endswith("_compat")) and any(k.endswith("_compat") for k in keys):
             outcomes[seed] = "no CRF won"
-        elif untuned is not None and values == [(untuned["config"].get("head") or {}).get(k) for k in keys]:
+        elif untuned is not None and values == [(untuned.config.get("head") or {}).get(k) for k in keys]:
             outcomes[seed] = "tuning kept the defaults"
         else:
             outcomes[seed] = "tuning chose new parameters"
@@ -103,7 +104,7 @@ def tuning_outcome(row: Row, rows: list[Row]) -> str:
 
 def cells(row: Row, protocol: str, rows: list[Row] = ()) -> list[str]:
     spec = PROTOCOLS[protocol]
-    params = next(iter(row.runs.values()))["metrics"].get("params")
+    params = next(iter(row.runs.values())).metrics.get("params")
     out = [row.label, head_cell(row, list(rows)), row.pairing or ("baseline" if row.head == BASELINE_HEAD else "–"),
            str(len(row.runs))]
     out += [_metric_cell(row, c) for c in spec["pooled"]]
@@ -165,15 +166,15 @@ def boundary_tolerance_note(rows: list[Row]) -> str:
     rules = set()
     for row in rows:
         for run in row.runs.values():
-            metrics_cfg = run["config"].get("metrics") or {}
+            metrics_cfg = run.config.get("metrics") or {}
             tolerance, unit = metrics_cfg.get("boundary_tolerance", 0.0075), metrics_cfg.get("boundary_tolerance_unit",
                                                                                              "diagonal")
             rules.add(f"{tolerance * 100:g} % of the image diagonal" if unit == "diagonal" else f"{tolerance:g} px")
-            recorded = run.get("boundary_tolerance_px")
+            recorded = run.boundary_tolerance_px
             if isinstance(recorded, dict) and recorded:
                 sizes.update({k: float(v) for k, v in recorded.items() if isinstance(v, (int, float))})
                 continue
-            data = run["config"].get("data") or {}
+            data = run.config.get("data") or {}
             size = _size_text(data.get("pad_to")) or _size_text(data.get("image_size"))
             if size is None:
                 sizes.setdefault("sizes not recorded", math.nan)
@@ -194,7 +195,7 @@ def timing_note(rows: list[Row]) -> str:
     setups = {}
     for row in rows:
         for run in row.runs.values():
-            timing = run.get("timing") or {}
+            timing = run.timing or {}
             if not timing:
                 setups.setdefault("not recorded (runs from before timing records)", []).append(row.label)
                 continue
@@ -293,7 +294,7 @@ def compact_cells(row: Row, protocol: str, rows: list[Row]) -> list[str]:
     headline, *others = PROTOCOLS[protocol]["paired"]
     if protocol.endswith(VOLUME):
         others = [c for c in others if c.per_volume]
-    params = next(iter(row.runs.values()))["metrics"].get("params")
+    params = next(iter(row.runs.values())).metrics.get("params")
     outcome = tuning_outcome(row, rows)
     head = head_words(row.head) + (f" ({outcome})" if outcome else "")
     return [row.label, head, _paired_n(row), _metric_cell(row, headline), _compact_delta(row, headline, rows),
@@ -392,6 +393,11 @@ TEXT_FIELDS = ("configuration", "head", "pairing", "baseline", "plain_baseline",
 TEXT_DELTA_STATS = ("level", "unit", "same_as")
 
 
+def _empty_row() -> Row:
+    """A row of one run without numbers: its records name the columns of a table without rows."""
+    return Row(config={}, runs={0: RunRecord(metrics={})})
+
+
 def numeric_record(row: Row, protocol: str, rows: Iterable[Row] = ()) -> dict[str, Any]:
     """One row as plain numbers (unscaled; None where a value does not apply). ``rows`` (the
     whole table) lets a tuned head say what its tuning chose."""
@@ -402,7 +408,7 @@ def numeric_record(row: Row, protocol: str, rows: Iterable[Row] = ()) -> dict[st
         "plain_baseline": row.plain.label if row.plain_stats else None,
         "tuning": tuning_outcome(row, list(rows)) or None,
         "n": len(row.runs), "seeds": " ".join(map(str, row.seeds)),
-        "params": next(iter(row.runs.values()))["metrics"].get("params"),
+        "params": next(iter(row.runs.values())).metrics.get("params"),
     }
     for column in (*spec["pooled"], *spec["paired"], COST):
         mean, std, _ = mean_spread([run_value(r, column) for r in row.runs.values()])
@@ -424,7 +430,7 @@ def to_csv(rows: list[Row], protocol: str = "standard") -> str:
     """Unscaled numbers, one row per configuration; empty cells where a value does not apply."""
     records = [numeric_record(r, protocol, rows) for r in rows]
     out = io.StringIO()
-    columns = list(numeric_record(Row(config={}, runs={0: {"metrics": {}}}), protocol))
+    columns = list(numeric_record(_empty_row(), protocol))
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for record in records:
@@ -484,7 +490,7 @@ def to_dataframe(source: "Study | Report | list[Row]", protocol: str | None = No
         rows, protocol = list(source), protocol or "standard"
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    columns = list(frame_records([Row(config={}, runs={0: {"metrics": {}}})], protocol)[0])  # also for no rows
+    columns = list(frame_records([_empty_row()], protocol)[0])  # also for no rows
     return pd.DataFrame.from_records(frame_records(rows, protocol), columns=columns)
 
 

@@ -12,14 +12,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from segrefine.analysis.sources import as_records
 from segrefine.record.protocols import Column
+from segrefine.record.run_record import RunRecord
 from segrefine.runconfig import comparable_config, config_differences
 
 
 BASELINE_HEAD = "none"
 HEAD_ORDER = ("none", "densecrf", "densecrf_tuned", "densecrf_3d", "densecrf_3d_tuned", "crfrnn", "pointrend")
-def head_name(run: dict[str, Any]) -> str:
-    return str((run["config"].get("head") or {}).get("name", run.get("head")))
+
+
+def head_name(run: RunRecord) -> str:
+    return str((run.config.get("head") or {}).get("name", run.head))
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,16 +157,16 @@ def config_labels(configs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def given_label(runs: Iterable[dict[str, Any]]) -> str | None:
+def given_label(runs: Iterable[RunRecord]) -> str | None:
     """The label a user or study gave every run of a row (config ``label``), if they agree."""
-    labels = {str((run.get("config") or {}).get("label") or "") for run in runs}
+    labels = {str((run.config or {}).get("label") or "") for run in runs}
     return labels.pop() or None if len(labels) == 1 else None
 
 
 @dataclass
 class Row:
     config: dict[str, Any]  # comparable config without the seed
-    runs: dict[Any, dict[str, Any]]  # seed -> run
+    runs: dict[Any, RunRecord]  # seed -> run
     label: str = ""
     head: str = ""
     baseline: "Row | None" = None
@@ -173,22 +177,19 @@ class Row:
     plain: "Row | None" = None  # the backbone's own `none` when the baseline is a matched control (PointRend's)
     plain_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # Δ against ``plain``
 
-    @staticmethod
-    def value(run: dict[str, Any], column: Column) -> float | None:
-        return run_value(run, column)
-
     @property
     def seeds(self) -> list[Any]:
         return sorted(self.runs, key=str)
 
 
-def group_rows(runs: list[dict[str, Any]]) -> tuple[list[Row], list[tuple[str, str]]]:
-    """Rows of exact configurations, and duplicates (same config and seed: listed, not used)."""
-    groups: dict[str, tuple[dict, dict[Any, list[dict]]]] = {}
-    for run in runs:
-        config = comparable_config(run["config"], drop=("seed",))
+def group_rows(runs: Iterable[RunRecord | dict[str, Any]]) -> tuple[list[Row], list[tuple[str, str]]]:
+    """Rows of exact configurations, and duplicates (same config and seed: listed, not used).
+    ``runs``: records (``load_study``'s), or results.json dicts, read as records."""
+    groups: dict[str, tuple[dict, dict[Any, list[RunRecord]]]] = {}
+    for run in as_records(runs):
+        config = comparable_config(run.config, drop=("seed",))
         key = json.dumps(config, sort_keys=True, default=str)
-        groups.setdefault(key, (config, {}))[1].setdefault(run["config"].get("seed", run.get("seed")), []).append(run)
+        groups.setdefault(key, (config, {}))[1].setdefault(run.config.get("seed", run.seed), []).append(run)
     rows, duplicates = [], []
     for config, by_seed in groups.values():
         kept = {}
@@ -196,10 +197,10 @@ def group_rows(runs: list[dict[str, Any]]) -> tuple[list[Row], list[tuple[str, s
             if len(members) == 1:
                 kept[seed] = members[0]
                 continue
-            where = ", ".join(m["_path"] for m in members)
+            where = ", ".join(str(m.location) for m in members)
             for m in members:
-                duplicates.append((m["_path"], f"duplicate: same config and seed {seed} as {where}; not averaged, "
-                                               "remove all but one"))
+                duplicates.append((str(m.location), f"duplicate: same config and seed {seed} as {where}; "
+                                                    "not averaged, remove all but one"))
         if kept:
             rows.append(Row(config=config, runs=kept, head=head_name(next(iter(kept.values())))))
     generated = config_labels([r.config for r in rows])
@@ -277,30 +278,30 @@ def _label_head_variants(rows: list[Row]) -> None:
                                                 for k in keys)])
 
 
-def pairing_kind(run: dict[str, Any], base: dict[str, Any]) -> str:
+def pairing_kind(run: RunRecord, base: RunRecord) -> str:
     """*same weights* when ``run`` evaluated the baseline's own checkpoint under another head."""
-    source = run.get("source") if run.get("job_type") == "eval" else None
+    source = run.source if run.job_type == "eval" else None
     if not isinstance(source, dict):
         return "retrained"
     if isinstance(source.get("run_config"), dict):
         # Compared without the seed on both sides, the seed separately, so either form of the record works.
-        same = (comparable_config(source["run_config"], drop=("seed",)) == comparable_config(base["config"], drop=("seed",))
-                and source.get("seed", source["run_config"].get("seed")) == base["config"].get("seed"))
-    elif source.get("run_id") and (base.get("wandb") or {}).get("id"):  # read from wandb: the training run's id
-        same = source["run_id"] == base["wandb"]["id"]
-    else:  # evaluations recorded before the source's config was stored
-        same = source.get("head") == head_name(base) and base.get("job_type", "train") == "train"
+        same = (comparable_config(source["run_config"], drop=("seed",)) == comparable_config(base.config, drop=("seed",))
+                and source.get("seed", source["run_config"].get("seed")) == base.config.get("seed"))
+    elif source.get("run_id") and (base.wandb or {}).get("id"):  # read from wandb: the training run's id
+        same = source["run_id"] == base.wandb["id"]
+    else:  # evaluations recorded before the source's config was stored (no job_type: a training run)
+        same = source.get("head") == head_name(base) and base.job_type in (None, "train")
     return "same weights" if same else "retrained"
 
 
 # -- statistics --------------------------------------------------------------------------
 
 
-def run_value(run: dict[str, Any], column: Column) -> float | None:
+def run_value(run: RunRecord, column: Column) -> float | None:
     """A run's number for a column: its metric, else (paired columns) the mean of its per-image rows."""
-    value = run["metrics"].get(column.key)
-    if value is None and column.per_image and run.get("per_image"):
-        values = [r.get(column.per_image) for r in run["per_image"]]
+    value = run.metrics.get(column.key)
+    if value is None and column.per_image and run.per_image:
+        values = [r.get(column.per_image) for r in run.per_image]
         if all(isinstance(v, (int, float)) for v in values):
             value = float(np.mean(values))
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

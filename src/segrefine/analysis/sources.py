@@ -1,6 +1,8 @@
 """Where runs come from: result folders (``load_study``) and wandb projects (``load_wandb_study``),
-each giving a ``Study``: complete test runs, and every run left out with its reason (incomplete,
-skipped, a metric outside its range).
+each giving a ``Study``: complete test runs as ``RunRecord``s (``location``: the folder or wandb
+run each was read from), and every run left out with its reason (incomplete, skipped, a metric
+outside its range). The rest of the report reads records only; ``as_records`` turns the
+results.json-like dicts a caller may hold into records at its entry points.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Any, Iterable
 
 
 from segrefine.record.protocols import BASE_PROTOCOLS, VOLUME
-from segrefine.record.run_record import FILENAME
+from segrefine.record.run_record import FILENAME, RunRecord, migrate
 
 
 @dataclass
 class Study:
-    runs: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
     incomplete: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # complete, but not table material
 
@@ -47,7 +49,8 @@ def metric_range(key: str) -> tuple[float, float] | None:
 
 
 def out_of_range(run: dict[str, Any]) -> list[str]:
-    """``key=value`` for every metric (and per-image value) outside the range it can take."""
+    """``key=value`` for every metric (and per-image value) of a parsed results.json outside the
+    range it can take."""
     found = []
     for key, value in run.get("metrics", {}).items():
         bounds = metric_range(key)
@@ -64,7 +67,9 @@ def out_of_range(run: dict[str, Any]) -> list[str]:
 
 
 def check_run(run: Any) -> str | None:
-    """Why a parsed results.json cannot go into the table (None if it can)."""
+    """Why a parsed results.json cannot go into the table (None if it can). It reads the document
+    as written, before it becomes a ``RunRecord``, whose defaults would fill in a missing
+    ``status``."""
     if not isinstance(run, dict):
         return f"{FILENAME} holds a JSON {type(run).__name__}, not a run record"
     if run.get("status") == "interrupted":
@@ -96,8 +101,24 @@ def _error_reason(job: Path) -> str:
     return f"failed: {lines[0]}" if lines else "failed (error.txt is empty)"
 
 
+def as_record(run: RunRecord | dict[str, Any]) -> RunRecord:
+    """``run`` as a ``RunRecord``: a record as it is; a results.json-like dict (any schema)
+    typed, its ``_path`` (where the report used to keep a run's folder) as ``location``."""
+    if isinstance(run, RunRecord):
+        return run
+    if not isinstance(run, dict):
+        raise TypeError(f"a run is a RunRecord or a results.json dict, not a {type(run).__name__}")
+    document = {k: v for k, v in run.items() if k != "_path"}
+    return RunRecord.from_dict(migrate(document), location=run.get("_path"))
+
+
+def as_records(runs: Iterable[RunRecord | dict[str, Any]]) -> list[RunRecord]:
+    return [as_record(run) for run in runs]
+
+
 def load_study(paths: Iterable[str | Path]) -> Study:
-    """Complete test runs (each with ``_path``), other complete runs (skipped) and broken run folders."""
+    """Complete test runs (``RunRecord``s, ``location`` = the run folder), other complete runs
+    (skipped) and broken run folders."""
     study = Study()
     seen: set[Path] = set()  # run folders by resolved path: overlapping arguments list each run once
     for root in map(Path, paths):
@@ -109,20 +130,24 @@ def load_study(paths: Iterable[str | Path]) -> Study:
             seen.add(result.parent.resolve())
             where = str(result.parent)
             try:
-                run = json.loads(result.read_text())
+                document = json.loads(result.read_text())
+                if isinstance(document, dict):
+                    document = migrate(document)  # files of earlier schemas read as today's
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 study.incomplete.append((where, f"unreadable {FILENAME}: {e}"))
                 continue
-            reason = check_run(run)
+            except ValueError as e:  # a schema this version does not know
+                study.incomplete.append((where, str(e)))
+                continue
+            reason = check_run(document)
             if reason:
                 study.incomplete.append((where, reason))
                 continue
-            split = run.get("split", "test")
+            split = document.get("split", "test")
             if split != "test":
                 study.skipped.append((where, f"split {split!r} (tuning evaluation), not a test result"))
                 continue
-            run["_path"] = where
-            study.runs.append(run)
+            study.runs.append(RunRecord.from_dict(document, location=where))
         # A Hydra job folder without results.json: started but never finished.
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
@@ -177,7 +202,8 @@ def _summary_number(value: Any) -> tuple[bool, Any]:
 
 def load_wandb_study(project: str, api: Any = None, *, group: str | None = None, job_type: str | None = None,
                      experiment: str | None = None, tags: Iterable[str] = ()) -> Study:
-    """Runs of an online wandb project (``ENTITY/PROJECT``) as results.json-like dicts.
+    """Runs of an online wandb project (``ENTITY/PROJECT``) as ``RunRecord``s (``location``:
+    ``ENTITY/PROJECT/RUN_ID``; fields wandb does not hold, such as saved predictions, unset).
 
     Filters (``group``, ``job_type``, ``experiment`` = the config's ``experiment``, or the
     group of runs from before that key; ``tags``: all must be present) are sent to the server
@@ -229,7 +255,6 @@ def load_wandb_study(project: str, api: Any = None, *, group: str | None = None,
             "metrics": metrics,
             "per_image": _wandb_per_image(run),
             "wandb": {"id": run.id},
-            "_path": name,
         }
         # Curated configs drop metrics.protocol (a run-only key): read it where a run recorded it.
         metrics_cfg = run.config.get("metrics")
@@ -243,7 +268,7 @@ def load_wandb_study(project: str, api: Any = None, *, group: str | None = None,
         if reason:
             study.incomplete.append((name, reason))
         else:
-            study.runs.append(record)
+            study.runs.append(RunRecord.from_dict(migrate(record), location=name))
     if experiment is None and len(experiments) > 1:
         listed = ", ".join(f"{e} ({n} run{'s' if n != 1 else ''})" for e, n in sorted(experiments.items()))
         raise ValueError(
@@ -272,16 +297,17 @@ def _wandb_per_image(run: Any) -> list[dict[str, Any]]:
             for row in table["data"]]
 
 
-def study_protocol(runs: list[dict[str, Any]], requested: str | None) -> str:
+def study_protocol(runs: Iterable[RunRecord | dict[str, Any]], requested: str | None) -> str:
     """``requested``, or the protocol every run recorded (``metrics=...``); refuses a mix. When
     every run has per-volume rows, the protocol's ``/volume`` form: volume columns first."""
-    volumetric = bool(runs) and all(run.get("per_volume") for run in runs)
+    runs = as_records(runs)
+    volumetric = bool(runs) and all(run.per_volume for run in runs)
     if requested is not None:
         base = requested.removesuffix(VOLUME)
         if base not in BASE_PROTOCOLS:
             raise ValueError(f"--metrics {requested!r}: choose one of {', '.join(BASE_PROTOCOLS)}")
         return base + VOLUME if volumetric else base
-    recorded = {run.get("metrics_protocol") or "standard" for run in runs}
+    recorded = {run.metrics_protocol or "standard" for run in runs}
     if len(recorded) > 1:
         raise ValueError(
             f"the runs were made with different metric protocols ({', '.join(sorted(recorded))}); "
@@ -289,8 +315,5 @@ def study_protocol(runs: list[dict[str, Any]], requested: str | None) -> str:
         )
     base = recorded.pop() if recorded else "standard"
     return base + VOLUME if volumetric else base
-
-
-# -- rows: one per exact configuration --------------------------------------------------------
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from segrefine.analysis.rows import Row, group_rows, pairing_kind
 from segrefine.record.protocols import Column, PROTOCOLS
+from segrefine.record.run_record import RunRecord
 
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -39,13 +40,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tuple[ImageDifferences | None, str]:
+def image_differences(run: RunRecord, base: RunRecord, key: str) -> tuple[ImageDifferences | None, str]:
     """Per-image ``run - base`` on ``key``, images matched by id; (None, why) if they do not pair.
 
     A null/NaN/inf value is missing data: its pair is dropped and counted (never a number in
     the Δ); when no pair is left the Δ is not computed."""
-    ours = {r["id"]: r for r in run.get("per_image", [])}
-    theirs = {r["id"]: r for r in base.get("per_image", [])}
+    ours = {r["id"]: r for r in run.per_image or ()}
+    theirs = {r["id"]: r for r in base.per_image or ()}
     if not ours or not theirs:
         return None, "no per-image rows"
     if set(ours) != set(theirs):
@@ -67,11 +68,11 @@ def image_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tu
     return ImageDifferences(values, subjects, len(ids) - len(kept)), ""
 
 
-def volume_differences(run: dict[str, Any], base: dict[str, Any], key: str) -> tuple[ImageDifferences | None, str]:
+def volume_differences(run: RunRecord, base: RunRecord, key: str) -> tuple[ImageDifferences | None, str]:
     """Per-subject ``run - base`` of a per-volume metric, subjects matched by name; (None, why)
     when they do not pair or a value is infinite (a missed class: no finite Δ exists)."""
-    ours = {str(r.get("subject")): r for r in run.get("per_volume") or []}
-    theirs = {str(r.get("subject")): r for r in base.get("per_volume") or []}
+    ours = {str(r.get("subject")): r for r in run.per_volume or ()}
+    theirs = {str(r.get("subject")): r for r in base.per_volume or ()}
     if not ours or not theirs:
         return None, "no per-volume rows"
     if set(ours) != set(theirs):
@@ -246,15 +247,17 @@ def _same_values(a: Row, b: Row, columns: tuple[Column, ...]) -> bool:
     if a.seeds != b.seeds:
         return False
     for s in a.seeds:
-        ours = {r["id"]: [r.get(c.per_image) for c in columns] for r in a.runs[s].get("per_image", [])}
-        theirs = {r["id"]: [r.get(c.per_image) for c in columns] for r in b.runs[s].get("per_image", [])}
+        ours = {r["id"]: [r.get(c.per_image) for c in columns] for r in a.runs[s].per_image or ()}
+        theirs = {r["id"]: [r.get(c.per_image) for c in columns] for r in b.runs[s].per_image or ()}
         if not ours or ours != theirs:
             return False
     return True
 
 
-def summarise(runs: list[dict[str, Any]], protocol: str = "standard") -> tuple[list[Row], list[tuple[str, str]]]:
-    """Rows with their metric summaries and paired tests.
+def summarise(runs: Iterable[RunRecord | dict[str, Any]],
+              protocol: str = "standard") -> tuple[list[Row], list[tuple[str, str]]]:
+    """Rows with their metric summaries and paired tests (``runs``: records, or results.json
+    dicts, read as records by ``group_rows``).
 
     Holm's correction runs within two families: the across-seed tests and the conditional (†)
     ones, never mixed. A row whose per-image values equal an earlier row's against the same
@@ -336,8 +339,5 @@ def reachability(rows: list[Row]) -> list[str]:
 
 def _span(values: list[int]) -> str:
     return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
-
-
-# -- tables ------------------------------------------------------------------------------
 
 

@@ -21,12 +21,19 @@ FILENAME = "results.json"
 # Test images, masks and predictions saved for the report's qualitative figure.
 PREDICTIONS_FILE = "predictions.npz"
 STATUSES = ("complete", "interrupted")
+# RunRecord fields that are not results.json keys (a document key of that name is kept in extra).
+NOT_IN_DOCUMENT = frozenset({"extra", "_keys", "location"})
 
 
 @dataclass
 class RunRecord:
     """One job's results.json. ``status`` is ``complete`` or ``interrupted`` (then ``signal``
-    names the signal, and only the identifying fields and the checkpoint are set)."""
+    names the signal, and only the identifying fields and the checkpoint are set).
+
+    ``location`` is the one field that is not part of results.json: where a reader found the
+    record (its run folder; ``ENTITY/PROJECT/RUN_ID`` for a run read from wandb), so the report
+    can name it and find its saved predictions. ``to_dict`` and ``write`` leave it out and
+    ``==`` ignores it: a record written back is the document that was read."""
 
     schema: int = SCHEMA
     status: str = "complete"
@@ -59,25 +66,27 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
     # The keys of the document it was read from, in order: written back as they were read.
     _keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    location: str | None = field(default=None, repr=False, compare=False)  # not written: see the docstring
 
     @classmethod
     def new(cls, **values: Any) -> RunRecord:
         """The record a job writes: ``values`` by field name (an unknown name is refused, so a
         typo cannot slip into results.json). results.json holds ``schema``, ``status`` and then
         exactly the fields given, in that order; a field given as None is written as null."""
-        known = {f.name for f in fields(cls)} - {"extra", "_keys"}
+        known = {f.name for f in fields(cls)} - NOT_IN_DOCUMENT
         if unknown := sorted(set(values) - known):
             raise TypeError(f"RunRecord has no field {', '.join(map(repr, unknown))}")
         return cls.from_dict({"schema": SCHEMA, "status": "complete", **values})
 
     @classmethod
-    def from_dict(cls, document: dict[str, Any]) -> RunRecord:
+    def from_dict(cls, document: dict[str, Any], location: str | None = None) -> RunRecord:
+        """The record of a results.json document (already in today's schema: see ``migrate``)."""
         if not isinstance(document, dict):
             raise TypeError(f"a run record is a JSON object, not a {type(document).__name__}")
-        known = {f.name for f in fields(cls)} - {"extra", "_keys"}
+        known = {f.name for f in fields(cls)} - NOT_IN_DOCUMENT
         values = {k: v for k, v in document.items() if k in known}
         extra = {k: v for k, v in document.items() if k not in known}
-        return cls(**values, extra=extra, _keys=tuple(document))
+        return cls(**values, extra=extra, _keys=tuple(document), location=location)
 
     def to_dict(self) -> dict[str, Any]:
         """The results.json document: the keys it was read with (in their order), then every
@@ -86,7 +95,7 @@ class RunRecord:
         for key in self._keys:
             document[key] = self.extra[key] if key in self.extra else getattr(self, key)
         for f in fields(self):
-            if f.name not in ("extra", "_keys") and f.name not in document and getattr(self, f.name) is not None:
+            if f.name not in NOT_IN_DOCUMENT and f.name not in document and getattr(self, f.name) is not None:
                 document[f.name] = getattr(self, f.name)
         for key, value in self.extra.items():
             document.setdefault(key, value)
@@ -158,8 +167,9 @@ def read_document(path: str | Path) -> Any:
 
 def load(path: str | Path) -> RunRecord:
     """A results.json (or a run folder holding one) as a ``RunRecord``, migrated from any
-    earlier schema."""
+    earlier schema; its ``location`` is the run folder."""
     document = read_document(path)
     if not isinstance(document, dict):
         raise ValueError(f"{path} holds a JSON {type(document).__name__}, not a run record")
-    return RunRecord.from_dict(migrate(document))
+    path = Path(path)
+    return RunRecord.from_dict(migrate(document), location=str(path if path.is_dir() else path.parent))

@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+from segrefine.record import RunRecord, load
 from segrefine.study.paper_table import preset_defaults, study_args, study_plan
 from segrefine.study.plan import Job, is_volumetric, job_config
 from segrefine.study.runner import run_study
@@ -199,10 +200,10 @@ def ours(out: Path, job: str, keys: dict[str, str]) -> tuple[list[str], int, dic
     """Mean (± std across seeds) of each key over the seeds' results of ``job``, in %; the seeds' values."""
     runs = {}
     for path in sorted(out.glob(f"*/{job}-s*/results.json")):
-        record = json.loads(path.read_text())
+        record = load(path)
         seed = path.parent.name.rsplit("-s", 1)[1]
-        if record.get("status") == "complete" and seed.isdigit():
-            runs[int(seed)] = {k: 100 * record["metrics"][k] for k in keys.values() if k in record["metrics"]}
+        if record.complete and seed.isdigit():
+            runs[int(seed)] = {k: 100 * record.metrics[k] for k in keys.values() if k in record.metrics}
     cells = []
     for key in keys.values():
         values = [r[key] for r in runs.values() if key in r]
@@ -221,13 +222,10 @@ def delta(mine: dict[int, dict[str, float]], base: dict[int, dict[str, float]], 
     return f"{statistics.mean(diffs):+.2f}" if diffs else "–"
 
 
-def _records(out: Path) -> list[dict]:
-    records = []
-    for path in sorted([*out.glob("train/*/results.json"), *out.glob("eval/*/results.json")]):
-        record = json.loads(path.read_text())
-        if record.get("status") == "complete":
-            records.append({**record, "_job": path.parent.name})
-    return records
+def _records(out: Path) -> list[RunRecord]:
+    """The complete runs of the study (``location``: the job's folder, named for the job)."""
+    records = [load(path) for path in sorted([*out.glob("train/*/results.json"), *out.glob("eval/*/results.json")])]
+    return [record for record in records if record.complete]
 
 
 def network(config: dict) -> str | None:
@@ -241,10 +239,10 @@ def network(config: dict) -> str | None:
     return " ".join(str(p) for p in parts if p)
 
 
-def footnote(out: Path, records: list[dict]) -> str:
+def footnote(out: Path, records: list[RunRecord]) -> str:
     """What the numbers are: preset, data, epochs, networks, seeds, from the runs themselves."""
     study = json.loads((out / "origin_study.json").read_text()) if (out / "origin_study.json").is_file() else {}
-    configs = [r.get("config") or {} for r in records]
+    configs = [r.config or {} for r in records]
 
     def values(get) -> str:
         found = sorted({str(v) for v in (get(c) for c in configs) if v is not None})
@@ -252,7 +250,7 @@ def footnote(out: Path, records: list[dict]) -> str:
 
     data = values(lambda c: (c.get("data") or {}).get("name"))
     size = values(lambda c: (c.get("data") or {}).get("image_size") or (c.get("data") or {}).get("pad_to") or "native")
-    classes = ", ".join(sorted({str(r["num_classes"]) for r in records if r.get("num_classes")})) or "?"
+    classes = ", ".join(sorted({str(r.num_classes) for r in records if r.num_classes})) or "?"
     merged = values(lambda c: (c.get("metrics") or {}).get("merge_foreground"))
     epochs = values(lambda c: (c.get("trainer") or {}).get("max_epochs") if not c.get("init_from") else None)
     more = values(lambda c: (c.get("trainer") or {}).get("max_epochs") if c.get("init_from") else None)
@@ -281,8 +279,8 @@ def block_b(out: Path) -> list[tuple[str, str | None, str, str | None]]:
 
 def origin_table(out: Path) -> str:
     records = _records(out)
-    trained = [r for r in records if r["_job"] and (out / "train" / r["_job"]).is_dir()]
-    origin = bool(trained) and all(key in r.get("metrics", {}) for r in trained for key in ORIGIN_KEYS.values())
+    trained = [r for r in records if (out / "train" / Path(r.location).name).is_dir()]
+    origin = bool(trained) and all(key in (r.metrics or {}) for r in trained for key in ORIGIN_KEYS.values())
     keys = ORIGIN_KEYS if origin else STANDARD_KEYS
     protocol = ("origin protocol (metrics=unet_crfrnn)" if origin
                 else "segrefine's standard protocol, NOT the origin's: not comparable with block (c)")
