@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from segrefine.report import holm, load_study, main, sign_flip_p, summarise, to_csv, to_markdown_full as to_markdown
-from segrefine.results import write_results
+from segrefine.record import RunRecord
 from segrefine.runconfig import comparable_config
 
 from test_report import BASE, GAIN, config, eval_run, run
@@ -87,8 +87,8 @@ def subject_rows(values_by_subject):
 def write_with_rows(folder, cfg, rows, job_type="train", **extra):
     mean = float(np.mean([r["iou"] for r in rows]))
     metrics = {"test/iou": mean, "test/iou_image": mean, "test/boundary_f1_image": mean / 2, "test/ms_per_image": 1.0}
-    return write_results(folder, {"job_type": job_type, "seed": cfg["seed"], "config": cfg, "metrics": metrics,
-                                  "per_image": rows, **extra})
+    return RunRecord.new(job_type=job_type, seed=cfg["seed"], config=cfg, metrics=metrics, per_image=rows,
+                         **extra).write(folder)
 
 
 def test_slices_of_one_subject_are_one_unit_in_the_exact_sign_flip(tmp_path):

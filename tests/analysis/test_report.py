@@ -25,7 +25,8 @@ from segrefine.report import (
     to_markdown_full,
     write_report,
 )
-from segrefine.results import read_results, write_results
+from segrefine.record import RunRecord
+from segrefine.record import read_document as read_results
 from segrefine.runconfig import comparable_config
 
 BASE = [0.50, 0.61, 0.42, 0.70, 0.55, 0.66, 0.38, 0.59, 0.47, 0.64]
@@ -55,7 +56,7 @@ def run(folder, ious, head="none", seed=0, job_type="train", predictions=None, *
     record = {"job_type": job_type, "experiment": "t", "data": cfg["data"]["name"], "backbone": cfg["backbone"]["name"],
               "head": head, "seed": seed, "config": cfg, "metrics": metrics, "per_image": rows,
               "num_classes": 2, "class_names": ["background", "fg"], "predictions": predictions}
-    return write_results(folder, record)
+    return RunRecord.new(**record).write(folder)
 
 
 def eval_run(folder, ious, base_cfg, head="densecrf", split="test"):
@@ -293,7 +294,7 @@ def test_bad_run_folders_are_listed_with_reasons_and_the_report_prints(tmp_path,
 
 
 def test_results_round_trip_and_nan_becomes_null(tmp_path):
-    path = write_results(tmp_path, {"metrics": {"test/iou": float("nan"), "x": 1.5}})
+    path = RunRecord.new(metrics={"test/iou": float("nan"), "x": 1.5}).write(tmp_path)
     assert json.loads(path.read_text())["metrics"]["test/iou"] is None
     assert read_results(tmp_path)["metrics"]["x"] == 1.5
 

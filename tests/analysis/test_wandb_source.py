@@ -30,7 +30,7 @@ from segrefine.report import (
     wandb_filters,
     write_report,
 )
-from segrefine.results import read_results
+from segrefine.record import read_document as read_results
 from segrefine.runconfig import comparable_config
 
 PROJECT = "team/segrefine"

@@ -14,7 +14,7 @@ from segrefine.report import load_study, summarise, to_csv, to_markdown_full
 
 
 def old_writer(folder, payload):
-    """How results.json was written before RunRecord (segrefine.results at the branch point),
+    """How results.json was written before RunRecord (segrefine.results, before RunRecord),
     reproduced here so the test does not depend on the code under test."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILENAME
