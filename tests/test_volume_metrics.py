@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from segrefine.metrics import volume_means, volume_metrics, volume_row
+from segrefine.metrics import volume_dice, volume_means, volume_metrics, volume_row
 
 
 def cube(shape, lo, hi):
@@ -112,3 +112,18 @@ def test_means_over_subjects_leave_absent_out_and_keep_inf():
     rows[2]["hd95"] = math.inf
     assert volume_means(rows)["volume/hd95"] == math.inf
     assert volume_means(rows)["volume/subjects_hd95_infinite"] == 1
+
+
+def test_volume_dice_is_the_rows_dice_without_the_distances():
+    # Class 1: a 4x4x4 cube against the same cube shifted by one voxel (overlap 3x4x4 = 48):
+    # Dice 2*48/128 = 0.75. Class 2 predicted where absent: Dice 0. Class 3 absent in both:
+    # left out. Voxels marked 255 in the truth count for neither.
+    truth = cube((8, 8, 8), (0, 0, 0), (4, 4, 4))
+    pred = cube((8, 8, 8), (1, 0, 0), (5, 4, 4))
+    pred[7, 7, 7] = 2
+    truth[6, 6, 6] = 255
+    pred[6, 6, 6] = 1
+    assert volume_dice(pred, truth, num_classes=4) == pytest.approx((0.75 + 0.0) / 2)
+    row = volume_row("s", 8, volume_metrics(pred, truth, (1.0, 1.0, 1.0), 4), ["bg", "a", "b", "c"])
+    assert volume_dice(pred, truth, num_classes=4) == pytest.approx(row["dice"])
+    assert math.isnan(volume_dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), num_classes=3))

@@ -214,12 +214,30 @@ def test_volume_crf_is_tuned_on_validation_subjects_as_eval_scores_it(msd_run, t
 
     summary = tune_densecrf(msd_run, tmp_path / "tune", trials=3, overrides=["head.volume=true", "head.backend=torch"])
     assert summary["volume"] is True and summary["best_value"] >= summary["none_value"]
-    # The objective is the per-image mean over the split's slices of the refined volumes, as eval scores it.
-    assert summary["metric"] == "val/iou_image"
+    # The subject is the unit: the objective is the mean volume Dice over the validation
+    # subjects, the report's first column for volumetric runs, as segrefine-eval scores it.
+    assert summary["metric"] == "val/volume/dice"
     none = evaluate(eval_cfg(msd_run, tmp_path / "none", "split=val"))
-    assert summary["none_value"] == pytest.approx(none["val/iou_image"])
+    assert summary["none_value"] == pytest.approx(none["val/volume/dice"])
+    assert summary["none_value"] != pytest.approx(none["val/iou_image"])  # not the slice mean it used to be
     tuned = evaluate(eval_cfg(msd_run, tmp_path / "tuned", "split=val", "head=densecrf", "head.backend=torch",
                               *tuned_overrides(tmp_path / "tune" / TUNED_FILE)))
-    assert tuned["val/iou_image"] == pytest.approx(summary["best_value"], abs=1e-6)
+    assert tuned["val/volume/dice"] == pytest.approx(summary["best_value"], abs=1e-6)
     saved = json.loads((tmp_path / "tuned" / "results.json").read_text())
     assert saved["config"]["head"]["volume"] is True and saved["per_volume"]
+    assert summary["best_value"] == pytest.approx(np.mean([r["dice"] for r in saved["per_volume"] if r["dice"] is not None]), abs=1e-6)
+
+
+def test_the_2d_crf_on_volumetric_data_is_tuned_on_subjects_too(msd_run, tmp_path):
+    from test_evaluate import eval_cfg
+
+    from segrefine.evaluate import evaluate
+    from segrefine.tuning import TUNED_FILE, tune_densecrf, tuned_overrides
+
+    summary = tune_densecrf(msd_run, tmp_path / "tune", trials=3, overrides=["head.backend=torch"])
+    assert summary["volume"] is False and summary["metric"] == "val/volume/dice"
+    none = evaluate(eval_cfg(msd_run, tmp_path / "none", "split=val"))
+    assert summary["none_value"] == pytest.approx(none["val/volume/dice"])
+    tuned = evaluate(eval_cfg(msd_run, tmp_path / "tuned", "split=val", "head=densecrf", "head.backend=torch",
+                              *tuned_overrides(tmp_path / "tune" / TUNED_FILE)))
+    assert tuned["val/volume/dice"] == pytest.approx(summary["best_value"], abs=1e-6)

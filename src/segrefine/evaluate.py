@@ -237,7 +237,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = run_cli_job(evaluate, cfg, "eval", "segrefine-eval")
     print(job_line(cfg.paths.output_dir, metrics, headline_key(cfg, cfg.split)), flush=True)
     # The value Hydra sweepers (e.g. Optuna over head parameters) optimise: what the report's Δ is on.
-    return (metrics or {}).get(objective_key(cfg.metrics.protocol, cfg.split))
+    volumetric = f"{cfg.split}/volume/dice" in (metrics or {})  # scored per subject volume
+    return (metrics or {}).get(objective_key(cfg.metrics.protocol, cfg.split, volumetric))
 
 
 def main() -> None:

@@ -368,14 +368,9 @@ def volume_metrics(pred, target, spacing, num_classes: int, nsd_tolerance_mm: fl
         raise ValueError(f"spacing must be three positive voxel sizes (sz, sy, sx) in mm, got {spacing}")
     if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
         raise ValueError(f"metrics.nsd_tolerance_mm={nsd_tolerance_mm} must be a distance >= 0 in mm")
-    valid = target != ignore_index
     out = {name: np.full(num_classes - 1, np.nan) for name in VOLUME_METRIC_NAMES}
-    for c in range(1, num_classes):
-        p, t = (pred == c) & valid, (target == c) & valid
+    for c, p, t, overlap in _class_overlaps(pred, target, num_classes, ignore_index):
         n_p, n_t = int(p.sum()), int(t.sum())
-        if n_p == 0 and n_t == 0:
-            continue  # NaN: nothing to find, nothing found
-        overlap = int((p & t).sum())
         out["dice"][c - 1] = 2 * overlap / (n_p + n_t)
         out["iou"][c - 1] = overlap / (n_p + n_t - overlap)
         if n_p == 0 or n_t == 0:  # a missed or hallucinated class: no distance can look good
@@ -388,6 +383,29 @@ def volume_metrics(pred, target, spacing, num_classes: int, nsd_tolerance_mm: fl
         out["nsd"][c - 1] = within / (to_t.size + to_p.size)
         out["hd95"][c - 1] = max(float(np.percentile(to_t, 95)), float(np.percentile(to_p, 95)))
     return out
+
+
+def _class_overlaps(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    """``(c, predicted mask, true mask, overlap voxels)`` of every foreground class present in
+    the prediction or the truth of two label arrays (ignored voxels left out); an absent class
+    is skipped, its scores stay NaN."""
+    valid = target != ignore_index
+    for c in range(1, num_classes):
+        p, t = (pred == c) & valid, (target == c) & valid
+        if p.any() or t.any():
+            yield c, p, t, int((p & t).sum())
+
+
+def volume_dice(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX) -> float:
+    """A subject's volume Dice, as ``volume_metrics`` and ``volume_row`` give it (the mean over
+    the foreground classes present in prediction or truth; NaN if none is), without the
+    surface distances: what a tuning on validation subjects maximises (``segrefine.tuning``)."""
+    import numpy as np
+
+    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    return _class_mean([2 * overlap / (int(p.sum()) + int(t.sum()))
+                        for _, p, t, overlap in _class_overlaps(pred, target, num_classes, ignore_index)])
 
 
 def _class_mean(values) -> float:

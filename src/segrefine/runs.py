@@ -229,10 +229,14 @@ def headline(metrics: dict[str, float], cfg: DictConfig, split: str = "test") ->
     return metrics.get(headline_key(cfg, split))
 
 
-def objective_key(protocol: str, split: str = "val") -> str:
+def objective_key(protocol: str, split: str = "val", volumetric: bool = False) -> str:
     """What a tuning of post-hoc parameters maximises (``segrefine.tuning``, and the value
-    ``segrefine-eval`` hands a Hydra sweeper): the quantity the report's Δ is on, the
-    protocol's per-image mean of its headline metric (``iou_image``; ``unet_crfrnn/iu``)."""
+    ``segrefine-eval`` hands a Hydra sweeper): the quantity the report's Δ is on. Volumetric
+    sources: the mean over subjects of the volume Dice (``volume/dice``, the report's first
+    column for them: the subject is the unit); else the protocol's per-image mean of its
+    headline metric (``iou_image``; ``unet_crfrnn/iu``)."""
+    if volumetric:
+        return f"{split}/volume/dice"
     return f"{split}/unet_crfrnn/iu" if protocol == "unet_crfrnn" else f"{split}/iou_image"
 
 

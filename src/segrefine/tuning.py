@@ -83,15 +83,19 @@ def _hydra_value(value: Any) -> str:
 # -- tuning ------------------------------------------------------------------------------------
 
 
-def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ...]], DictConfig]:
-    """The densecrf head, per validation batch (padded image, backbone logits at that size,
-    mask, height, width): everything a trial needs, the backbone run once; and the run's
-    ``metrics`` config (its protocol and merge_foreground say what the objective scores)."""
+def _validation_cache(cfg: DictConfig) -> tuple[Any, list[Any], DictConfig, bool]:
+    """The densecrf head; the validation split with the backbone run once, everything a trial
+    needs; the run's ``metrics`` config (its protocol and merge_foreground say what the
+    objective scores); whether the source is volumetric.
+
+    Slices: per batch (padded image, backbone logits at that size, mask, height, width).
+    Volumetric sources (``volume_dataloader``, e.g. msd): one ``_CachedVolume`` per validation
+    subject, for the 2-D CRF as for the 3-D one (``head.volume``): there the subject is the
+    unit, and the objective is its volume Dice, as the report compares such runs."""
     from segrefine.checkpoints import load_checkpoint, load_weights, resolve_checkpoint_file
+    from segrefine.data.common import evaluation_loader
     from segrefine.evaluate import eval_config
     from segrefine.build import build_data, build_module
-    from segrefine.heads.base import upsample_logits
-    from segrefine.types import BackboneOutput
 
     ckpt_file = resolve_checkpoint_file(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_file)
@@ -101,45 +105,65 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[tuple[torch.Tensor, ..
                          "the softmax of a head=none run (the network the CRF post-processes)")
     run_cfg = eval_config(cfg, train_cfg)
     datamodule = build_data(run_cfg)
+    volumetric = hasattr(datamodule, "volume_dataloader")
+    volume_head = bool(run_cfg.head.get("volume"))
+    if volume_head and not volumetric:
+        raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
+                         "is not a volumetric source")
     module = build_module(run_cfg, datamodule)
     load_weights(module, checkpoint, ckpt_file, with_head=False)
     module.eval()
-    cache = []
-    if module.head.volume:  # the 3-D CRF: whole subjects, their slices' logits restacked
-        from segrefine.data.common import evaluation_loader
-
-        if not hasattr(datamodule, "volume_dataloader"):
-            raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
-                             "is not a volumetric source")
-        with torch.no_grad():
-            for batch in evaluation_loader(datamodule, "val"):
-                cache.append((batch, _VolumeLogits(module.volume_logits(batch, refine=False))))
-        return module.head, cache, run_cfg.metrics
     with torch.no_grad():
-        for batch in datamodule.val_dataloader():
-            height, width = batch["image"].shape[-2:]
-            image, _ = module._pad(batch["image"])
-            out = module.backbone(image)
-            # What the head would upsample itself; the cached logits are then at the image's size.
-            logits = upsample_logits(out, image.shape[-2:])
-            cache.append((image, BackboneOutput(logits, [], (), 1), batch["mask"], height, width))
-    return module.head, cache, run_cfg.metrics
+        if volumetric:
+            cache = [_CachedVolume(batch, module, volume_head) for batch in evaluation_loader(datamodule, "val")]
+        else:
+            cache = [_slice_batch(module, batch["image"]) + (batch["mask"], *batch["image"].shape[-2:])
+                     for batch in datamodule.val_dataloader()]
+    return module.head, cache, run_cfg.metrics, volumetric
 
 
-class _VolumeLogits:
-    """A cached volume's per-slice logits (what ``refine_volume`` takes)."""
+def _slice_batch(module, image: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(padded image, the backbone's logits upsampled to it): what a 2-D head refines."""
+    from segrefine.heads.base import upsample_logits
+    from segrefine.types import BackboneOutput
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    padded, _ = module._pad(image)
+    out = module.backbone(padded)
+    # What the head would upsample itself; the cached logits are then at the padded image's size.
+    return padded, BackboneOutput(upsample_logits(out, padded.shape[-2:]), [], (), 1)
+
+
+class _CachedVolume:
+    """A validation subject as ``SegmentationModule.volume_logits`` would run it, the backbone
+    done: the 3-D CRF's unrefined slice logits, or the 2-D CRF's inputs per chunk of slices."""
+
+    def __init__(self, batch: dict, module, volume_head: bool):
+        self.batch = batch
+        self.logits = module.volume_logits(batch, refine=False) if volume_head else None
+        self.chunks = [] if volume_head else [
+            (*_slice_batch(module, part), *part.shape[-2:])
+            for part in batch["image"].split(int(batch.get("batch_size") or len(batch["image"])))]
+
+    def predict(self, head) -> torch.Tensor:
+        """(S, H, W) labels of every slice, refined by ``head`` (None: the backbone's own)."""
+        batch = self.batch
+        if self.logits is not None:
+            logits = self.logits if head is None else head.refine_volume(
+                self.logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
+        else:
+            logits = torch.cat([(out.logits if head is None else head(out, padded))[..., :h, :w]
+                                for padded, out, h, w in self.chunks])
+        return logits.argmax(1)
 
 
 def _val_objective(head, cache, num_classes: int, protocol: str, merge: bool = False) -> float:
-    """``objective_key(protocol)`` as segrefine-eval computes it: the per-image headline
-    metric (``metrics.per_image_metrics``' definitions) averaged over the validation images
-    (for volumes: over the split's slices of the refined volumes)."""
+    """``objective_key`` as segrefine-eval computes it. Slices: the per-image headline metric
+    (``metrics.per_image_metrics``' definitions) averaged over the validation images. Subject
+    volumes: each subject's volume Dice (``metrics.volume_dice``, the volume without padding),
+    averaged over the validation subjects (NaN left out), as ``val/volume/dice``."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from segrefine.metrics import foreground_mean, per_class_iou, unet_crfrnn_per_image
+    from segrefine.metrics import _class_mean, foreground_mean, per_class_iou, unet_crfrnn_per_image, volume_dice
     from segrefine.types import IGNORE_INDEX
 
     def headline(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -149,17 +173,16 @@ def _val_objective(head, cache, num_classes: int, protocol: str, merge: bool = F
                                  for p, t in zip(preds, masks)])
         return foreground_mean(per_class_iou(confusion))
 
-    values = []
     with torch.no_grad():
-        for entry in cache:
-            if isinstance(entry[1], _VolumeLogits):  # a volume: the split's slices, as segrefine-eval
-                batch, cached = entry
-                logits = cached.logits if head is None else head.refine_volume(
-                    cached.logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
-                chosen = batch["scored"].bool()
-                values.append(headline(logits[chosen].argmax(1), batch["mask"][chosen]))
-                continue
-            image, out, mask, height, width = entry
+        if cache and isinstance(cache[0], _CachedVolume):
+            dice = []
+            for volume in cache:
+                height, width = volume.batch["height"], volume.batch["width"]
+                preds = volume.predict(head)[:, :height, :width]
+                dice.append(volume_dice(preds, volume.batch["mask"][:, :height, :width], num_classes))
+            return _class_mean(dice)
+        values = []
+        for image, out, mask, height, width in cache:
             preds = (head(out, image) if head is not None else out.logits)[..., :height, :width].argmax(1)
             values.append(headline(preds, mask))
     return float(torch.cat(values).mean())
@@ -191,7 +214,7 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
                                          f"paths.output_dir={output}", *overrides])
-    head, cache, metrics_cfg = _validation_cache(cfg)
+    head, cache, metrics_cfg, volumetric = _validation_cache(cfg)
     num_classes, protocol = head.num_classes, metrics_cfg.protocol
     merge = bool(metrics_cfg.get("merge_foreground", False))
     none_value = _val_objective(None, cache, num_classes, protocol, merge)
@@ -223,7 +246,7 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     if head.volume:
         saved.volume = True
     saved.tuned = tuned_record(trials, best)
-    metric = objective_key(protocol)
+    metric = objective_key(protocol, volumetric=volumetric)
     summary = {
         "checkpoint": str(ckpt_path), "split": "val", "metric": metric, "volume": bool(head.volume),
         "none_value": none_value, "best_value": best_value, "best_params": best, "no_crf_chosen": no_crf,
