@@ -74,8 +74,8 @@ def _task_config(root: Any) -> dict[str, Any] | None:
     if isinstance(root, dict):
         return root
     declarations = {}
-    for name in root.keys():
-        if name != "hydra" and OmegaConf.is_dict(node := root._get_node(name)) and RUN_ONLY_DECLARATION in node:
+    for name, node in root.items_ex(resolve=False):
+        if name != "hydra" and OmegaConf.is_dict(node) and RUN_ONLY_DECLARATION in node:
             declarations[name] = {RUN_ONLY_DECLARATION: OmegaConf.to_container(node[RUN_ONLY_DECLARATION], resolve=True)}
     return declarations
 
