@@ -166,19 +166,20 @@ class SegmentationModule(pl.LightningModule):
         ``batch["batch_size"]`` slices at a time; a volume head (``head.volume``) then refines
         the restacked softmax of the whole volume (padding removed) at once, unless ``refine``
         is False (the tuner caches the unrefined logits)."""
-        image = batch["image"]
         volume_head = bool(getattr(self.head, "volume", False))
-        parts = []
-        for part in image.split(int(batch.get("batch_size") or len(image))):
-            height, width = part.shape[-2:]
-            padded, _ = self._pad(part)
-            out = self.backbone(padded)
-            logits = self.head.slice_logits(out, padded) if volume_head else self.head(out, padded)
-            parts.append(logits[..., :height, :width])
-        logits = torch.cat(parts)
+        logits = torch.cat([(self.head.slice_logits(out, padded) if volume_head else self.head(out, padded))[..., :h, :w]
+                            for padded, out, h, w in self.volume_chunks(batch)])
         if volume_head and refine:
-            logits = self.head.refine_volume(logits, image, batch["spacing"], batch["height"], batch["width"])
+            logits = self.head.refine_volume(logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
         return logits
+
+    def volume_chunks(self, batch: dict):
+        """``(padded slices, backbone output, height, width)`` per ``batch["batch_size"]`` slices
+        of a subject volume: the backbone's part of ``volume_logits`` (the tuner caches it)."""
+        image = batch["image"]
+        for part in image.split(int(batch.get("batch_size") or len(image))):
+            padded, _ = self._pad(part)
+            yield padded, self.backbone(padded), *part.shape[-2:]
 
     def _test_volume(self, batch: dict, batch_idx: int) -> None:
         """One subject: every slice predicted (and timed, per slice), the split's slices scored

@@ -51,8 +51,9 @@ def job_folder(overrides: Any, limit: int = 200, _root_: Any = None) -> str:
     """A sweep job's folder name from its overrides: ``backbone-fcn+head-crfrnn+seed-1``.
 
     Run-only keys (``segrefine.runconfig.RUN_ONLY_KEYS``: paths, logger, resume, ...; and those
-    the components of the job's config declare, ``head.run_only``) are left out, so the same computation always lands in the same folder; values holding paths or odd
-    characters are hashed. The name holds no ``=``, ``,`` or ``/``, so it can be handed back as
+    the components of the job's config declare, ``head.run_only``) are left out, so the same
+    computation always lands in the same folder; values holding paths or odd characters are
+    hashed. The name holds no ``=``, ``,`` or ``/``, so it can be handed back as
     an unquoted override (``segrefine-eval ckpt_path=<sweep dir>/<name>``). Overlong names keep
     both ends and gain a hash in the middle."""
     # As a Hydra resolver OmegaConf hands over the whole config (``_root_``): the components'
@@ -67,12 +68,10 @@ def job_folder(overrides: Any, limit: int = 200, _root_: Any = None) -> str:
 
 
 def _task_config(root: Any) -> dict[str, Any] | None:
-    """The components' ``run_only`` declarations of a config (a plain dict, or the root node a
-    resolver receives; other values unresolved, so reading them cannot recurse into ``hydra``)."""
+    """The components' ``run_only`` declarations of the root node a resolver receives (other
+    values unresolved, so reading them cannot recurse into ``hydra``)."""
     if root is None:
         return None
-    if isinstance(root, dict):
-        return root
     declarations = {}
     for name, node in root.items_ex(resolve=False):
         if name != "hydra" and OmegaConf.is_dict(node) and RUN_ONLY_DECLARATION in node:

@@ -117,19 +117,19 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[Any], DictConfig, bool
         if volumetric:
             cache = [_CachedVolume(batch, module, volume_head) for batch in evaluation_loader(datamodule, "val")]
         else:
-            cache = [_slice_batch(module, batch["image"]) + (batch["mask"], *batch["image"].shape[-2:])
-                     for batch in datamodule.val_dataloader()]
+            cache = []
+            for batch in datamodule.val_dataloader():
+                padded, _ = module._pad(batch["image"])
+                cache.append((*_refinable(padded, module.backbone(padded)), batch["mask"], *batch["image"].shape[-2:]))
     return module.head, cache, run_cfg.metrics, volumetric
 
 
-def _slice_batch(module, image: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """(padded image, the backbone's logits upsampled to it): what a 2-D head refines."""
+def _refinable(padded: torch.Tensor, out) -> tuple[torch.Tensor, Any]:
+    """(padded image, the backbone's logits upsampled to it): what a 2-D head refines, as it
+    would upsample them itself."""
     from segrefine.heads.base import upsample_logits
     from segrefine.types import BackboneOutput
 
-    padded, _ = module._pad(image)
-    out = module.backbone(padded)
-    # What the head would upsample itself; the cached logits are then at the padded image's size.
     return padded, BackboneOutput(upsample_logits(out, padded.shape[-2:]), [], (), 1)
 
 
@@ -140,9 +140,8 @@ class _CachedVolume:
     def __init__(self, batch: dict, module, volume_head: bool):
         self.batch = batch
         self.logits = module.volume_logits(batch, refine=False) if volume_head else None
-        self.chunks = [] if volume_head else [
-            (*_slice_batch(module, part), *part.shape[-2:])
-            for part in batch["image"].split(int(batch.get("batch_size") or len(batch["image"])))]
+        self.chunks = [] if volume_head else [(*_refinable(padded, out), h, w)
+                                              for padded, out, h, w in module.volume_chunks(batch)]
 
     def predict(self, head) -> torch.Tensor:
         """(S, H, W) labels of every slice, refined by ``head`` (None: the backbone's own)."""
