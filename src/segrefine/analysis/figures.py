@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from segrefine.analysis.rows import head_words, run_value
+from segrefine.analysis.stats import t_quantile
 from segrefine.record.protocols import IGNORE_INDEX as IGNORE
 from segrefine.record.run_record import RunRecord
 
@@ -36,14 +37,11 @@ def _head_colour(head: str, others: list[str]) -> str:
     return f"C{4 + others.index(head) % 5}" if head in others else "C4"
 
 
-def _t_interval(values: list[float]) -> tuple[float, float] | None:
+def _t_half_width(values: list[float]) -> float | None:
     """Half-width of the 95 % t-interval of the mean over seeds; None for one seed."""
-    from scipy.special import stdtrit  # Student t quantile, without importing scipy.stats
-
     if len(values) < 2:
         return None
-    half = stdtrit(len(values) - 1, 0.975) * np.std(values, ddof=1) / np.sqrt(len(values))
-    return float(half), float(half)
+    return float(t_quantile(len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def _row_values(row: Any, column: Any) -> list[float] | None:
@@ -121,8 +119,8 @@ def metrics_figure(rows: list[Any], columns: tuple) -> Figure:
         for row in rows:
             values = _row_values(row, column)
             means.append(np.mean(values) * column.scale if values else np.nan)
-            half = _t_interval(values) if values else None
-            errors.append(half[0] * column.scale if half else 0.0)
+            half = _t_half_width(values) if values else None
+            errors.append(half * column.scale if half else 0.0)
         ax.barh(y, means, 0.7, xerr=errors if any(errors) else None, capsize=2,
                 color=[_head_colour(r.head, heads) for r in rows])
         ax.set_title(column.title, fontsize="small")
@@ -162,9 +160,9 @@ def cost_figure(rows: list[Any], column: Any, cost: Any) -> Figure:
             continue
         x, yv = float(np.mean(ms)), float(np.mean(score)) * column.scale
         points.append((x, yv))
-        yerr = _t_interval(score)  # timing spread is left out: it says little and hides the points
+        yerr = _t_half_width(score)  # timing spread is left out: it says little and hides the points
         backbone = str((row.config.get("backbone") or {}).get("name", ""))
-        ax.errorbar(x, yv, yerr=None if yerr is None else [[yerr[0] * column.scale], [yerr[1] * column.scale]],
+        ax.errorbar(x, yv, yerr=None if yerr is None else yerr * column.scale,
                     fmt=markers.get(backbone, "o"), color=_head_colour(row.head, heads), capsize=2, ms=6)
     front = pareto_front(points)
     if len(front) > 1:

@@ -45,11 +45,9 @@ def _delta_text(test: dict[str, Any], column: Column, seeds_in_row: int) -> str:
     dropped = f", {test['dropped']} non-finite pairs left out" if test.get("dropped") else ""
     if test["level"] == NO_TEST:
         return f"{test['mean'] * s:+.2f} (1 seed: no test{dropped})"
-    mark = "†" if test["level"] == CONDITIONAL else ""
     holm_p = test.get("p_holm")
     holm_text = f" (Holm {holm_p:.2g})" if holm_p is not None else ""
-    return (f"{test['mean'] * s:+.2f} [{test['ci_low'] * s:+.2f}, {test['ci_high'] * s:+.2f}]{mark} "
-            f"p={test['p']:.2g}{holm_text}{_stars(holm_p)} {n}{dropped}")
+    return f"{_interval_text(test, column)} p={test['p']:.2g}{holm_text}{_stars(holm_p)} {n}{dropped}"
 
 
 def _delta_cell(row: Row, column: Column) -> str:
@@ -230,11 +228,17 @@ def pair_lines(rows: list[Row], protocol: str) -> list[str]:
     return lines
 
 
-def compact_header(protocol: str) -> list[str]:
-    """The main table: at most 10 columns (the full one is ``full_header``)."""
+def _compact_columns(protocol: str) -> tuple[Column, list[Column]]:
+    """The main table's headline column and its other Δ columns."""
     headline, *others = PROTOCOLS[protocol]["paired"]
     if protocol.endswith(VOLUME):  # volume metrics first; the slice-level ones are in table_full.md
         others = [c for c in others if c.per_volume]
+    return headline, others
+
+
+def compact_header(protocol: str) -> list[str]:
+    """The main table: at most 10 columns (the full one is ``full_header``)."""
+    headline, others = _compact_columns(protocol)
 
     def short(column: Column) -> str:
         return column.title.replace(" (img mean)", "").replace(" (vol mean)", "")
@@ -258,7 +262,7 @@ def _interval_text(test: dict[str, Any], column: Column) -> str:
     return f"{test['mean'] * s:+.2f} [{test['ci_low'] * s:+.2f}, {test['ci_high'] * s:+.2f}]{mark}"
 
 
-def _compact_delta(row: Row, column: Column, rows: list[Row]) -> str:
+def _compact_delta(row: Row, column: Column) -> str:
     test = row.stats.get(column.key)
     if test is None:
         return "–"
@@ -291,13 +295,11 @@ def _delta_only(row: Row, column: Column) -> str:
 
 
 def compact_cells(row: Row, protocol: str, rows: list[Row]) -> list[str]:
-    headline, *others = PROTOCOLS[protocol]["paired"]
-    if protocol.endswith(VOLUME):
-        others = [c for c in others if c.per_volume]
+    headline, others = _compact_columns(protocol)
     params = next(iter(row.runs.values())).metrics.get("params")
     outcome = tuning_outcome(row, rows)
     head = head_words(row.head) + (f" ({outcome})" if outcome else "")
-    return [row.label, head, _paired_n(row), _metric_cell(row, headline), _compact_delta(row, headline, rows),
+    return [row.label, head, _paired_n(row), _metric_cell(row, headline), _compact_delta(row, headline),
             _compact_p(row, headline), *(_delta_only(row, c) for c in others), _cost_cell(row),
             f"{params / 1e6:.2f}M" if params else "–"]
 
@@ -389,8 +391,8 @@ def to_latex(rows: list[Row], protocol: str = "standard") -> str:
 DELTA_STATS = ("mean", "std", "ci_low", "ci_high", "p", "p_holm", "n", "level", "unit", "dropped", "same_as", "per_seed")
 
 
-TEXT_FIELDS = ("configuration", "head", "pairing", "baseline", "plain_baseline", "tuning")
-TEXT_DELTA_STATS = ("level", "unit", "same_as")
+# Delta statistics that are words, not numbers (the test's level and unit, the row it equals).
+TEXT_DELTA_SUFFIXES = ("_level", "_unit", "_same_as")
 
 
 def _empty_row() -> Row:
@@ -460,7 +462,7 @@ def frame_records(rows: list[Row], protocol: str = "standard") -> list[dict[str,
         for key, value in numbers.items():
             if key.endswith("_per_seed"):
                 continue
-            if key.rsplit("_", 1)[-1] in TEXT_DELTA_STATS or key.endswith("_same_as"):  # level, unit, same_as
+            if key.endswith(TEXT_DELTA_SUFFIXES):
                 record[key] = value or ""
             else:
                 record[key] = math.nan if value is None else float(value)

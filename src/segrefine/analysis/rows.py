@@ -13,6 +13,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from segrefine.analysis.sources import as_records
+from segrefine.labels import BACKBONE_WORDS
+from segrefine.labels import MAX_LENGTH as LABEL_MAX
 from segrefine.record.protocols import Column
 from segrefine.record.run_record import RunRecord
 from segrefine.runconfig import comparable_config, config_differences
@@ -26,20 +28,8 @@ def head_name(run: RunRecord) -> str:
     return str((run.config.get("head") or {}).get("name", run.head))
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-BACKBONE_WORDS = {"fcn": "FCN", "unet": "U-Net", "pspnet": "PSPNet", "segnet": "SegNet"}
 HEAD_WORDS = {"none": "none", "densecrf": "DenseCRF", "densecrf_tuned": "DenseCRF, tuned", "crfrnn": "CRF-RNN",
               "pointrend": "PointRend"}
-LABEL_MAX = 60
 
 
 def head_words(head: str) -> str:
@@ -125,15 +115,23 @@ def config_labels(configs: list[dict[str, Any]]) -> list[str]:
     def same(a: Any, b: Any) -> bool:
         return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
+    usual_values: dict[tuple[str, str], Any] = {}  # (key, its scope's backbone) -> the most common value
+
     def usual(key: str, f: dict[str, Any]) -> Any:
-        scope = [g for g in flat if not key.startswith("backbone.") or g.get("backbone.name") == f.get("backbone.name")]
-        values = [json.dumps(g.get(key), sort_keys=True, default=str) for g in scope]
-        return json.loads(max(values, key=values.count))  # ties: the first seen
+        backbone = repr(f.get("backbone.name")) if key.startswith("backbone.") else ""
+        if (key, backbone) not in usual_values:
+            scope = [g for g in flat if not backbone or g.get("backbone.name") == f.get("backbone.name")]
+            values = [json.dumps(g.get(key), sort_keys=True, default=str) for g in scope]
+            usual_values[key, backbone] = json.loads(max(values, key=values.count))  # ties: the first seen
+        return usual_values[key, backbone]
+
+    variants: dict[Any, set] = {}  # backbone name -> its variants
+    for g in flat:
+        variants.setdefault(g.get("backbone.name"), set()).add(g.get("backbone.variant"))
 
     def label(f: dict[str, Any], level: int) -> str:
         """level 0: usual values left out; 1: only "off" values left out; 2: every differing key."""
-        variants = {g.get("backbone.variant") for g in flat if g.get("backbone.name") == f.get("backbone.name")}
-        parts = [_backbone_words(f, len(variants) > 1)]
+        parts = [_backbone_words(f, len(variants[f.get("backbone.name")]) > 1)]
         for key in keys:
             value = f.get(key)
             if level == 0 and same(value, usual(key, f)) and not (key == "trainer.max_epochs" and f.get("init_from")):
@@ -144,14 +142,13 @@ def config_labels(configs: list[dict[str, Any]]) -> list[str]:
         text = ", ".join(p for p in parts if p) or "all runs"
         return text if len(text) <= LABEL_MAX else text[:LABEL_MAX - 1] + "…"
 
-    def without_head(f: dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in f.items() if k.split(".")[0] != "head"}, sort_keys=True, default=str)
-
+    without_head = [json.dumps({k: v for k, v in f.items() if k.split(".")[0] != "head"}, sort_keys=True, default=str)
+                    for f in flat]
     levels = [0] * len(flat)
     labels = [label(f, 0) for f in flat]
     for level in (1, 2):  # configurations that differ outside the head never share a label
-        for i, f in enumerate(flat):
-            if any(labels[j] == labels[i] and without_head(g) != without_head(f) for j, g in enumerate(flat)):
+        for i in range(len(flat)):
+            if any(labels[j] == labels[i] and without_head[j] != without_head[i] for j in range(len(flat))):
                 levels[i] = level
         labels = [label(f, lv) for f, lv in zip(flat, levels)]
     return labels
@@ -271,7 +268,7 @@ def _label_head_variants(rows: list[Row]) -> None:
     for same in clashes.values():
         if len(same) < 2:
             continue
-        flat = [_flatten(r.config.get("head") or {}, "head.") for r in same]
+        flat = [_flatten_for_labels(r.config.get("head") or {}, "head.") for r in same]
         keys = sorted({k for f in flat[1:] for k in config_differences(flat[0], f)})
         for row, f in zip(same, flat):
             row.label = ", ".join([row.label, *(f"head {k.rsplit('.', 1)[-1]} {_value_words(f.get(k, '–'))}"

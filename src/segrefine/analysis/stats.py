@@ -288,9 +288,7 @@ def summarise(runs: Iterable[RunRecord | dict[str, Any]],
                 test, _ = _column_stats(row, row.plain, plain_seeds, column, "retrained")
                 if test is not None:
                     row.plain_stats[column.key] = test
-    for level in (ACROSS_SEEDS, CONDITIONAL):
-        tests = [t for row in rows if row.same_as is None for t in (*row.stats.values(), *row.plain_stats.values())
-                 if t["level"] == level]
+    for tests in holm_families(rows).values():
         for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
             test["p_holm"] = adjusted
     for row in rows:
@@ -300,23 +298,30 @@ def summarise(runs: Iterable[RunRecord | dict[str, Any]],
     return rows, duplicates
 
 
-def holm_families(rows: list[Row]) -> dict[str, list[dict[str, Any]]]:
-    """The tests of each Holm family (rows marked ``same_as`` are not tested again)."""
+def holm_families(rows: list[Row], levels: tuple[str, ...] = (ACROSS_SEEDS, CONDITIONAL)) -> dict[str, list[dict[str, Any]]]:
+    """The tests of each Holm family (rows marked ``same_as`` are not tested again); with
+    ``levels=(NO_TEST,)`` the Δs left untested."""
     return {level: [t for r in rows if r.same_as is None for t in (*r.stats.values(), *r.plain_stats.values())
-                    if t["level"] == level] for level in (ACROSS_SEEDS, CONDITIONAL)}
+                    if t["level"] == level] for level in levels}
+
+
+def _seeds_for_a_star(tests: int) -> int | None:
+    """The fewest seeds (all agreeing in sign) whose sign-flip p survives Holm over ``tests``."""
+    return next((k for k in range(2, 64) if tests * smallest_sign_flip_p(k) < ALPHA), None)
 
 
 def reachability(rows: list[Row]) -> list[str]:
     """Per Holm family: the smallest Holm-adjusted p it can reach, and (across seeds) how many
     seeds a star would need with this many tests."""
     lines = []
-    for level, tests in holm_families(rows).items():
+    families = holm_families(rows)
+    for level, tests in families.items():
         if not tests:
             continue
         m = len(tests)
         sizes = [t["n"] if level == ACROSS_SEEDS else t.get("units", 0) for t in tests]
         best = min(1.0, m * min(smallest_sign_flip_p(k) for k in sizes))
-        needed = next((k for k in range(2, 64) if m * smallest_sign_flip_p(k) < ALPHA), None)
+        needed = _seeds_for_a_star(m)
         if level == ACROSS_SEEDS:
             star = "a star is reachable" if best < ALPHA else "no star is reachable"
             need = (f"with {m} tests a star needs at least {needed} seeds (every seed agreeing in sign)" if needed
@@ -326,12 +331,10 @@ def reachability(rows: list[Row]) -> list[str]:
         else:
             lines.append(f"Conditional (†) family: {m} tests over {_span(sizes)} {tests[0]['unit']}; "
                          f"the smallest Holm-adjusted p this table can reach is {best:.2g}.")
-    untested = [t for r in rows if r.same_as is None for t in (*r.stats.values(), *r.plain_stats.values())
-                if t["level"] == NO_TEST]
+    untested = holm_families(rows, (NO_TEST,))[NO_TEST]
     if untested:
-        m = len(untested) + len(holm_families(rows)[ACROSS_SEEDS])
-        needed = next((k for k in range(2, 64) if m * smallest_sign_flip_p(k) < ALPHA), None)
-        if needed:
+        m = len(untested) + len(families[ACROSS_SEEDS])
+        if needed := _seeds_for_a_star(m):
             lines.append(f"No test: {len(untested)} Δs of one retrained model per side. Tested across seeds, with "
                          f"{m} tests in that family a star would need at least {needed} seeds per configuration.")
     return lines
