@@ -503,29 +503,35 @@ def dense_crf(
     (:func:`volume_features`; x along W). Both lattices are built per call (volumes differ in
     size; ``cache_spatial`` applies to 2-D images only).
     """
+    if not isinstance(kernels, CRFKernels):
+        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
+                        "build one with CRFKernels(**values)")
     if probs.dim() == 5:
         return _dense_crf_volume(probs, image, kernels, iterations, spacing)
     if spacing is not None:
         raise ValueError("spacing is for (B, C, D, H, W) volumes; 2-D images take widths in pixels")
     _check_inputs(probs, image)
-    if not isinstance(kernels, CRFKernels):
-        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
-                        "build one with CRFKernels(**values)")
     B, C, H, W = probs.shape
-    p = probs.to(torch.float32)
-    logits = to_flat(torch.log(p.clamp_min(PROB_FLOOR)))
-    if iterations > 0:
-        k = kernels
+    k = kernels
+
+    def filters() -> list:
         # one lattice after the other (each build uses all threads): their build peaks never add up
         spatial = _spatial_filter(B, H, W, k.gaussian_sxy, NORMALIZE_SYMMETRIC, probs.device, cache_spatial, False)
         bilateral = PermutohedralLattice(bilateral_features(image, k.bilateral_sxy, k.bilateral_schan),
                                          transposes=False)
-        filters = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
-        weights = [torch.tensor(w, device=probs.device) for w in (k.gaussian_compat, k.bilateral_compat)]
-        S = _mean_field(logits, filters, weights, None, iterations)
-    else:
-        S = logits
-    return from_flat(class_softmax(S), B, H, W)
+        return [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+
+    logits = to_flat(torch.log(probs.to(torch.float32).clamp_min(PROB_FLOOR)))
+    return from_flat(class_softmax(_offline_mean_field(logits, filters, kernels, iterations)), B, H, W)
+
+
+def _offline_mean_field(logits: Tensor, filters, kernels: CRFKernels, iterations: int) -> Tensor:
+    """``dense_crf``'s inference on flat ``(N, C)`` log-probabilities: Potts weights from
+    ``kernels``, the spatial and bilateral ``filters()`` built only when there are iterations."""
+    if iterations <= 0:
+        return logits
+    weights = [torch.tensor(w, device=logits.device) for w in (kernels.gaussian_compat, kernels.bilateral_compat)]
+    return _mean_field(logits, filters(), weights, None, iterations)
 
 
 def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterations: int, spacing) -> Tensor:
@@ -541,15 +547,10 @@ def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterati
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(s > 0 and s < float("inf") for s in spacing):
         raise ValueError(f"spacing must be three positive voxel sizes (sz, sy, sx) in mm, got {spacing}")
-    if not isinstance(kernels, CRFKernels):
-        raise TypeError(f"kernels must be a segrefine.crf.CRFKernels, got {type(kernels).__name__}; "
-                        "build one with CRFKernels(**values)")
     B, C, D, H, W = probs.shape
-    flat = probs.to(torch.float32).movedim(1, -1).reshape(B * D * H * W, C)
-    logits = torch.log(flat.clamp_min(PROB_FLOOR))
-    del flat
-    if iterations > 0:
-        k, device = kernels, probs.device
+    k, device = kernels, probs.device
+
+    def filters() -> list:
         spatial = PermutohedralLattice(volume_features((D, H, W), spacing, k.gaussian_sxy, device=device),
                                        transposes=False)
         spatial = _normalized(spatial, NORMALIZE_SYMMETRIC).repeat(B)  # the same for every volume of the batch
@@ -557,10 +558,8 @@ def _dense_crf_volume(probs: Tensor, image: Tensor, kernels: CRFKernels, iterati
             torch.stack([volume_features((D, H, W), spacing, k.bilateral_sxy, image[b], k.bilateral_schan, device)
                          for b in range(B)]),
             transposes=False)
-        filters = [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
-        weights = [torch.tensor(w, device=device) for w in (k.gaussian_compat, k.bilateral_compat)]
-        S = _mean_field(logits, filters, weights, None, iterations)
-        del filters, spatial, bilateral
-    else:
-        S = logits
+        return [spatial, _normalized(bilateral, NORMALIZE_SYMMETRIC)]
+
+    logits = torch.log(probs.to(torch.float32).movedim(1, -1).reshape(B * D * H * W, C).clamp_min(PROB_FLOOR))
+    S = _offline_mean_field(logits, filters, kernels, iterations)
     return class_softmax(S).view(B, D, H, W, C).movedim(-1, 1).contiguous()
