@@ -159,8 +159,11 @@ class DenseCRFHead(Head):
         return torch.from_numpy(np.stack(refined)).to(probs.device)
 
     def slice_logits(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
-        """A volume head's per-slice part: the upsampled logits, as ``none``'s."""
-        return upsample_logits(out, image.shape[-2:])
+        """The 3-D CRF's per-slice part: the upsampled logits, as ``none``'s; the 2-D CRF's
+        forward otherwise."""
+        if self.volume:
+            return upsample_logits(out, image.shape[-2:])
+        return super().slice_logits(out, image)
 
     def refine_volume(self, logits: torch.Tensor, image: torch.Tensor, spacing, height: int, width: int) -> torch.Tensor:
         """The 3-D CRF on one subject: ``logits`` ``(S, C, H, W)`` of its slices in order, ``image``
