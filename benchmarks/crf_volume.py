@@ -55,10 +55,10 @@ def child(impl: str, shape, classes: int, repeats: int, threads: int) -> dict:
         probs, image = volume(s, classes)
         if impl == "pydensecrf":
             from segrefine.crf.params import CRFKernels
-            from segrefine.heads.densecrf import pydensecrf_refine_volume
+            from segrefine.heads.densecrf import pydensecrf_refine
 
             k = CRFKernels(**KERNELS)
-            return lambda: pydensecrf_refine_volume(probs, image[None], SPACING, 5, k)
+            return lambda: pydensecrf_refine(probs, image[None], 5, k, spacing=SPACING)
         import torch
 
         from segrefine.crf import CRFKernels, dense_crf

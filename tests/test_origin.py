@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from segrefine.metrics import merge_foreground, per_image_metrics, protocol_metrics
+from segrefine.metrics import merge_foreground, merged_confusion, per_image_metrics, protocol_metrics
 from segrefine.types import IGNORE_INDEX as I
 
 
@@ -197,6 +197,26 @@ def test_merging_the_foreground_scores_a_perfect_prediction_1_and_ignored_pixels
     assert out["dsc"] == pytest.approx(((2 * 7 + 1) / (8 + 7 + 1) + (2 * 4 + 1) / (5 + 4 + 1)) / 2)
     with pytest.raises(ValueError, match="merge_foreground=True is part of the unet_crfrnn protocol"):
         protocol_metrics(pred, ignored, 3, protocol="standard", merge_foreground=True)
+
+
+def test_the_merged_confusion_is_the_confusion_of_the_merged_labels():
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    generator = torch.Generator().manual_seed(3)
+    preds = torch.randint(0, 4, (5, 9, 7), generator=generator)
+    masks = torch.randint(0, 4, (5, 9, 7), generator=generator)
+    masks[torch.rand(masks.shape, generator=generator) < 0.25] = I
+    masks[1][masks[1] != I] = 0       # no foreground in the truth
+    preds[2] = 0                      # nothing predicted
+
+    def confusion(p, m, classes):
+        return torch.stack([multiclass_confusion_matrix(a, b, classes, ignore_index=I) for a, b in zip(p, m)])
+
+    merged = merged_confusion(confusion(preds, masks, 4))
+    assert torch.equal(merged, confusion(merge_foreground(preds), merge_foreground(masks), 2))
+    # Image 1 by hand: every scored pixel is background in the truth.
+    scored = masks[1] != I
+    assert merged[1].tolist() == [[int((scored & (preds[1] == 0)).sum()), int((scored & (preds[1] > 0)).sum())], [0, 0]]
 
 
 # -- the table's plan ------------------------------------------------------------------------------

@@ -261,13 +261,20 @@ def merge_foreground(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return torch.where(labels == ignore_index, labels, (labels > 0).long())
 
 
+def merged_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """``(..., 2, 2)`` confusion of background and the merged foreground from ``(..., C, C)`` ones
+    (rows = target): the block sums over classes 0 and 1..C-1, exactly the confusion of the
+    ``merge_foreground`` label maps (the same pixels are ignored: only the target's ignore label)."""
+    rows = torch.stack([confusion[..., 0, :], confusion[..., 1:, :].sum(-2)], -2)
+    return torch.stack([rows[..., 0], rows[..., 1:].sum(-1)], -1)
+
+
 def unet_crfrnn_per_image(preds: torch.Tensor, target: torch.Tensor, num_classes: int,
                           merge: bool = False) -> dict[str, torch.Tensor]:
     """The ``unet_crfrnn`` protocol per image of ``(B, H, W)`` label maps, over the C classes or,
-    with ``merge``, over background and the merged foreground (``merge_foreground``)."""
-    if merge:
-        preds, target, num_classes = merge_foreground(preds), merge_foreground(target), 2
-    return protocol_per_image(_confusions(preds, target, num_classes))
+    with ``merge``, over background and the merged foreground (``merged_confusion``)."""
+    confusion = _confusions(preds, target, num_classes)
+    return protocol_per_image(merged_confusion(confusion) if merge else confusion)
 
 
 def protocol_metrics(
@@ -315,8 +322,7 @@ def per_image_metrics(
         "pixel_acc": pixel_accuracy(confusion),
         "boundary_f1": foreground_mean(boundary_f1_from_counts(counts)),
     }
-    origin = (unet_crfrnn_per_image(preds, target, num_classes, merge=True) if merge_foreground
-              else protocol_per_image(confusion))
+    origin = protocol_per_image(merged_confusion(confusion) if merge_foreground else confusion)
     rows.update({f"unet_crfrnn/{k}": v for k, v in origin.items()})
     return rows
 
@@ -347,6 +353,13 @@ def _surface(mask):
     return mask & ~eroded
 
 
+def _as_numpy(x):
+    """A tensor's values as a CPU numpy array; an array or array-like as ``np.asarray`` gives it."""
+    import numpy as np
+
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def volume_metrics(pred, target, spacing, num_classes: int, nsd_tolerance_mm: float = 1.0,
                    ignore_index: int = IGNORE_INDEX) -> dict[str, "np.ndarray"]:
     """Dice, IoU, NSD and HD95 (mm) per foreground class of one ``(D, H, W)`` label volume.
@@ -359,8 +372,7 @@ def volume_metrics(pred, target, spacing, num_classes: int, nsd_tolerance_mm: fl
     import numpy as np
     from scipy import ndimage
 
-    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-    target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    pred, target = _as_numpy(pred), _as_numpy(target)
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (D, H, W) label volumes")
     spacing = tuple(float(s) for s in spacing)
@@ -400,10 +412,7 @@ def volume_dice(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX
     """A subject's volume Dice, as ``volume_metrics`` and ``volume_row`` give it (the mean over
     the foreground classes present in prediction or truth; NaN if none is), without the
     surface distances: what a tuning on validation subjects maximises (``segrefine.tuning``)."""
-    import numpy as np
-
-    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-    target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    pred, target = _as_numpy(pred), _as_numpy(target)
     return _class_mean([2 * overlap / (int(p.sum()) + int(t.sum()))
                         for _, p, t, overlap in _class_overlaps(pred, target, num_classes, ignore_index)])
 

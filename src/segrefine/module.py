@@ -166,10 +166,9 @@ class SegmentationModule(pl.LightningModule):
         ``batch["batch_size"]`` slices at a time; a volume head (``head.volume``) then refines
         the restacked softmax of the whole volume (padding removed) at once, unless ``refine``
         is False (the tuner caches the unrefined logits)."""
-        volume_head = bool(getattr(self.head, "volume", False))
-        logits = torch.cat([(self.head.slice_logits(out, padded) if volume_head else self.head(out, padded))[..., :h, :w]
+        logits = torch.cat([self.head.slice_logits(out, padded)[..., :h, :w]
                             for padded, out, h, w in self.volume_chunks(batch)])
-        if volume_head and refine:
+        if self.head.volume and refine:
             logits = self.head.refine_volume(logits, batch["image"], batch["spacing"], batch["height"], batch["width"])
         return logits
 
@@ -187,7 +186,7 @@ class SegmentationModule(pl.LightningModule):
         image, mask, scored = batch["image"], batch["mask"], batch["scored"].bool()
         if batch_idx == 0:  # warm-up, untimed (a volume head refines whole volumes only: the backbone alone)
             first = image[: int(batch.get("batch_size") or len(image))]
-            self.backbone(self._pad(first)[0]) if getattr(self.head, "volume", False) else self(first)
+            self.backbone(self._pad(first)[0]) if self.head.volume else self(first)
         self._synchronise(image)
         start = time.perf_counter()
         logits = self.volume_logits(batch)

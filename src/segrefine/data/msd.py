@@ -166,16 +166,47 @@ def _data(img, path: Path, index=None, dtype=np.float32) -> np.ndarray:
         raise DataError(f"{path}: cannot read NIfTI volume data ({type(e).__name__}: {e})") from e
 
 
-def slice_spacing(path: Path, axis: int) -> list[float]:
-    """``[sz, sy, sx]`` in mm of a volume cut along ``axis`` after canonical reorientation: the
-    voxel size along the slicing axis, then along the slice's rows and columns (the other two
-    axes in order). From the affine's column lengths, so an oblique affine gives true sizes."""
-    img = _read_nifti(path)
-    sizes = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+def _voxel_sizes(affine: np.ndarray, path: Path) -> np.ndarray:
+    """Voxel sizes in mm along the affine's three axes: its column lengths, so an oblique affine
+    gives true sizes."""
+    from nibabel.affines import voxel_sizes
+
+    sizes = voxel_sizes(np.asarray(affine, dtype=np.float64))
     if not (np.isfinite(sizes).all() and (sizes > 0).all()):
         raise DataError(f"{path}: the affine gives voxel sizes {sizes.tolist()} mm; positive finite sizes are needed "
                         "to measure distances in mm")
+    return sizes
+
+
+def _spacing(canonical_affine: np.ndarray, axis: int, path: Path) -> list[float]:
+    """``[sz, sy, sx]`` in mm of a volume cut along ``axis``, from its affine after canonical
+    reorientation: the voxel size along the slicing axis, then along the slice's rows and columns
+    (the other two axes in order)."""
+    return _slicing_order(_voxel_sizes(canonical_affine, path), axis)
+
+
+def _slicing_order(sizes: np.ndarray, axis: int) -> list[float]:
     return [float(sizes[axis]), *(float(sizes[a]) for a in range(3) if a != axis)]
+
+
+def slice_spacing(path: Path, axis: int) -> list[float]:
+    """``_spacing`` of a NIfTI file from its header alone: the stored axes' voxel sizes taken in
+    the order canonical reorientation (``nibabel.as_closest_canonical``) puts those axes, which
+    only permutes and flips them."""
+    import nibabel as nib
+    from nibabel.orientations import io_orientation
+
+    try:
+        affine = nib.load(str(path)).affine
+    except Exception as e:  # nibabel raises many types for damaged files
+        raise DataError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    stored = _voxel_sizes(affine, path)
+    target_axis = io_orientation(affine)[:, 0]  # stored axis i becomes canonical axis target_axis[i]
+    if np.isnan(target_axis).any():
+        raise DataError(f"{path}: the affine has no closest canonical orientation (its axes are degenerate)")
+    sizes = np.empty(3)
+    sizes[target_axis.astype(int)] = stored
+    return _slicing_order(sizes, axis)
 
 
 def normalise(volume: np.ndarray, method: str, clip: Sequence[float] | None) -> np.ndarray:
@@ -208,8 +239,9 @@ def check_same_grid(image_affine: np.ndarray, label_affine: np.ndarray, image: P
                         "to its image's, or resample the label onto the image")
 
 
-def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image slices ``(S, K, H, W)`` float32 and mask slices ``(S, H, W)`` uint8 of one volume."""
+def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Image slices ``(S, K, H, W)`` float32, mask slices ``(S, H, W)`` uint8 and the slices'
+    spacing ``[sz, sy, sx]`` mm (``_spacing``) of one volume."""
     axis, modality = settings["axis"], settings["modality"]
     img = _read_nifti(case.image)
     spatial = img.shape[:3]
@@ -248,7 +280,7 @@ def load_case(case: Case, settings: dict, num_classes: int) -> tuple[np.ndarray,
                         f"(dataset.json labels 0..{num_classes - 1})")
     image = np.ascontiguousarray(np.moveaxis(image, axis + 1, 0))  # S,K,H,W
     mask = np.ascontiguousarray(np.moveaxis(labels.astype(np.uint8), axis, 0))  # S,H,W
-    return image, mask
+    return image, mask, _spacing(img.affine, axis, case.image)
 
 
 def _check_cached(paths: dict[str, Path], shape: list[int]) -> None:
@@ -445,7 +477,7 @@ class MSDDataModule(SplitDataModule):
         return entries
 
     def _write(self, case: Case, paths: dict[str, Path]) -> dict:
-        image, mask = load_case(case, self.settings, self.num_classes)
+        image, mask, spacing = load_case(case, self.settings, self.num_classes)
         # Files of this subject from older sources go first (same-length hash, so no prefix clashes).
         for old in self.cache_dir.glob(f"{case.subject}-{'[0-9a-f]' * 12}.*"):
             if old not in paths.values():
@@ -460,7 +492,7 @@ class MSDDataModule(SplitDataModule):
             "shape": list(image.shape),
             "foreground": [bool(m.any()) for m in mask],
             "label_values": [int(v) for v in np.unique(mask)],
-            "spacing": slice_spacing(case.image, self.axis),
+            "spacing": spacing,
         }
         atomic_write_text(paths["json"], json.dumps(entry))  # last: its presence marks a complete entry
         return entry

@@ -46,6 +46,10 @@ class Head(nn.Module):
     # Types and ranges of this head's own config keys (segrefine.validation.rule_problems),
     # checked by segrefine.build.build_component before the head is built.
     CONFIG_RULES: dict = {}
+    # A volume head refines a whole subject volume at once (``refine_volume(logits, image,
+    # spacing, height, width)`` on the restacked ``slice_logits``); see
+    # SegmentationModule.volume_logits.
+    volume: bool = False
 
     @classmethod
     def training_problem(cls, config: dict) -> str | None:
@@ -63,6 +67,11 @@ class Head(nn.Module):
 
     def forward(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def slice_logits(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
+        """The head's output for the slices of a subject volume: its forward, unless it is a
+        volume head (``volume``), whose per-slice part comes before ``refine_volume``."""
+        return self(out, image)
 
     def losses(self, out: BackboneOutput, image: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self(out, image)

@@ -42,20 +42,27 @@ def crf_features(height: int, width: int, image: np.ndarray | None, sxy: float, 
     return np.ascontiguousarray(np.stack(rows), dtype=np.float32)
 
 
-def pydensecrf_refine(probs: np.ndarray, image: np.ndarray, iterations: int, kernels: CRFKernels) -> np.ndarray:
-    """One image through pydensecrf: ``probs`` (C,H,W), ``image`` (K,H,W) on 0-255 -> (C,H,W) probabilities."""
+def pydensecrf_refine(probs: np.ndarray, image: np.ndarray, iterations: int, kernels: CRFKernels,
+                      spacing=None) -> np.ndarray:
+    """One image through pydensecrf: ``probs`` (C,H,W), ``image`` (K,H,W) on 0-255 -> (C,H,W)
+    probabilities; with ``spacing`` (sz, sy, sx) mm, one volume: ``probs`` (C,D,H,W), ``image``
+    (K,D,H,W) -> (C,D,H,W), the kernel widths in mm."""
     import pydensecrf.densecrf as dcrf
 
-    num_classes, height, width = probs.shape
+    num_classes, shape = probs.shape[0], probs.shape[1:]
     unary = np.ascontiguousarray(-np.log(np.maximum(probs, PROB_FLOOR)).reshape(num_classes, -1), dtype=np.float32)
     k = kernels
-    crf = dcrf.DenseCRF(height * width, num_classes)
+    if spacing is None:
+        def features(sxy, img=None, schan=1.0):
+            return crf_features(*shape, img, sxy, schan)
+    else:
+        def features(sxy, img=None, schan=1.0):
+            return volume_features_np(shape, spacing, sxy, img, schan)
+    crf = dcrf.DenseCRF(int(np.prod(shape)), num_classes)
     crf.setUnaryEnergy(unary)
-    crf.addPairwiseEnergy(crf_features(height, width, None, k.gaussian_sxy), compat=k.gaussian_compat)
-    crf.addPairwiseEnergy(crf_features(height, width, image, k.bilateral_sxy, k.bilateral_schan),
-                          compat=k.bilateral_compat)
-    q = np.array(crf.inference(iterations), dtype=np.float32)
-    return q.reshape(num_classes, height, width)
+    crf.addPairwiseEnergy(features(k.gaussian_sxy), compat=k.gaussian_compat)
+    crf.addPairwiseEnergy(features(k.bilateral_sxy, image, k.bilateral_schan), compat=k.bilateral_compat)
+    return np.array(crf.inference(iterations), dtype=np.float32).reshape(probs.shape)
 
 
 def volume_features_np(shape, spacing, sxy: float, image: np.ndarray | None = None, schan: float = 1.0) -> np.ndarray:
@@ -66,23 +73,6 @@ def volume_features_np(shape, spacing, sxy: float, image: np.ndarray | None = No
 
     image_t = None if image is None else torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     return np.ascontiguousarray(volume_features(shape, spacing, sxy, image_t, schan).t().numpy())
-
-
-def pydensecrf_refine_volume(probs: np.ndarray, image: np.ndarray, spacing, iterations: int,
-                             kernels: CRFKernels) -> np.ndarray:
-    """One volume through pydensecrf's general DenseCRF: ``probs`` (C,D,H,W), ``image`` (K,D,H,W)
-    on 0-255, ``spacing`` (sz, sy, sx) mm -> (C,D,H,W) probabilities."""
-    import pydensecrf.densecrf as dcrf
-
-    num_classes, shape = probs.shape[0], probs.shape[1:]
-    unary = np.ascontiguousarray(-np.log(np.maximum(probs, PROB_FLOOR)).reshape(num_classes, -1), dtype=np.float32)
-    k = kernels
-    crf = dcrf.DenseCRF(int(np.prod(shape)), num_classes)
-    crf.setUnaryEnergy(unary)
-    crf.addPairwiseEnergy(volume_features_np(shape, spacing, k.gaussian_sxy), compat=k.gaussian_compat)
-    crf.addPairwiseEnergy(volume_features_np(shape, spacing, k.bilateral_sxy, image, k.bilateral_schan),
-                          compat=k.bilateral_compat)
-    return np.array(crf.inference(iterations), dtype=np.float32).reshape(probs.shape)
 
 
 def default_workers() -> int:
@@ -151,16 +141,17 @@ class DenseCRFHead(Head):
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
-    def refine(self, probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """CRF-refined probabilities ``(B, C, H, W)`` for softmax ``probs`` and the raw ``image``."""
+    def refine(self, probs: torch.Tensor, image: torch.Tensor, spacing=None) -> torch.Tensor:
+        """CRF-refined probabilities ``(B, C, H, W)`` for softmax ``probs`` and the raw ``image``;
+        with ``spacing`` (sz, sy, sx) mm, of volumes ``(B, C, D, H, W)`` (kernel widths in mm)."""
         image255 = to_255(image.float(), self.intensity_range)
         if self.backend == "torch":
             from segrefine.crf import dense_crf
 
-            return dense_crf(probs.float(), image255, kernels=self.kernels, iterations=self.iterations)
+            return dense_crf(probs.float(), image255, kernels=self.kernels, iterations=self.iterations, spacing=spacing)
         probs_np = probs.detach().float().cpu().numpy()
         image_np = image255.detach().cpu().numpy()
-        jobs = [(probs_np[i], image_np[i], self.iterations, self.kernels) for i in range(len(probs_np))]
+        jobs = [(probs_np[i], image_np[i], self.iterations, self.kernels, spacing) for i in range(len(probs_np))]
         if self.num_workers <= 1 or len(jobs) == 1:
             refined = [_refine_job(job) for job in jobs]
         else:
@@ -168,31 +159,23 @@ class DenseCRFHead(Head):
         return torch.from_numpy(np.stack(refined)).to(probs.device)
 
     def slice_logits(self, out: BackboneOutput, image: torch.Tensor) -> torch.Tensor:
-        """A volume head's per-slice part: the upsampled logits, as ``none``'s."""
-        return upsample_logits(out, image.shape[-2:])
+        """The 3-D CRF's per-slice part: the upsampled logits, as ``none``'s; the 2-D CRF's
+        forward otherwise."""
+        if self.volume:
+            return upsample_logits(out, image.shape[-2:])
+        return super().slice_logits(out, image)
 
     def refine_volume(self, logits: torch.Tensor, image: torch.Tensor, spacing, height: int, width: int) -> torch.Tensor:
         """The 3-D CRF on one subject: ``logits`` ``(S, C, H, W)`` of its slices in order, ``image``
         ``(S, K, H, W)``, both padded bottom/right beyond ``height x width``; ``spacing`` ``(sz, sy,
-        sx)`` mm. Returns log-probabilities ``(S, C, H, W)`` (the padding keeps the softmax)."""
+        sx)`` mm. Returns log-probabilities ``(S, C, H, W)`` (the padding keeps the softmax).
+        Without a fixed ``intensity_range`` the 0-255 mapping is the min-max of the whole volume
+        (padding removed), not of each slice: the volume is one image of ``refine``."""
         with torch.no_grad():
             probs = logits.float().softmax(1)
             inner = probs[..., :height, :width].movedim(0, 1)[None]  # (1, C, S, h, w)
-            volume_image = image[..., :height, :width].float().movedim(0, 1)[None]  # (1, K, S, h, w)
-            if self.intensity_range is not None:
-                lo, hi = self.intensity_range
-                image255 = ((volume_image - lo) / (hi - lo)).clamp(0, 1) * 255
-            else:  # min-max over the whole volume, not per slice
-                lo, hi = volume_image.min(), volume_image.max()
-                image255 = (volume_image - lo) / (hi - lo).clamp(min=1e-8) * 255
-            spacing = tuple(float(v) for v in spacing)
-            if self.backend == "torch":
-                from segrefine.crf import dense_crf
-
-                refined = dense_crf(inner, image255, kernels=self.kernels, iterations=self.iterations, spacing=spacing)
-            else:
-                refined = torch.from_numpy(pydensecrf_refine_volume(
-                    inner[0].cpu().numpy(), image255[0].cpu().numpy(), spacing, self.iterations, self.kernels))[None]
+            volume_image = image[..., :height, :width].movedim(0, 1)[None]  # (1, K, S, h, w)
+            refined = self.refine(inner, volume_image, tuple(float(v) for v in spacing))
             probs = probs.clone()
             probs[..., :height, :width] = refined[0].movedim(0, 1).to(probs.device)
         return probs.clamp(min=PROB_FLOOR).log()
