@@ -160,17 +160,13 @@ def _val_objective(head, cache, num_classes: int, protocol: str, merge: bool = F
     (``metrics.per_image_metrics``' definitions) averaged over the validation images. Subject
     volumes: each subject's volume Dice (``metrics.volume_dice``, the volume without padding),
     averaged over the validation subjects (NaN left out), as ``val/volume/dice``."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    from segrefine.metrics import _class_mean, foreground_mean, per_class_iou, unet_crfrnn_per_image, volume_dice
-    from segrefine.types import IGNORE_INDEX
+    from segrefine.metrics import (_class_mean, _confusions, foreground_mean, per_class_iou, unet_crfrnn_per_image,
+                                   volume_dice)
 
     def headline(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if protocol == "unet_crfrnn":  # with the run's metrics.merge_foreground, as evaluation scores it
             return unet_crfrnn_per_image(preds, masks, num_classes, merge=merge)["iu"]
-        confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
-                                 for p, t in zip(preds, masks)])
-        return foreground_mean(per_class_iou(confusion))
+        return foreground_mean(per_class_iou(_confusions(preds, masks, num_classes)))
 
     with torch.no_grad():
         if cache and isinstance(cache[0], _CachedVolume):
