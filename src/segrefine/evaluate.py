@@ -185,9 +185,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_eval_folder(output_dir, run_cfg)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
-    if run_cfg.head.get("volume") and not hasattr(datamodule, "volume_dataloader"):
-        raise ValueError(f"head.volume=true refines whole subject volumes, but data={run_cfg.data.get('name')} is not "
-                         "a volumetric source (use data=msd, or head.volume=false for the 2-D CRF)")
     module = build_module(run_cfg, datamodule)
     load_weights(module, checkpoint, ckpt_file, with_head=weights == "checkpoint")
     module.eval_prefix = cfg.split

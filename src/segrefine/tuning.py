@@ -107,10 +107,7 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[Any], DictConfig, bool
     datamodule = build_data(run_cfg)
     volumetric = hasattr(datamodule, "volume_dataloader")
     volume_head = bool(run_cfg.head.get("volume"))
-    if volume_head and not volumetric:
-        raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
-                         "is not a volumetric source")
-    module = build_module(run_cfg, datamodule)
+    module = build_module(run_cfg, datamodule)  # refuses head.volume=true on slice data
     load_weights(module, checkpoint, ckpt_file, with_head=False)
     module.eval()
     with torch.no_grad():
