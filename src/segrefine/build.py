@@ -81,6 +81,9 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     # Every source, also those that count their classes themselves (MSD's dataset.json).
     if problem := class_count_problem(datamodule.num_classes, f"data={cfg.data.get('name')}: num_classes"):
         raise ConfigValueError(problem)
+    if cfg.head.get("volume") and not hasattr(datamodule, "volume_dataloader"):
+        raise ConfigValueError(f"head.volume=true refines whole subject volumes, but data={cfg.data.get('name')} is not "
+                               "a volumetric source (use data=msd, or head.volume=false for the 2-D CRF)")
     backbone = build_component(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
     head = build_component(cfg.head, num_classes=datamodule.num_classes, backbone=backbone.spec())
     return SegmentationModule(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Iterable
 
 ENV_VAR = "SEGREFINE_CONFIG_DIR"
 
@@ -51,6 +52,15 @@ def check_config_dir() -> None:
     raise SystemExit(f"segrefine: no config at {CONFIG_DIR}/train.yaml: this install of segrefine lacks its conf/ "
                      "package data; reinstall it (pip install . or pip install -e . from the repository), "
                      f"or set {ENV_VAR} to a copy of the repository's conf/ folder")
+
+
+def compose(config_name: str, overrides: Iterable[str] = ()):
+    """The ``config_name`` config (``train``, ``eval``) with ``overrides``, composed from
+    ``CONFIG_DIR`` outside a Hydra app (the study's jobs, the DenseCRF tuning)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 # The groups a user chooses from; the others (preset_data/*, paths, callbacks, hydra) are

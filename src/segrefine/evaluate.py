@@ -125,20 +125,19 @@ def head_weights(run_cfg: DictConfig, train_cfg: DictConfig, ckpt_file: Path) ->
     return untrained
 
 
-def training_label(ckpt_file: Path) -> str | None:
-    """The label in the results.json of the run folder holding ``ckpt_file``, if any."""
+def training_results(ckpt_file: Path) -> dict[str, Any]:
+    """The results.json of the run folder holding ``ckpt_file``; {} where there is none readable."""
     try:
-        return read_results(ckpt_file.parent.parent).get("label")
-    except (OSError, ValueError, AttributeError):
-        return None
+        document = read_results(ckpt_file.parent.parent)
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
-def training_wandb_id(ckpt_file: Path) -> str | None:
-    """The wandb id in the results.json of the run folder holding ``ckpt_file``, if any."""
-    try:
-        return (read_results(ckpt_file.parent.parent).get("wandb") or {}).get("id")
-    except (OSError, ValueError, AttributeError):
-        return None
+def training_wandb_id(training: dict[str, Any]) -> str | None:
+    """The wandb id recorded in a training run's results.json ``training``, if any."""
+    wandb = training.get("wandb")
+    return wandb.get("id") if isinstance(wandb, dict) else None
 
 
 def lineage(train_cfg: DictConfig) -> dict[str, Any]:
@@ -176,7 +175,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_targets(stored, f"the config stored in {ckpt_file}")
     train_cfg = OmegaConf.create(stored)
     run_cfg = eval_config(cfg, train_cfg)
-    label = evaluation_label(OmegaConf.to_container(run_cfg, resolve=True), stored, training_label(ckpt_file), cfg.split)
+    training = training_results(ckpt_file)
+    label = evaluation_label(OmegaConf.to_container(run_cfg, resolve=True), stored, training.get("label"), cfg.split)
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(run_cfg, resolve=True))
     check_config(OmegaConf.to_container(run_cfg, resolve=True))
@@ -185,16 +185,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_eval_folder(output_dir, run_cfg)
     pl.seed_everything(train_cfg.seed, workers=True)
     datamodule = build_data(run_cfg)
-    if run_cfg.head.get("volume") and not hasattr(datamodule, "volume_dataloader"):
-        raise ValueError(f"head.volume=true refines whole subject volumes, but data={run_cfg.data.get('name')} is not "
-                         "a volumetric source (use data=msd, or head.volume=false for the 2-D CRF)")
     module = build_module(run_cfg, datamodule)
     load_weights(module, checkpoint, ckpt_file, with_head=weights == "checkpoint")
     module.eval_prefix = cfg.split
 
     use_job_command_under_hydra()
     try:
-        training_id = training_wandb_id(ckpt_file)
+        training_id = training_wandb_id(training)
         # An evaluation on the validation split chooses parameters: a tuning job to the tracker.
         run = run_info(run_cfg, "eval" if cfg.split == "test" else "tune", label=label,
                        extra_config=wandb_source(cfg, train_cfg, ckpt_file, training_id))

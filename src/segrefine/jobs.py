@@ -201,11 +201,6 @@ class JobInterrupted(Exception):
 _STOP = {"signum": None, "deferred": 0}
 
 
-def stop_requested() -> int | None:
-    """The signal that asked the running job to stop, if any."""
-    return _STOP["signum"]
-
-
 @contextmanager
 def defer_interrupts() -> Iterator[None]:
     """Inside, a first SIGTERM / SIGINT only asks to stop; ``check_interrupt`` (at the safe

@@ -233,10 +233,12 @@ def objective_key(protocol: str, split: str = "val", volumetric: bool = False) -
     ``segrefine-eval`` hands a Hydra sweeper): the quantity the report's Δ is on. Volumetric
     sources: the mean over subjects of the volume Dice (``volume/dice``, the report's first
     column for them: the subject is the unit); else the protocol's per-image mean of its
-    headline metric (``iou_image``; ``unet_crfrnn/iu``)."""
-    if volumetric:
-        return f"{split}/volume/dice"
-    return f"{split}/unet_crfrnn/iu" if protocol == "unet_crfrnn" else f"{split}/iou_image"
+    headline metric (``iou_image``; ``unet_crfrnn/iu``): the protocol's first paired column in
+    ``segrefine.record.protocols``, on ``split``."""
+    from segrefine.record.protocols import PROTOCOLS as COLUMNS, VOLUME  # not metrics.PROTOCOLS, the definitions
+
+    first_paired = COLUMNS[protocol + (VOLUME if volumetric else "")]["paired"][0].key
+    return f"{split}/" + first_paired.removeprefix("test/")
 
 
 def evaluation_fields(module, output_dir: Path, cfg: DictConfig) -> dict[str, Any]:

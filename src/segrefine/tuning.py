@@ -55,6 +55,20 @@ def tuned_record(trials: int, keys: Iterable[str], by: str = "densecrf") -> dict
     return {"split": "val", "trials": int(trials), "sampler": "tpe", "by": by, "keys": sorted(keys)}
 
 
+def tuned_densecrf(values: dict[str, float], trials: int, volume: bool = False) -> DictConfig:
+    """conf/head/densecrf.yaml with the kernel ``values`` (the 3-D CRF's if ``volume``) and
+    their ``tuned`` record: what ``tune_densecrf`` writes."""
+    from segrefine.configs import CONFIG_DIR
+
+    head = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
+    for key, value in values.items():
+        head[key] = value
+    if volume:
+        head.volume = True
+    head.tuned = tuned_record(trials, values)
+    return head
+
+
 def tuned_overrides(head_file: Path, name: str | None = None) -> list[str]:
     """Hydra overrides that give the composed head (densecrf, or crfrnn's initial values) the
     tuned values of ``head_file`` (written by ``tune_densecrf``) and its ``head.tuned`` record;
@@ -107,10 +121,7 @@ def _validation_cache(cfg: DictConfig) -> tuple[Any, list[Any], DictConfig, bool
     datamodule = build_data(run_cfg)
     volumetric = hasattr(datamodule, "volume_dataloader")
     volume_head = bool(run_cfg.head.get("volume"))
-    if volume_head and not volumetric:
-        raise ValueError(f"head.volume=true tunes the 3-D CRF on whole subjects, but data={run_cfg.data.get('name')} "
-                         "is not a volumetric source")
-    module = build_module(run_cfg, datamodule)
+    module = build_module(run_cfg, datamodule)  # refuses head.volume=true on slice data
     load_weights(module, checkpoint, ckpt_file, with_head=False)
     module.eval()
     with torch.no_grad():
@@ -160,17 +171,13 @@ def _val_objective(head, cache, num_classes: int, protocol: str, merge: bool = F
     (``metrics.per_image_metrics``' definitions) averaged over the validation images. Subject
     volumes: each subject's volume Dice (``metrics.volume_dice``, the volume without padding),
     averaged over the validation subjects (NaN left out), as ``val/volume/dice``."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    from segrefine.metrics import _class_mean, foreground_mean, per_class_iou, unet_crfrnn_per_image, volume_dice
-    from segrefine.types import IGNORE_INDEX
+    from segrefine.metrics import (_class_mean, _confusions, foreground_mean, per_class_iou, unet_crfrnn_per_image,
+                                   volume_dice)
 
     def headline(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if protocol == "unet_crfrnn":  # with the run's metrics.merge_foreground, as evaluation scores it
             return unet_crfrnn_per_image(preds, masks, num_classes, merge=merge)["iu"]
-        confusion = torch.stack([multiclass_confusion_matrix(p, t, num_classes, ignore_index=IGNORE_INDEX)
-                                 for p, t in zip(preds, masks)])
-        return foreground_mean(per_class_iou(confusion))
+        return foreground_mean(per_class_iou(_confusions(preds, masks, num_classes)))
 
     with torch.no_grad():
         if cache and isinstance(cache[0], _CachedVolume):
@@ -203,16 +210,14 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     the latter. ``overrides`` are eval-config overrides (paths, head.num_workers, ...).
     """
     import optuna
-    from hydra import compose, initialize_config_dir
 
-    from segrefine.configs import CONFIG_DIR
+    from segrefine.configs import compose
 
     if trials < len(ENQUEUED):
         raise ValueError(f"trials={trials}: at least {len(ENQUEUED)}, the enqueued starting points {list(ENQUEUED)}")
     output = Path(output)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
-                                         f"paths.output_dir={output}", *overrides])
+    cfg = compose("eval", [f"ckpt_path={ckpt_path}", "head=densecrf", "split=val", "logger=none",
+                           f"paths.output_dir={output}", *overrides])
     head, cache, metrics_cfg, volumetric = _validation_cache(cfg)
     num_classes, protocol = head.num_classes, metrics_cfg.protocol
     merge = bool(metrics_cfg.get("merge_foreground", False))
@@ -239,12 +244,7 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
     finally:
         if getattr(head, "_pool", None) is not None:
             head._pool.shutdown(cancel_futures=True)
-    saved = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
-    for key, value in best.items():
-        saved[key] = value
-    if head.volume:
-        saved.volume = True
-    saved.tuned = tuned_record(trials, best)
+    saved = tuned_densecrf(best, trials, volume=head.volume)
     metric = objective_key(protocol, volumetric=volumetric)
     summary = {
         "checkpoint": str(ckpt_path), "split": "val", "metric": metric, "volume": bool(head.volume),
@@ -267,15 +267,9 @@ def tune_densecrf(ckpt_path: str | Path, output: Path, trials: int, overrides: I
 def example_tuned_file(folder: Path) -> Path:
     """A stand-in for ``tune_densecrf``'s head file, so a study checks its pairings before any
     tuning ran (the values do not matter: tuned parameters compare as "<tuned>")."""
-    from segrefine.configs import CONFIG_DIR
-
     path = Path(folder) / TUNED_FILE.replace(".yaml", ".example.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = OmegaConf.load(Path(CONFIG_DIR, "head", "densecrf.yaml"))
-    for key, value in ENQUEUED["pydensecrf"].items():
-        head[key] = value
-    head.tuned = tuned_record(1, ENQUEUED["pydensecrf"])
-    path.write_text(OmegaConf.to_yaml(head))
+    path.write_text(OmegaConf.to_yaml(tuned_densecrf(ENQUEUED["pydensecrf"], 1)))
     return path
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from segrefine.record.protocols import IGNORE_INDEX  # torch-free
+
 # dotted key -> (type, minimum or None, also allowed values). Integers accept no bools or floats.
 Rules = Mapping[str, tuple]
 
-# Class indices must stay below the ignore index 255 (segrefine.types.IGNORE_INDEX, not
-# imported: this module loads no torch): with 256 classes class 255 would silently be ignored.
-MAX_CLASSES = 254
+# Class indices must stay below the ignore index: with 256 classes class 255 would silently be ignored.
+MAX_CLASSES = IGNORE_INDEX - 1
 
 RULES: Rules = {
     "seed": (int, 0, ()),
@@ -50,7 +51,7 @@ def class_count_problem(num_classes: Any, where: str = "data.num_classes") -> st
     index would reach the ignore index 255."""
     if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > MAX_CLASSES:
         return (f"{where}={num_classes}: at most {MAX_CLASSES} classes are supported (class indices must stay below "
-                "255, the index of ignored pixels)")
+                f"{IGNORE_INDEX}, the index of ignored pixels)")
     return None
 
 

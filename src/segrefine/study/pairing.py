@@ -17,16 +17,17 @@ def pairings(configs: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, 
     from segrefine.analysis.rows import BASELINE_HEAD
     from segrefine.runconfig import comparable_config, config_differences
 
-    nones = {key: c for key, c in configs.items() if key[0] == "train" and c["head"]["name"] == BASELINE_HEAD}
+    nones = {name: (c["seed"], comparable_config(c, drop=("seed",))) for (kind, name), c in configs.items()
+             if kind == "train" and c["head"]["name"] == BASELINE_HEAD}
     out = {}
     for key, config in configs.items():
         if config["head"]["name"] == BASELINE_HEAD:
             continue
         mine = comparable_config(config, drop=("seed",))
         out[key] = sorted(
-            name for (kind, name), none in nones.items()
-            if none["seed"] == config["seed"]
-            and all(d == "head" or d.startswith("head.") for d in config_differences(mine, comparable_config(none, drop=("seed",))))
+            name for name, (seed, none) in nones.items()
+            if seed == config["seed"]
+            and all(d == "head" or d.startswith("head.") for d in config_differences(mine, none))
         )
     return out
 

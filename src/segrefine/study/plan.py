@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import OmegaConf
 
+from segrefine.configs import compose
+
 KINDS = ("train", "tune", "eval")
 
 
@@ -72,21 +74,11 @@ class Plan:
 
 
 def compose_train(overrides: Iterable[str]):
-    from hydra import compose, initialize_config_dir
-
-    from segrefine.configs import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose("train", overrides)
 
 
 def compose_eval(overrides: Iterable[str]):
-    from hydra import compose, initialize_config_dir
-
-    from segrefine.configs import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("eval", overrides=list(overrides))
+    return compose("eval", overrides)
 
 
 def changed_backbone(base: list[str], with_head: list[str]) -> list[str]:
